@@ -1,0 +1,34 @@
+# fasttx — the two commands a newcomer needs: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Pinned so that the test path never pulls an unpinned torch (and several GB of CUDA packages);
+# override on a GPU machine, e.g. `make test TORCH_SPEC="torch"`.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,hf,demo
+# Test workers: the Triton interpreter is single-threaded, so spread the suite over the cores.
+WORKERS ?= auto
+
+.PHONY: install test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q -n $(WORKERS) tests bench
+
+demo: install
+	$(PY) -m fasttx.demo
+
+bench: install
+	$(PY) -m pip install -e ".[bench]"
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,158 @@
+"""fasttx.functional: drop-ins for torch.nn.functional ops, plus the fused sub-layer ops.
+
+Every public op here has torch.nn.functional's exact signature and semantics. Each picks its path in
+Python, from the tensors' device and `fasttx.use_backend` (see fasttx/_backend.py):
+  - Triton: a `torch.library.custom_op` in fasttx/ops/<op>.py (fake + autograd registered, so
+    `torch.compile(fullgraph=True)` sees one opaque op) that calls the launchers in fasttx.kernels;
+  - reference: torch's own native ops, the same semantics as the plain math in fasttx/reference.py
+    (the oracle the tests check both paths against), and as fast as torch.nn on CPU.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._backend import use_triton
+
+__all__ = [
+    "layer_norm",
+    "gelu",
+    "relu",
+    "dropout",
+    "softmax",
+    "scaled_dot_product_attention",
+    "bias_gelu",
+    "bias_relu",
+    "dropout_add_layer_norm",
+]
+
+
+def _ops(name: str):
+    # The Triton-side modules import triton; load them only when the Triton path is taken.
+    import importlib
+
+    return importlib.import_module(f"fasttx.ops.{name}")
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Union[int, List[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """torch.nn.functional.layer_norm. input (*, *normalized_shape)."""
+    if use_triton(input, weight, bias):
+        return _ops("layer_norm").layer_norm(input, normalized_shape, weight, bias, eps)
+    return F.layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+def gelu(input: Tensor, approximate: str = "none") -> Tensor:
+    """torch.nn.functional.gelu: exact (erf) when approximate="none", else the tanh form."""
+    if use_triton(input):
+        return _ops("activation").gelu(input, approximate)
+    return F.gelu(input, approximate=approximate)
+
+
+def relu(input: Tensor, inplace: bool = False) -> Tensor:
+    """torch.nn.functional.relu (torch's own kernel on every path: there is nothing to fuse)."""
+    return F.relu(input, inplace=inplace)
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
+    """torch.nn.functional.dropout. Triton path: Philox mask regenerated in the backward, never
+    stored; seeds drawn from torch's generator so torch.manual_seed reproduces a run."""
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if use_triton(input):
+        return _ops("dropout").dropout(input, p, training, inplace)
+    return F.dropout(input, p, training, inplace)
+
+
+def softmax(
+    input: Tensor,
+    dim: Optional[int] = None,
+    _stacklevel: int = 3,
+    dtype: Optional[torch.dtype] = None,
+) -> Tensor:
+    """torch.nn.functional.softmax along `dim`, computed in `dtype` when given."""
+    if dim is None:
+        # torch's legacy implicit-dim rule (with its deprecation warning)
+        return F.softmax(input, dim=None, _stacklevel=_stacklevel + 1, dtype=dtype)
+    if use_triton(input):
+        return _ops("softmax").softmax(input, dim, dtype)
+    return F.softmax(input, dim=dim, dtype=dtype)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+) -> Tensor:
+    """torch.nn.functional.scaled_dot_product_attention.
+
+    query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev).
+    attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (N, Hq, L, S).
+    is_causal: top-left aligned causal mask. Fully masked rows give zeros.
+    """
+    if use_triton(query, key, value, attn_mask):
+        return _ops("attention").scaled_dot_product_attention(
+            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+        )
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+        scale=scale, enable_gqa=enable_gqa,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused sub-layer ops (fasttx's own; no torch.nn.functional counterpart)
+# ----------------------------------------------------------------------------------------------
+def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
+    """gelu(input + bias) in one pass; bias (hidden,) broadcast over input's last dim."""
+    if use_triton(input, bias):
+        return _ops("activation").bias_gelu(input, bias, approximate)
+    return F.gelu(input + bias, approximate=approximate)
+
+
+def bias_relu(input: Tensor, bias: Tensor) -> Tensor:
+    """relu(input + bias) in one pass; bias (hidden,) broadcast over input's last dim."""
+    if use_triton(input, bias):
+        return _ops("activation").bias_relu(input, bias)
+    return F.relu(input + bias)
+
+
+def dropout_add_layer_norm(
+    input: Tensor,
+    residual: Optional[Tensor],
+    normalized_shape: Union[int, Sequence[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    p: float = 0.0,
+    training: bool = True,
+) -> Tuple[Tensor, Tensor]:
+    """h = residual + dropout(input, p, training); returns (layer_norm(h), h).
+
+    One kernel on the Triton path. The first output is the post-norm sub-layer `LN(x + drop(y))`;
+    the second is the updated residual stream that a pre-norm block carries on.
+    input, residual (*, hidden); `residual=None` means h = dropout(input).
+    """
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if use_triton(input, residual, weight, bias):
+        return _ops("layer_norm").dropout_add_layer_norm(
+            input, residual, normalized_shape, weight, bias, eps, p, training
+        )
+    h = F.dropout(input, p, training)
+    if residual is not None:
+        h = residual + h
+    return F.layer_norm(h, normalized_shape, weight, bias, eps), h

@@ -1,0 +1,205 @@
+"""The reference path: plain, readable PyTorch math for every fasttx op.
+
+It is the correctness oracle of the tests and the CPU fallback's definition of the semantics.
+It imports no kernel code: an oracle must not share code with what it checks.
+
+Every function takes an optional `upcast` dtype (torch.float32 or torch.float64): when given, the
+inputs are converted to it first and the result is returned in it, which is how the tests build a
+high-precision oracle from low-precision inputs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+_Shape = Union[int, Sequence[int], torch.Size]
+
+
+def _up(t: Optional[torch.Tensor], upcast: Optional[torch.dtype]) -> Optional[torch.Tensor]:
+    if t is None or upcast is None or not t.is_floating_point():
+        return t
+    return t.to(upcast)
+
+
+# ----------------------------------------------------------------------------------------------
+# LayerNorm
+# ----------------------------------------------------------------------------------------------
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """y = (x - mean) / sqrt(var + eps) * weight + bias over the trailing `normalized_shape` dims.
+    Biased variance, computed from centred values. input (*, *normalized_shape)."""
+    x, w, b = _up(input, upcast), _up(weight, upcast), _up(bias, upcast)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dim=dims, keepdim=True)
+    xc = x - mean
+    var = (xc * xc).mean(dim=dims, keepdim=True)
+    y = xc * torch.rsqrt(var + eps)
+    if w is not None:
+        y = y * w
+    if b is not None:
+        y = y + b
+    return y
+
+
+def layer_norm_stats(input: torch.Tensor, eps: float = 1e-5):
+    """fp32 (mean, rstd) over the last dim, shapes (*,): what the kernel saves for the backward."""
+    x = input.float()
+    mean = x.mean(-1)
+    var = (x - mean.unsqueeze(-1)).pow(2).mean(-1)
+    return mean, torch.rsqrt(var + eps)
+
+
+def residual_dropout_layer_norm(
+    input: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float = 1e-5,
+    keep_mask: Optional[torch.Tensor] = None,
+    p: float = 0.0,
+    upcast: Optional[torch.dtype] = None,
+):
+    """The fused sub-layer `h = residual + dropout(input); y = LayerNorm(h)` over the last dim.
+
+    Returns (y, h): y is the post-norm output `LN(x + drop(y))`; h is the updated residual stream
+    that a pre-norm block carries on. `keep_mask` (bool, like input) replays a dropout mask;
+    kept elements are scaled by 1/(1-p). `residual=None` means h = dropout(input).
+    """
+    x = _up(input, upcast)
+    if keep_mask is not None:
+        x = dropout(x, p, keep_mask=keep_mask)
+    h = x if residual is None else _up(residual, upcast) + x
+    y = layer_norm(h, (h.shape[-1],), _up(weight, upcast), _up(bias, upcast), eps)
+    return y, h
+
+
+# ----------------------------------------------------------------------------------------------
+# Activations
+# ----------------------------------------------------------------------------------------------
+def gelu(input: torch.Tensor, approximate: str = "none", upcast: Optional[torch.dtype] = None):
+    """Exact GELU x * Phi(x) via erf, or the tanh approximation."""
+    x = _up(input, upcast)
+    if approximate == "none":
+        return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    if approximate == "tanh":
+        inner = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + torch.tanh(inner))
+    raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+def bias_gelu(input, bias, approximate: str = "none", upcast: Optional[torch.dtype] = None):
+    """gelu(input + bias), bias (hidden,) broadcast over the last dim."""
+    return gelu(_up(input, upcast) + _up(bias, upcast), approximate)
+
+
+def bias_relu(input, bias, upcast: Optional[torch.dtype] = None):
+    """relu(input + bias), bias (hidden,) broadcast over the last dim."""
+    return torch.clamp_min(_up(input, upcast) + _up(bias, upcast), 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+# ----------------------------------------------------------------------------------------------
+def dropout(
+    input: torch.Tensor,
+    p: float = 0.5,
+    keep_mask: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """input * keep / (1 - p). `keep_mask` (bool, True = kept) replays a given mask; without one a
+    mask is drawn from `generator` (torch's default when None). p == 1 gives zeros."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    x = _up(input, upcast)
+    if p == 1.0:
+        return x * 0.0  # zeros, NaN kept as NaN like torch
+    if keep_mask is None:
+        keep_mask = torch.rand(x.shape, generator=generator, device=x.device) >= p
+    return x * keep_mask.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+# ----------------------------------------------------------------------------------------------
+# Softmax
+# ----------------------------------------------------------------------------------------------
+def softmax(input: torch.Tensor, dim: int, dtype: Optional[torch.dtype] = None,
+            upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """exp(x - max) / sum(exp(x - max)) along `dim` (a row of -inf gives NaN, like torch)."""
+    x = input if dtype is None else input.to(dtype)
+    x = _up(x, upcast)
+    e = torch.exp(x - x.amax(dim=dim, keepdim=True))
+    return e / e.sum(dim=dim, keepdim=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+def attention_bias(
+    L: int,
+    S: int,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device=None,
+) -> torch.Tensor:
+    """The additive score bias of torch SDPA's semantics, broadcastable to (N, H, L, S):
+    causal = lower-triangular aligned to the top-left (query i sees keys j <= i);
+    a bool mask is True = attend (False -> -inf); a float mask is added."""
+    bias = torch.zeros(L, S, dtype=dtype, device=device)
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=device).tril()
+        bias = bias.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            bias = bias.masked_fill(~attn_mask, float("-inf"))
+        else:
+            bias = bias + attn_mask.to(dtype)
+    return bias
+
+
+def scaled_dot_product_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    dropout_mask: Optional[torch.Tensor] = None,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """softmax(Q K^T * scale + bias) V with torch SDPA's semantics.
+
+    query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev).
+    With enable_gqa, each group of Hq // H query heads shares one key/value head.
+    Rows whose scores are all -inf (fully masked) give zeros, not NaN, as torch does.
+    `dropout_mask` (bool, broadcastable to (N, ..., Hq, L, S), True = kept) replays a mask;
+    without one a mask is drawn from torch's generator when dropout_p > 0.
+    """
+    q, k, v = _up(query, upcast), _up(key, upcast), _up(value, upcast)
+    L, S, E = q.size(-2), k.size(-2), q.size(-1)
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    if enable_gqa and q.dim() >= 3 and k.size(-3) != q.size(-3):
+        groups = q.size(-3) // k.size(-3)
+        k = k.repeat_interleave(groups, dim=-3)  # (N, Hq, S, E)
+        v = v.repeat_interleave(groups, dim=-3)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (N, Hq, L, S)
+    bias = attention_bias(L, S, attn_mask, is_causal, dtype=scores.dtype, device=scores.device)
+    scores = scores + bias
+    probs = torch.softmax(scores, dim=-1)
+    fully_masked = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    probs = probs.masked_fill(fully_masked, 0.0)
+    if dropout_p > 0.0:
+        probs = dropout(probs, dropout_p, keep_mask=dropout_mask)
+    return probs @ v  # (N, Hq, L, Ev)

@@ -1,0 +1,49 @@
+"""Test harness. On a machine without CUDA the Triton kernels run through the Triton interpreter,
+which has to be switched on before triton is first imported, so this happens at the very top."""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available():
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+import fasttx  # noqa: E402
+from fasttx._backend import triton_available  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (GPU-only shape or feature)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request):
+    """Run a test once per path; the Triton path runs under the interpreter on CPU."""
+    if request.param == "triton" and not triton_available():
+        pytest.skip("triton is not installed on this platform")
+    with fasttx.use_backend(request.param):
+        yield request.param
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    before = fasttx.get_backend()
+    yield
+    fasttx.use_backend(before)

@@ -1,0 +1,45 @@
+"""Shared test helpers: tolerances, the 2x rule, non-contiguous views."""
+from __future__ import annotations
+
+import torch
+
+# (atol, rtol) per dtype for elementwise ops and norms (../shared/TESTING.md).
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (1e-2, 1e-2),
+    torch.bfloat16: (2e-2, 2e-2),
+}
+# Floors for the 2x rule.
+ATOL_FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual, expected, dtype=None, atol=None, rtol=None, msg=""):
+    """torch.testing.assert_close with the per-dtype tolerance of `dtype` (default: actual's)."""
+    dtype = dtype or actual.dtype
+    a, r = TOL[dtype]
+    torch.testing.assert_close(
+        actual.float(), expected.float(), atol=a if atol is None else atol,
+        rtol=r if rtol is None else rtol, equal_nan=True, msg=msg or None,
+    )
+
+
+def assert_2x_rule(ours, torch_low, ref, mult=2.0, atol=None, name="output"):
+    """The flash-attention rule: max|ours - ref| <= mult * max|pt - ref| + atol, where ref is an
+    fp64/fp32 oracle and pt is PyTorch's own result in the same low dtype as ours."""
+    atol = ATOL_FLOOR[ours.dtype] if atol is None else atol
+    ref = ref.double()
+    err = (ours.double() - ref).abs().max().item()
+    pt_err = (torch_low.double() - ref).abs().max().item()
+    assert err <= mult * pt_err + atol, (
+        f"{name}: max error {err:.3e} > {mult} * torch's {pt_err:.3e} + {atol:.1e}"
+    )
+
+
+def noncontig(x: torch.Tensor) -> torch.Tensor:
+    """Same values as x, laid out non-contiguously (every other element of a wider buffer)."""
+    wide = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    view = wide[..., ::2]
+    assert not view.is_contiguous() or x.numel() <= 1
+    return view
