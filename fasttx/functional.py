@@ -9,6 +9,8 @@ Python, from the tensors' device and `fasttx.use_backend` (see fasttx/_backend.p
 """
 from __future__ import annotations
 
+import importlib
+import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,9 +34,9 @@ __all__ = [
 
 def _ops(name: str):
     # The Triton-side modules import triton; load them only when the Triton path is taken.
-    import importlib
-
-    return importlib.import_module(f"fasttx.ops.{name}")
+    # sys.modules first: torch.compile can trace a dict lookup but not importlib.import_module.
+    module = sys.modules.get(f"fasttx.ops.{name}")
+    return module if module is not None else importlib.import_module(f"fasttx.ops.{name}")
 
 
 def layer_norm(

@@ -197,8 +197,10 @@ def scaled_dot_product_attention(
     scores = (q @ k.transpose(-2, -1)) * scale  # (N, Hq, L, S)
     bias = attention_bias(L, S, attn_mask, is_causal, dtype=scores.dtype, device=scores.device)
     scores = scores + bias
-    probs = torch.softmax(scores, dim=-1)
+    # A row with every score -inf (fully masked) attends to nothing: zeros out, zero gradients.
+    # Its scores are replaced before the softmax so that neither pass produces NaN there.
     fully_masked = scores.amax(dim=-1, keepdim=True) == float("-inf")
+    probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1)
     probs = probs.masked_fill(fully_masked, 0.0)
     if dropout_p > 0.0:
         probs = dropout(probs, dropout_p, keep_mask=dropout_mask)
