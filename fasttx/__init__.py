@@ -40,6 +40,8 @@ def __getattr__(name):
     if name == "convert":
         from .convert import convert
 
+        # Importing the submodule bound `fasttx.convert` to the module; the function wins.
+        globals()["convert"] = convert
         return convert
     if name in ("functional", "nn", "reference", "models", "kernels", "integrations"):
         return importlib_import(f"fasttx.{name}")

@@ -10,7 +10,6 @@ or the environment variable FASTTX_BACKEND.
 """
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
@@ -59,10 +58,14 @@ class use_backend:
         return f"use_backend({self.name!r})"
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once: triton is not installed on macOS or Windows. A constant (not a cached function)
+# so that torch.compile traces the dispatch without guarding on a cache wrapper.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when triton can be imported (it is not installed on macOS or Windows)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when triton can be imported."""
+    return _TRITON_AVAILABLE
 
 
 def interpreting() -> bool:

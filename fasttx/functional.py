@@ -1,7 +1,8 @@
 """fasttx.functional: drop-ins for torch.nn.functional ops, plus the fused sub-layer ops.
 
 Every public op here has torch.nn.functional's exact signature and semantics. Each picks its path in
-Python, from the tensors' device and `fasttx.use_backend` (see fasttx/_backend.py):
+Python (the `from .ops import ...` inside each op keeps triton unimported until a Triton path is
+taken, and unlike importlib it is traceable by torch.compile), from the tensors' device and `fasttx.use_backend` (see fasttx/_backend.py):
   - Triton: a `torch.library.custom_op` in fasttx/ops/<op>.py (fake + autograd registered, so
     `torch.compile(fullgraph=True)` sees one opaque op) that calls the launchers in fasttx.kernels;
   - reference: torch's own native ops, the same semantics as the plain math in fasttx/reference.py
@@ -9,8 +10,6 @@ Python, from the tensors' device and `fasttx.use_backend` (see fasttx/_backend.p
 """
 from __future__ import annotations
 
-import importlib
-import sys
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,13 +31,6 @@ __all__ = [
 ]
 
 
-def _ops(name: str):
-    # The Triton-side modules import triton; load them only when the Triton path is taken.
-    # sys.modules first: torch.compile can trace a dict lookup but not importlib.import_module.
-    module = sys.modules.get(f"fasttx.ops.{name}")
-    return module if module is not None else importlib.import_module(f"fasttx.ops.{name}")
-
-
 def layer_norm(
     input: Tensor,
     normalized_shape: Union[int, List[int], torch.Size],
@@ -47,15 +39,23 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> Tensor:
     """torch.nn.functional.layer_norm. input (*, *normalized_shape)."""
+    if isinstance(normalized_shape, int):  # as torch.nn.functional.layer_norm does
+        raise TypeError(
+            "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not int"
+        )
     if use_triton(input, weight, bias):
-        return _ops("layer_norm").layer_norm(input, normalized_shape, weight, bias, eps)
+        from .ops import layer_norm as ops
+
+        return ops.layer_norm(input, normalized_shape, weight, bias, eps)
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """torch.nn.functional.gelu: exact (erf) when approximate="none", else the tanh form."""
     if use_triton(input):
-        return _ops("activation").gelu(input, approximate)
+        from .ops import activation as ops
+
+        return ops.gelu(input, approximate)
     return F.gelu(input, approximate=approximate)
 
 
@@ -70,7 +70,9 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if use_triton(input):
-        return _ops("dropout").dropout(input, p, training, inplace)
+        from .ops import dropout as ops
+
+        return ops.dropout(input, p, training, inplace)
     return F.dropout(input, p, training, inplace)
 
 
@@ -85,7 +87,9 @@ def softmax(
         # torch's legacy implicit-dim rule (with its deprecation warning)
         return F.softmax(input, dim=None, _stacklevel=_stacklevel + 1, dtype=dtype)
     if use_triton(input):
-        return _ops("softmax").softmax(input, dim, dtype)
+        from .ops import softmax as ops
+
+        return ops.softmax(input, dim, dtype)
     return F.softmax(input, dim=dim, dtype=dtype)
 
 
@@ -106,7 +110,9 @@ def scaled_dot_product_attention(
     is_causal: top-left aligned causal mask. Fully masked rows give zeros.
     """
     if use_triton(query, key, value, attn_mask):
-        return _ops("attention").scaled_dot_product_attention(
+        from .ops import attention as ops
+
+        return ops.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
     return F.scaled_dot_product_attention(
@@ -121,14 +127,18 @@ def scaled_dot_product_attention(
 def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     """gelu(input + bias) in one pass; bias (hidden,) broadcast over input's last dim."""
     if use_triton(input, bias):
-        return _ops("activation").bias_gelu(input, bias, approximate)
+        from .ops import activation as ops
+
+        return ops.bias_gelu(input, bias, approximate)
     return F.gelu(input + bias, approximate=approximate)
 
 
 def bias_relu(input: Tensor, bias: Tensor) -> Tensor:
     """relu(input + bias) in one pass; bias (hidden,) broadcast over input's last dim."""
     if use_triton(input, bias):
-        return _ops("activation").bias_relu(input, bias)
+        from .ops import activation as ops
+
+        return ops.bias_relu(input, bias)
     return F.relu(input + bias)
 
 
@@ -150,8 +160,12 @@ def dropout_add_layer_norm(
     """
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
     if use_triton(input, residual, weight, bias):
-        return _ops("layer_norm").dropout_add_layer_norm(
+        from .ops import layer_norm as ops
+
+        return ops.dropout_add_layer_norm(
             input, residual, normalized_shape, weight, bias, eps, p, training
         )
     h = F.dropout(input, p, training)

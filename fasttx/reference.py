@@ -104,7 +104,7 @@ def bias_gelu(input, bias, approximate: str = "none", upcast: Optional[torch.dty
 
 def bias_relu(input, bias, upcast: Optional[torch.dtype] = None):
     """relu(input + bias), bias (hidden,) broadcast over the last dim."""
-    return torch.clamp_min(_up(input, upcast) + _up(bias, upcast), 0)
+    return torch.relu(_up(input, upcast) + _up(bias, upcast))
 
 
 # ----------------------------------------------------------------------------------------------
