@@ -1,0 +1,215 @@
+"""Fused bias + activation: y = act(x + bias), act one of exact GELU, tanh GELU or ReLU.
+
+x is viewed as (M, N) rows: N is the last dim (the one bias broadcasts over), rows may sit at any
+stride as long as the last dim is contiguous. One forward and one backward kernel; the activation
+and HAS_BIAS are constexpr flags. Every program walks a (rows x BLOCK_N) strip of the tensor in
+(BLOCK_M, BLOCK_N) tiles, so the backward can sum dbias over its rows in fp32 registers and write
+one partial row per program: the partials are then summed in a fixed order (no atomics, so two
+backward runs are bit-identical).
+
+Backward math, z = x + b, y = act(z), dy = dL/dy:
+    dz[m, n] = dy[m, n] * act'(z[m, n])
+    dx = dz                             (same shape as x)
+    db[n] = sum_m dz[m, n]              (the column sum, fp32 partials per row strip)
+    act' for exact GELU:  Phi(z) + z phi(z)
+         for tanh GELU:   0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2),
+                          t = tanh(sqrt(2/pi) (z + 0.044715 z^3))
+         for ReLU:        0 where z <= 0 else 1 (torch's threshold_backward: a NaN z passes dy)
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._math import gelu, gelu_grad
+
+# Activation codes (constexpr ACT).
+GELU = 0
+GELU_TANH = 1
+RELU = 2
+ACTIVATIONS = {"gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU}
+
+_TILE = 4096  # elements per (BLOCK_M, BLOCK_N) tile
+_MAX_BLOCK_N = 1024
+_MAX_ROW_PROGRAMS = 65535  # CUDA's limit on grid axis 1
+# dbias partials: at most this many row strips, so the fp32 partial buffer stays (<= 256, N).
+_MAX_DBIAS_STRIPS = 256
+
+
+def _acc_dtype(dtype):
+    # fp32 math for 16/32-bit inputs; fp64 inputs keep fp64 (torch computes them in fp64).
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@triton.jit
+def _activate(z, ACT: tl.constexpr):
+    if ACT == 2:
+        # where(z < 0) and not maximum(): NaN stays NaN and -0.0 stays -0.0, as torch.relu.
+        return tl.where(z < 0, 0.0, z)
+    else:
+        return gelu(z, ACT == 1)
+
+
+@triton.jit
+def _activate_grad(z, ACT: tl.constexpr):
+    if ACT == 2:
+        return tl.where(z <= 0, 0.0, 1.0)
+    else:
+        return gelu_grad(z, ACT == 1)
+
+
+@triton.jit
+def _bias_act_fwd_kernel(
+    X,  # (M, N) input, row stride stride_xm, last dim contiguous
+    B,  # (N,) bias (unused unless HAS_BIAS)
+    Y,  # (M, N) output, row stride stride_ym
+    M, N,
+    stride_xm, stride_ym,
+    ROWS_PER_PROG,  # rows walked by one program along grid axis 1 (a multiple of BLOCK_M)
+    ACT: tl.constexpr,  # GELU, GELU_TANH or RELU
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,  # fp32 (fp64 for fp64 inputs)
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+    row0 = pid_m.to(tl.int64) * ROWS_PER_PROG  # int64: row * stride can pass 2^31
+    for i in range(0, ROWS_PER_PROG, BLOCK_M):
+        rows = row0 + i + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        z = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        z = z.to(ACC_DTYPE)
+        if HAS_BIAS:
+            z = z + b[None, :]
+        y = _activate(z, ACT)
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bias_act_bwd_kernel(
+    DY,  # (M, N) upstream gradient, row stride stride_dym
+    X,  # (M, N) saved input (read only), row stride stride_xm
+    B,  # (N,) saved bias (unused unless HAS_BIAS)
+    DX,  # (M, N) output gradient, row stride stride_dxm
+    DB_PARTIAL,  # (num row programs, N) fp32 partial column sums of dz (unused unless HAS_BIAS)
+    M, N,
+    stride_dym, stride_xm, stride_dxm,
+    ROWS_PER_PROG,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    if HAS_BIAS:
+        b = tl.load(B + cols, mask=col_mask, other=0.0).to(ACC_DTYPE)
+        db = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
+    row0 = pid_m.to(tl.int64) * ROWS_PER_PROG
+    for i in range(0, ROWS_PER_PROG, BLOCK_M):
+        rows = row0 + i + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_mask[None, :]
+        z = tl.load(X + rows[:, None] * stride_xm + cols[None, :], mask=mask, other=0.0)
+        z = z.to(ACC_DTYPE)
+        if HAS_BIAS:
+            z = z + b[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
+        dz = dy.to(ACC_DTYPE) * _activate_grad(z, ACT)
+        tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dz.to(DX.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            # masked lanes loaded dy = 0, so they add nothing
+            db += tl.sum(tl.where(mask, dz, 0.0), axis=0)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + pid_m.to(tl.int64) * N + cols, db.to(DB_PARTIAL.dtype.element_ty), mask=col_mask)
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(*, N) -> (M, N) view with a contiguous last dim (a copy only when no such view exists)."""
+    n = t.shape[-1] if t.dim() > 0 else 1
+    t2 = t.reshape(-1, n)  # (M, N)
+    if t2.stride(-1) != 1 and n > 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def elementwise_config(M: int, N: int, max_row_programs: int = _MAX_ROW_PROGRAMS):
+    """Tile shape and grid for an (M, N) elementwise pass: (BLOCK_M, BLOCK_N, rows per program,
+    grid). The row programs each walk ROWS_PER_PROG rows, a multiple of BLOCK_M."""
+    block_n = min(triton.next_power_of_2(N), _MAX_BLOCK_N)
+    block_m = min(triton.next_power_of_2(M), max(1, _TILE // block_n))
+    m_blocks = triton.cdiv(M, block_m)
+    row_programs = min(m_blocks, max_row_programs)
+    rows_per_prog = triton.cdiv(m_blocks, row_programs) * block_m
+    row_programs = triton.cdiv(M, rows_per_prog)
+    grid = (triton.cdiv(N, block_n), row_programs)
+    return block_m, block_n, rows_per_prog, grid
+
+
+def _check(x: torch.Tensor, bias, activation: str):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+    if bias is not None:
+        if x.dim() == 0 or bias.shape != (x.shape[-1],):
+            raise RuntimeError(
+                f"bias must have shape (input.shape[-1],) = ({x.shape[-1] if x.dim() else '?'},), "
+                f"got {tuple(bias.shape)}"
+            )
+        if bias.device != x.device:
+            raise RuntimeError(f"bias must be on input's device {x.device}, got {bias.device}")
+
+
+def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> torch.Tensor:
+    """y = act(x + bias): x (*, N), bias (N,) or None -> y (*, N), contiguous, in `out_dtype`
+    (default x's dtype). activation: "gelu", "gelu_tanh" or "relu". fp32 math inside."""
+    _check(x, bias, activation)
+    out_dtype = out_dtype or x.dtype
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    if x.numel() == 0:
+        return y
+    x2 = as_rows(x)  # (M, N)
+    y2 = y.view(x2.shape)  # (M, N)
+    M, N = x2.shape
+    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, _MAX_ROW_PROGRAMS)
+    acc = _acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
+    _bias_act_fwd_kernel[grid](
+        x2, bias if bias is not None else x2, y2, M, N, x2.stride(0), y2.stride(0), rows_per_prog,
+        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, ACC_DTYPE=acc,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return y
+
+
+def bias_act_backward(dy: torch.Tensor, x: torch.Tensor, bias, activation: str):
+    """Gradients of y = act(x + bias): dy, x (*, N), bias (N,) or None -> (dx like x in x's dtype,
+    dbias (N,) in bias's dtype or None). x and bias are only read."""
+    _check(x, bias, activation)
+    if dy.shape != x.shape:
+        raise RuntimeError(f"grad_output must have input's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        db = None if bias is None else torch.zeros_like(bias)
+        return dx, db
+    x2, dy2 = as_rows(x), as_rows(dy)  # (M, N)
+    dx2 = dx.view(x2.shape)  # (M, N)
+    M, N = x2.shape
+    max_rows = _MAX_DBIAS_STRIPS if bias is not None else _MAX_ROW_PROGRAMS
+    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows)
+    acc = _acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
+    acc_torch = torch.float64 if acc == tl.float64 else torch.float32
+    partial = torch.empty((grid[1], N) if bias is not None else (1,), dtype=acc_torch, device=x.device)
+    _bias_act_bwd_kernel[grid](
+        dy2, x2, bias if bias is not None else x2, dx2, partial, M, N,
+        dy2.stride(0), x2.stride(0), dx2.stride(0), rows_per_prog,
+        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, ACC_DTYPE=acc,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    # fixed-order sum of the per-strip partials: deterministic, still in fp32
+    db = None if bias is None else partial.sum(dim=0).to(bias.dtype)
+    return dx, db
