@@ -38,9 +38,8 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Heavier pieces load on first use, so `import fasttx` stays light.
     if name == "convert":
-        from .convert import convert
+        from ._convert import convert
 
-        # Importing the submodule bound `fasttx.convert` to the module; the function wins.
         globals()["convert"] = convert
         return convert
     if name in ("functional", "nn", "reference", "models", "kernels", "integrations"):

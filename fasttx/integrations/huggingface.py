@@ -45,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 import fasttx.functional as F
 import fasttx.nn as fnn
-from fasttx.convert import convert as _convert_torch_modules
+from fasttx._convert import convert as _convert_torch_modules
 
 __all__ = ["apply_fasttx", "fasttx_attention_forward", "register", "ATTN_IMPLEMENTATION"]
 

@@ -1,0 +1,29 @@
+"""fasttx.convert (the function; this module is private so that no submodule shadows it): swap the torch.nn transformer modules of an existing model for fasttx.nn's."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from .nn.transformer import _adopt
+
+__all__ = ["convert"]
+
+
+def convert(module: torch.nn.Module, inplace: bool = True) -> torch.nn.Module:
+    """Swap every torch.nn LayerNorm, GELU, Dropout, MultiheadAttention, TransformerEncoderLayer,
+    TransformerDecoderLayer, TransformerEncoder, TransformerDecoder and Transformer inside
+    `module` (itself included, at any depth) for its fasttx.nn counterpart; returns the model.
+
+    Each fasttx.nn class subclasses its torch.nn one and adds no state, so the swap re-classes the
+    existing instance: parameters, buffers, hooks, device, dtype, training mode, object identity
+    and sharing between parents are all kept, and the outputs are unchanged (up to rounding).
+    Only exact torch.nn types are swapped; user subclasses of them keep their own forward.
+    With inplace=False the model is deep-copied first and the copy is converted.
+    """
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"convert() expects a torch.nn.Module, got {type(module).__name__}")
+    if not inplace:
+        module = copy.deepcopy(module)
+    return _adopt(module)
+
