@@ -84,15 +84,27 @@ def test_missing_triton_leaves_reference_path_working():
 
 
 def test_kernels_importable_as_subpackage_only(tmp_path):
+    """Installed, fasttx's kernels exist only as fasttx.kernels: importing every part of fasttx
+    (outside the source tree, where the repository root is not on sys.path) never binds a
+    top-level `kernels`, a name another PyPI package owns, and none is importable."""
     import fasttx.kernels
 
     assert os.path.basename(os.path.dirname(fasttx.kernels.__file__)) == "kernels"
-    assert "kernels" not in sys.modules
-    # Outside the source tree: fasttx.kernels imports, a top-level `kernels` does not.
-    r = subprocess.run(
-        [sys.executable, "-c", "import fasttx.kernels\ntry:\n import kernels\nexcept ImportError:\n print('ok')"],
-        capture_output=True, text=True, cwd=tmp_path,
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "import fasttx, fasttx.functional, fasttx.nn, fasttx.models, fasttx.kernels\n"
+        "for m in pkgutil.iter_modules(fasttx.kernels.__path__):\n"
+        "    importlib.import_module('fasttx.kernels.' + m.name)\n"
+        "for name in ('layer_norm', 'activation', 'dropout', 'softmax', 'attention'):\n"
+        "    importlib.import_module('fasttx.ops.' + name)\n"
+        "assert 'kernels' not in sys.modules, sys.modules['kernels']\n"
+        "try:\n"
+        "    import kernels\n"
+        "except ImportError:\n"
+        "    print('ok')\n"
     )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=""))
     if "No module named 'fasttx'" in r.stderr:
         pytest.skip("fasttx is not installed (pytest run from a bare checkout)")
     assert r.returncode == 0, r.stderr
