@@ -103,6 +103,16 @@ def _prune_bwd(configs, named_args, **kwargs):
 _KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
 
 
+@triton.jit
+def _block_and_head(n_rows, BLOCK: tl.constexpr):
+    """(row-block index, batch*head index) of this program. Both live on grid axis 0, which allows
+    2^31 - 1 programs (axes 1 and 2 only 65535, too few for batch x heads in large-batch
+    inference); the row blocks of one head are adjacent, so they share that head's K/V in L2."""
+    n_blocks = tl.cdiv(n_rows, BLOCK)
+    pid = tl.program_id(0)
+    return pid % n_blocks, pid // n_blocks
+
+
 # ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
@@ -175,8 +185,7 @@ def _attn_fwd(
     HAS_DROPOUT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(L, BLOCK_M)
     pid_s = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
@@ -251,8 +260,8 @@ def _attn_decode_combine(
     # Split s holds m_s, l_s = sum exp(x - m_s), acc_s = sum exp(x - m_s) v over its keys. With
     # M = max_s m_s: l = sum_s l_s exp(m_s - M), O = sum_s acc_s exp(m_s - M) / l, lse = M + log l.
     # Splits with no visible key have m_s = -inf and weigh exactly 0 (M taken as 0 if all are).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(L, BLOCK_M)
+    pid_bh = pid_bh.to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < L
@@ -302,8 +311,8 @@ def _attn_bwd_preprocess(
     H, L, E,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
+    pid_m, pid_bh = _block_and_head(L, BLOCK_M)
+    pid_bh = pid_bh.to(tl.int64)
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -386,8 +395,7 @@ def _attn_bwd_dkdv(
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_bk = tl.program_id(1)
+    pid_n, pid_bk = _block_and_head(S, BLOCK_N)
     b = (pid_bk // HKV).to(tl.int64)
     hk = (pid_bk % HKV).to(tl.int64)
     n0 = pid_n * BLOCK_N
@@ -498,8 +506,7 @@ def _attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # BLOCK_N here plays the role of the streamed key block; the tables are shared with dK/dV.
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _block_and_head(L, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUPS
@@ -572,8 +579,6 @@ def _common(q, k, v, mask, dropout_p):
         raise ValueError("q, k, v need a contiguous last dim (stride 1)")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
-    if B * max(H, Hkv) > 65535:  # batch x heads is grid axis 1, limited to 65535 programs on CUDA
-        raise ValueError(f"batch x heads = {B * max(H, Hkv)} exceeds the kernel grid's limit of 65535")
     if mask is not None:
         if mask.shape != (B, H, L, S):
             raise ValueError(f"mask must be expanded to (B, H, L, S) = {(B, H, L, S)}, got {tuple(mask.shape)}")
@@ -641,7 +646,7 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
         scale, dropout_p, drop_scale, seed,
     )
     if not decode:
-        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H, 1)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, 1)  # noqa: E731
         _attn_fwd[grid](q, k, v, mask_arg, out, lse, lse, lse, lse, *common, 0, 1, lb, sb,
                         IS_CAUSAL=is_causal, SPLIT=False, **flags)
         return out, lse
@@ -655,10 +660,10 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
     part_acc = torch.empty((B * H, n_splits, L, E), dtype=torch.float32, device=q.device)
     part_m = torch.empty((B * H, n_splits, L), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H, n_splits)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, n_splits)  # noqa: E731
     _attn_fwd[grid](q, k, v, mask_arg, out, lse, part_acc, part_m, part_l, *common, split_size, n_splits,
                     lb, sb, IS_CAUSAL=is_causal, SPLIT=True, **flags)
-    _attn_decode_combine[(triton.cdiv(L, 16), B * H)](
+    _attn_decode_combine[(triton.cdiv(L, 16) * B * H,)](
         part_acc, part_m, part_l, out, lse, L, E, n_splits, BLOCK_M=16, BLOCK_D=flags["BLOCK_D"])
     return out, lse
 
@@ -679,7 +684,7 @@ def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, d
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     pre_m = 64 if flags["BLOCK_D"] <= 128 else 32
-    _attn_bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](
+    _attn_bwd_preprocess[(triton.cdiv(L, pre_m) * B * H,)](
         out, do, delta, do.stride(0), do.stride(1), do.stride(2), H, L, E,
         BLOCK_M=pre_m, BLOCK_D=flags["BLOCK_D"])
     lb, sb = _buckets(L, S)
@@ -692,10 +697,10 @@ def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, d
     )
     tail = (scale, dropout_p, drop_scale, seed, lb, sb)
     if dk.numel():
-        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, mask_arg, do, lse, delta, dk, dv, *strides,
                              H, Hkv, H // Hkv, L, S, E, *tail, IS_CAUSAL=is_causal, **flags)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_bwd_dq[grid](q, k, v, mask_arg, do, lse, delta, dq, *strides,
                        H, H // Hkv, L, S, E, *tail, IS_CAUSAL=is_causal, **flags)
     return dq, dk, dv

@@ -569,3 +569,18 @@ def test_int64_offsets_long_kv_cache(device):
         out = FF.scaled_dot_product_attention(q, k, v)
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_batch_times_heads_beyond_grid_axis_limit(device):
+    # batch x heads = 66000 > 65535 (the CUDA limit of grid axes 1 and 2): the kernels put
+    # (row block, batch x head) on axis 0, so large-batch decoding still launches.
+    q = torch.randn(16500, 4, 1, 64, device=device, dtype=torch.float16, requires_grad=True)
+    k = torch.randn(16500, 4, 8, 64, device=device, dtype=torch.float16, requires_grad=True)
+    v = torch.randn(16500, 4, 8, 64, device=device, dtype=torch.float16, requires_grad=True)
+    with fasttx.use_backend("triton"):
+        out = FF.scaled_dot_product_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
