@@ -5,6 +5,10 @@ import sys
 
 import torch
 
+# Test shapes are small: one thread per test process avoids OpenMP threads spinning against each
+# other on a shared CPU and across the `-n` pytest workers.
+torch.set_num_threads(1)
+
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
