@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Pinned so that the test path never pulls an unpinned torch (and several GB of CUDA packages);
 # override on a GPU machine, e.g. `make test TORCH_SPEC="torch"`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,hf,demo
+EXTRAS ?= test,hf,demo,bench
 # Test workers: the Triton interpreter is single-threaded, so spread the suite over the cores.
 WORKERS ?= auto
 
