@@ -11,7 +11,7 @@ WORKERS ?= auto
 
 .PHONY: install test demo bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
