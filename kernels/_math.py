@@ -7,9 +7,11 @@ same (seed, offset, element index).
 import triton
 import triton.language as tl
 
-_SQRT_1_2 = 0.7071067811865476  # 1/sqrt(2)
-_SQRT_2_PI = 0.7978845608028654  # sqrt(2/pi)
-_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi)
+# Globals read inside @triton.jit code must be tl.constexpr: the compiler rejects plain Python
+# floats (the interpreter does not, so only a GPU compile shows it; tools/gpu_compile_check.py).
+_SQRT_1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2)
+_SQRT_2_PI = tl.constexpr(0.7978845608028654)  # sqrt(2/pi)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi)
 
 
 @triton.jit

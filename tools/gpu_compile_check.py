@@ -1,0 +1,183 @@
+"""Compile every fasttx kernel variant for a real GPU target, without a GPU.
+
+The Triton interpreter (how the test suite runs kernels on CPU) never compiles: a kernel can pass
+every CPU test and still fail to compile for the GPU (a 16-bit tl.dot with K < 16, a type mix the
+interpreter's numpy accepts, an autotune config whose shared memory does not fit). This tool runs
+the real launchers in kernels/ on small CPU tensors with a stand-in driver that reports an NVIDIA
+target (default sm_90, H100/H200): every launch becomes a compile of exactly what the GPU would
+compile (the launchers' GPU block sizes, and for autotuned kernels every config that survives the
+kernel's own pruning, as the autotuner would benchmark them), through Triton's real
+TTIR -> TTGIR -> LLVM -> PTX -> cubin pipeline (ptxas ships with triton). Nothing is launched.
+
+    python tools/gpu_compile_check.py               # all kernels, sm_90
+    python tools/gpu_compile_check.py --arch 80     # A100
+    python tools/gpu_compile_check.py --quick       # a representative subset (what the test runs)
+
+It reports each compile error and every kernel whose shared memory exceeds the target's per-block
+limit, and exits 1 if there is any. Relies on Triton runtime internals (driver.set_active,
+JITFunction.run, Autotuner.prune_configs), checked on triton 3.6 to 3.9 APIs; run it with
+TRITON_INTERPRET unset.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections import Counter
+
+# Shared memory per block (opt-in maximum) by compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448}
+
+
+def _tile_size(config) -> int:
+    size = config.num_stages or 1
+    for value in config.kwargs.values():
+        size *= value if isinstance(value, int) else 1
+    return size
+
+
+def install_compile_only_driver(arch: int, max_configs=None):
+    """Make every Triton launch in this process a compile for `arch`; returns (compiled, errors).
+    Autotuned kernels compile every config their pruning keeps, or only the `max_configs` with the
+    largest tiles (block sizes x stages: the ones that risk the shared-memory limit)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run with TRITON_INTERPRET unset: the interpreter never compiles")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime import driver
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+
+        driver.set_active
+        Autotuner.prune_configs
+    except (ImportError, AttributeError) as e:
+        print(f"UNSUPPORTED: this triton lacks the runtime internals the check relies on: {e}")
+        raise SystemExit(2)
+
+    target = GPUTarget("cuda", arch, 32)
+    compiled, errors = [], []
+
+    class CompileOnlyDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return target
+
+        def get_active_torch_device(self):
+            import torch
+
+            return torch.device("cpu")
+
+    driver.set_active(CompileOnlyDriver())
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        meta = {k: v for k, v in kwargs.items() if not hasattr(v, "data_ptr")}
+        try:
+            kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+            compiled.append((self.__name__, meta, kernel.metadata.shared))
+        except Exception as e:  # a compile error: record where it surfaced and its root cause
+            root = e
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__
+            where = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            errors.append((self.__name__, meta, f"{where} ... {type(root).__name__}: {root}"[:1500]))
+
+    def every_pruned_config(self, *args, **kwargs):
+        self.nargs = dict(zip(self.arg_names, args))
+        configs = self.prune_configs(kwargs)
+        if max_configs is not None:
+            configs = sorted(configs, key=_tile_size, reverse=True)[:max_configs]
+        for config in configs:
+            self.fn.run(*args, **kwargs, **config.all_kwargs())
+        self.nargs = None
+
+    JITFunction.run = compile_only
+    Autotuner.run = every_pruned_config
+    return compiled, errors
+
+
+def launch_all(quick: bool):
+    """Call every launcher over the variants that select different code (dtypes, flags, paths)."""
+    import torch
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a bare checkout
+    from fasttx.kernels import attention, dropout, gelu, layer_norm, softmax
+
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+
+    def r(*shape, dtype):
+        return torch.randn(*shape, dtype=dtype)
+
+    for dt in dtypes:
+        # LayerNorm: one-block rows, chunked long rows; affine on/off; the fused residual+dropout.
+        for n in ([1000, 65536] if quick else [7, 1000, 4096, 8192, 16384, 65536]):
+            x, w, b = r(4, n, dtype=dt), r(n, dtype=dt), r(n, dtype=dt)
+            for affine in ((w, b), (None, None)):
+                y, h, mean, rstd = layer_norm.layer_norm_fwd(x, n, *affine, 1e-5)
+                layer_norm.layer_norm_bwd(r(4, n, dtype=dt), x, n, *affine, mean, rstd)
+            y, h, mean, rstd = layer_norm.layer_norm_fwd(x, n, w, b, 1e-5, residual=r(4, n, dtype=dt),
+                                                         p=0.1, seed=1, store_h=True)
+            layer_norm.layer_norm_bwd(r(4, n, dtype=dt), h, n, w, b, mean, rstd, dh_out=r(4, n, dtype=dt),
+                                      p=0.1, seed=1, store_dh=True)
+        # Bias + activation, dropout, softmax (one-block and looped rows).
+        x = r(64, 1000, dtype=dt)
+        for act in gelu.ACTIVATIONS:
+            for bias in (None, r(1000, dtype=dt)):
+                gelu.bias_act_forward(x, bias, act)
+                gelu.bias_act_backward(r(64, 1000, dtype=dt), x, bias, act)
+        dropout.dropout_forward(x, 0.1, 1)
+        dropout.dropout_backward(x, 0.1, 1)
+        for n in (1000, 9000):
+            y = softmax.softmax_forward(r(8, n, dtype=dt))
+            softmax.softmax_backward(r(8, n, dtype=dt), y)
+        # Attention: head dims (powers of two and not), causal, masks, dropout, GQA, decode.
+        head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
+        for e in head_dims:
+            q, k, v = r(1, 4, 128, e, dtype=dt), r(1, 2, 192, e, dtype=dt), r(1, 2, 192, e, dtype=dt)
+            variants = [dict(), dict(is_causal=True)]
+            if not quick or e == 64:
+                variants += [
+                    dict(mask=torch.rand(1, 1, 128, 192).expand(1, 4, 128, 192) > 0.5),
+                    dict(mask=r(1, 4, 128, 192, dtype=dt)),
+                    dict(dropout_p=0.1, seed=3),
+                ]
+            for kw in variants:
+                mask = kw.pop("mask", None)
+                out, lse = attention.attention_forward(q, k, v, mask, scale=e ** -0.5, **kw)
+                attention.attention_backward(r(1, 4, 128, e, dtype=dt), q, k, v, mask, out, lse,
+                                             scale=e ** -0.5, **kw)
+            kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
+            attention.attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    parser.add_argument("--quick", action="store_true", help="a representative subset")
+    parser.add_argument("--configs", type=int, default=None, metavar="N",
+                        help="per autotuned launch, only the N pruned configs with the largest tiles")
+    args = parser.parse_args(argv)
+    compiled, errors = install_compile_only_driver(args.arch, args.configs)
+    start = time.perf_counter()
+    launch_all(args.quick)
+    limit = SHARED_LIMIT.get(args.arch, 232448)
+    too_big = [(n, m, s) for n, m, s in compiled if s > limit]
+    counts = Counter(n for n, _, _ in compiled)
+    print(f"sm_{args.arch}: {len(compiled)} kernel variants compiled in {time.perf_counter() - start:.0f} s "
+          f"({', '.join(f'{n} {c}' for n, c in sorted(counts.items()))}); largest shared memory "
+          f"{max((s for _, _, s in compiled), default=0)} of {limit} bytes")
+    for name, meta, shared in too_big:
+        print(f"SHARED MEMORY {name}: {shared} > {limit} bytes with {meta}")
+    for name, meta, err in errors:
+        print(f"COMPILE ERROR {name} with {meta}:\n  {err}")
+    return 1 if errors or too_big else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
