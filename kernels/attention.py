@@ -75,12 +75,13 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     d, short_l = args["BLOCK_D"], args["L_BUCKET"] <= 16
     wide = args["Q"].element_size() * d  # bytes per row of a tile
+    mask_bytes = _mask_bytes(args)
     kept = []
     for c in configs:
         bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
         if (bm == 16) != short_l:
             continue
-        if st * (bm + 2 * bn) * wide > 200 * 1024:  # H100/H200: 227 KiB shared memory per block
+        if st * ((bm + 2 * bn) * wide + bm * bn * mask_bytes) > 200 * 1024:  # H100: 227 KiB/block
             continue
         if wide >= 512 and bm * bn > 64 * 64:  # d=256 fp16 or d>=128 fp32: register pressure
             continue
@@ -89,13 +90,22 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_M": 16 if short_l else 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
 
+def _mask_bytes(args) -> int:
+    """Bytes per element of the mask tile the kernel streams beside K and V (0 without a mask).
+    It is pipelined like them: a (BLOCK_M, BLOCK_N) fp32 mask tile can outweigh the K/V tiles at
+    small head dims (fp32, d=16, 128x128, 3 stages overflowed sm_90's shared memory)."""
+    return args["Mask"].element_size() if args.get("HAS_MASK") else 0
+
+
 def _prune_bwd(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     if len(configs) == 1:
         return configs
     wide = args["Q"].element_size() * args["BLOCK_D"]
+    mask_bytes = _mask_bytes(args)
     kept = [c for c in configs
-            if c.num_stages * (2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * wide <= 200 * 1024
+            if c.num_stages * ((2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * wide
+                               + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * mask_bytes) <= 200 * 1024
             and not (wide >= 512 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 64)]
     return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
