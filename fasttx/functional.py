@@ -1,12 +1,15 @@
 """fasttx.functional: drop-ins for torch.nn.functional ops, plus the fused sub-layer ops.
 
 Every public op here has torch.nn.functional's exact signature and semantics. Each picks its path in
-Python (the `from .ops import ...` inside each op keeps triton unimported until a Triton path is
-taken, and unlike importlib it is traceable by torch.compile), from the tensors' device and `fasttx.use_backend` (see fasttx/_backend.py):
+Python, from the tensors' device and `fasttx.use_backend` (see fasttx/_backend.py):
   - Triton: a `torch.library.custom_op` in fasttx/ops/<op>.py (fake + autograd registered, so
     `torch.compile(fullgraph=True)` sees one opaque op) that calls the launchers in fasttx.kernels;
   - reference: torch's own native ops, the same semantics as the plain math in fasttx/reference.py
     (the oracle the tests check both paths against), and as fast as torch.nn on CPU.
+The inline `input.is_cuda` test before `use_triton(...)` is use_triton's own answer for the common
+CPU case, without the call: microsecond-sized CPU ops stay as fast as torch.nn's. The
+`from .ops import ...` inside each op keeps triton unimported until a Triton path is taken (and,
+unlike importlib, torch.compile can trace it).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _backend
 from ._backend import use_triton
 
 __all__ = [
@@ -43,7 +47,7 @@ def layer_norm(
         raise TypeError(
             "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not int"
         )
-    if use_triton(input, weight, bias):
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, weight, bias):
         from .ops import layer_norm as ops
 
         return ops.layer_norm(input, normalized_shape, weight, bias, eps)
@@ -52,7 +56,7 @@ def layer_norm(
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """torch.nn.functional.gelu: exact (erf) when approximate="none", else the tanh form."""
-    if use_triton(input):
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input):
         from .ops import activation as ops
 
         return ops.gelu(input, approximate)
@@ -69,7 +73,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     stored; seeds drawn from torch's generator so torch.manual_seed reproduces a run."""
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if use_triton(input):
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input):
         from .ops import dropout as ops
 
         return ops.dropout(input, p, training, inplace)
@@ -86,7 +90,7 @@ def softmax(
     if dim is None:
         # torch's legacy implicit-dim rule (with its deprecation warning)
         return F.softmax(input, dim=None, _stacklevel=_stacklevel + 1, dtype=dtype)
-    if use_triton(input):
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input):
         from .ops import softmax as ops
 
         return ops.softmax(input, dim, dtype)
@@ -109,15 +113,15 @@ def scaled_dot_product_attention(
     attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (N, Hq, L, S).
     is_causal: top-left aligned causal mask. Fully masked rows give zeros.
     """
-    if use_triton(query, key, value, attn_mask):
+    if (_backend._backend == "triton" or query.is_cuda) and use_triton(query, key, value, attn_mask):
         from .ops import attention as ops
 
         return ops.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
+    # Positional where torch allows it: its argument parser is measurably slower per keyword.
     return F.scaled_dot_product_attention(
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
-        scale=scale, enable_gqa=enable_gqa,
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
     )
 
 
@@ -126,7 +130,7 @@ def scaled_dot_product_attention(
 # ----------------------------------------------------------------------------------------------
 def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     """gelu(input + bias) in one pass; bias (hidden,) broadcast over input's last dim."""
-    if use_triton(input, bias):
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, bias):
         from .ops import activation as ops
 
         return ops.bias_gelu(input, bias, approximate)
@@ -135,7 +139,7 @@ def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
 
 def bias_relu(input: Tensor, bias: Tensor) -> Tensor:
     """relu(input + bias) in one pass; bias (hidden,) broadcast over input's last dim."""
-    if use_triton(input, bias):
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, bias):
         from .ops import activation as ops
 
         return ops.bias_relu(input, bias)
@@ -162,7 +166,7 @@ def dropout_add_layer_norm(
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    if use_triton(input, residual, weight, bias):
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, residual, weight, bias):
         from .ops import layer_norm as ops
 
         return ops.dropout_add_layer_norm(
