@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._math import dropout_keep
-from .gelu import as_rows, elementwise_config
+from ._rows import as_rows, elementwise_config
 
 @triton.jit
 def _dropout_kernel(

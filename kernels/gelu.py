@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ._math import gelu, gelu_grad
+from ._rows import MAX_ROW_PROGRAMS, as_rows, elementwise_config
 
 # Activation codes (constexpr ACT).
 GELU = 0
@@ -28,9 +29,6 @@ GELU_TANH = 1
 RELU = 2
 ACTIVATIONS = {"gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU}
 
-_TILE = 4096  # elements per (BLOCK_M, BLOCK_N) tile
-_MAX_BLOCK_N = 1024
-_MAX_ROW_PROGRAMS = 65535  # CUDA's limit on grid axis 1
 # dbias partials: at most this many row strips, so the fp32 partial buffer stays (<= 256, N).
 _MAX_DBIAS_STRIPS = 256
 
@@ -130,28 +128,6 @@ def _bias_act_bwd_kernel(
         tl.store(DB_PARTIAL + pid_m.to(tl.int64) * N + cols, db.to(DB_PARTIAL.dtype.element_ty), mask=col_mask)
 
 
-def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """(*, N) -> (M, N) view with a contiguous last dim (a copy only when no such view exists)."""
-    n = t.shape[-1] if t.dim() > 0 else 1
-    t2 = t.reshape(-1, n)  # (M, N)
-    if t2.stride(-1) != 1 and n > 1:
-        t2 = t2.contiguous()
-    return t2
-
-
-def elementwise_config(M: int, N: int, max_row_programs: int = _MAX_ROW_PROGRAMS):
-    """Tile shape and grid for an (M, N) elementwise pass: (BLOCK_M, BLOCK_N, rows per program,
-    grid). The row programs each walk ROWS_PER_PROG rows, a multiple of BLOCK_M."""
-    block_n = min(triton.next_power_of_2(N), _MAX_BLOCK_N)
-    block_m = min(triton.next_power_of_2(M), max(1, _TILE // block_n))
-    m_blocks = triton.cdiv(M, block_m)
-    row_programs = min(m_blocks, max_row_programs)
-    rows_per_prog = triton.cdiv(m_blocks, row_programs) * block_m
-    row_programs = triton.cdiv(M, rows_per_prog)
-    grid = (triton.cdiv(N, block_n), row_programs)
-    return block_m, block_n, rows_per_prog, grid
-
-
 def _check(x: torch.Tensor, bias, activation: str):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
@@ -176,7 +152,7 @@ def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> 
     x2 = as_rows(x)  # (M, N)
     y2 = y.view(x2.shape)  # (M, N)
     M, N = x2.shape
-    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, _MAX_ROW_PROGRAMS)
+    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
     acc = _acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
     _bias_act_fwd_kernel[grid](
         x2, bias if bias is not None else x2, y2, M, N, x2.stride(0), y2.stride(0), rows_per_prog,
@@ -199,7 +175,7 @@ def bias_act_backward(dy: torch.Tensor, x: torch.Tensor, bias, activation: str):
     x2, dy2 = as_rows(x), as_rows(dy)  # (M, N)
     dx2 = dx.view(x2.shape)  # (M, N)
     M, N = x2.shape
-    max_rows = _MAX_DBIAS_STRIPS if bias is not None else _MAX_ROW_PROGRAMS
+    max_rows = _MAX_DBIAS_STRIPS if bias is not None else MAX_ROW_PROGRAMS
     block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows)
     acc = _acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
     acc_torch = torch.float64 if acc == tl.float64 else torch.float32

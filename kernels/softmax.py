@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gelu import as_rows
+from ._rows import as_rows
 
 SINGLE_BLOCK_MAX = 4096  # longest row held in one tile; longer rows loop over chunks
 _LOOP_BLOCK_N = 2048  # chunk size of the looped path
