@@ -193,17 +193,14 @@ def test_bad_p_in_op_and_launcher(device):
 
 
 def test_torch_compile_fullgraph(device):
-    # The Triton-path function fasttx.functional dispatches to (fasttx.functional's own lazy
-    # importlib dispatch is not traceable by dynamo at the time of writing).
-    from fasttx.ops import dropout as D
-
+    fasttx.use_backend("triton")  # restored by conftest's autouse fixture
     x = (torch.randn(7, 113, device=device).abs() + 0.5).requires_grad_(True)
-    compiled = torch.compile(lambda t: D.dropout(t * 2, 0.3), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(lambda t: FF.dropout(t * 2, 0.3), fullgraph=True, backend="aot_eager")
     torch.manual_seed(11)
     y = compiled(x)
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     torch.manual_seed(11)
-    eager = D.dropout(x.detach() * 2, 0.3)
+    eager = FF.dropout(x.detach() * 2, 0.3)
     assert torch.equal(y.detach(), eager)  # the seed is drawn at run time, from torch's generator
     torch.testing.assert_close(dx, (y != 0).float() * 2 / 0.7, atol=0, rtol=0)
     torch.manual_seed(12)

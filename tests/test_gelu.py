@@ -207,14 +207,10 @@ def test_dbias_deterministic_and_inputs_untouched(device):
 
 
 def test_torch_compile_fullgraph(device):
-    # The Triton-path functions fasttx.functional dispatches to (fasttx.functional's own lazy
-    # importlib dispatch is not traceable by dynamo at the time of writing).
-    from fasttx.ops import activation as A
-
     x, b, dy = _inputs((7, 113), torch.float32, device, bias=True)
 
     def f(t, c):
-        return A.gelu(t, "tanh") * 2 + A.bias_gelu(t, c) + A.bias_relu(t, c)
+        return FF.gelu(t, "tanh") * 2 + FF.bias_gelu(t, c) + FF.bias_relu(t, c)
 
     with fasttx.use_backend("triton"):
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")

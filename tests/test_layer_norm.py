@@ -525,13 +525,14 @@ def test_fused_residual_shape_mismatch_raises(device):
 # ----------------------------------------------------------------------------------------------
 # torch.compile
 # ----------------------------------------------------------------------------------------------
-def test_compile_fullgraph(ops, device):
-    # The Triton path's entry points (fasttx.ops.layer_norm), traced whole: the custom ops are
-    # opaque to dynamo and the seed is drawn inside the op, so no graph break.
+@pytest.mark.parametrize("backend", ["triton"], indirect=True)  # replays the kernel's mask
+def test_compile_fullgraph(backend, device):
+    # The public functions traced whole: on the Triton path the custom ops are opaque to dynamo
+    # and the seed is drawn inside the op, so no graph break.
     torch._dynamo.reset()
     torch.manual_seed(15)
     x, res, w, b, dy, dh = _inputs(5, 32, torch.float32, device)
-    ln = torch.compile(lambda x, w, b: ops.layer_norm(x, (32,), w, b), fullgraph=True, backend="aot_eager")
+    ln = torch.compile(lambda x, w, b: FF.layer_norm(x, (32,), w, b), fullgraph=True, backend="aot_eager")
     xs, ws, bs = _leaf(x), _leaf(w), _leaf(b)
     y = ln(xs, ws, bs)
     y.backward(dy)
@@ -541,7 +542,7 @@ def test_compile_fullgraph(ops, device):
     _check_all((y, xs.grad, ws.grad, bs.grad), (yr, xr.grad, wr.grad, br.grad), torch.float32)
 
     fused = torch.compile(
-        lambda x, r, w, b: ops.dropout_add_layer_norm(x, r, (32,), w, b, 1e-5, 0.3, True),
+        lambda x, r, w, b: FF.dropout_add_layer_norm(x, r, (32,), w, b, 1e-5, 0.3, True),
         fullgraph=True, backend="aot_eager",
     )
     xs, rs, ws, bs = _leaf(x), _leaf(res), _leaf(w), _leaf(b)

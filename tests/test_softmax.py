@@ -184,14 +184,11 @@ def test_backward_deterministic_and_output_untouched(device):
 
 
 def test_torch_compile_fullgraph(device):
-    # The Triton-path function fasttx.functional dispatches to (fasttx.functional's own lazy
-    # importlib dispatch is not traceable by dynamo at the time of writing).
-    from fasttx.ops import softmax as S
-
+    fasttx.use_backend("triton")  # restored by conftest's autouse fixture
     x, dy = _inputs((7, 5, 113), torch.float32, device)
 
     def f(t):
-        return S.softmax(t, -1, None) + S.softmax(t, 1, torch.float64).float()
+        return FF.softmax(t, -1) + FF.softmax(t, 1, dtype=torch.float64).float()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     out, dx = _grads(compiled, x, dy)
