@@ -248,3 +248,16 @@ def test_dropout_more_than_2_31_elements():
     head = y[:1000]
     assert not torch.equal(tail, head)
     assert abs((tail != 0).float().mean().item() - 0.5) < 0.1
+
+
+def test_cuda_graph_capture_is_refused_not_silently_repeated(monkeypatch):
+    # A host-drawn seed would be baked into a captured CUDA graph (one mask for every replay):
+    # drawing a seed while a stream is capturing raises instead. Simulated on CPU.
+    from fasttx.ops import _common
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="cannot be captured in a CUDA graph"):
+        _common.draw_philox_seed()
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    assert isinstance(_common.draw_philox_seed(), int)
