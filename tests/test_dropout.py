@@ -90,10 +90,12 @@ def test_noncontiguous_input_and_grad(device):
     x = torch.randn(5, 3, 37, device=device)
     dy = torch.randn(5, 3, 37, device=device)
     with fasttx.use_backend("triton"):
-        for view in (noncontig, lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)):
+        # A strided input with gaps is processed in its logical (row-major) element order, so its
+        # mask equals a contiguous copy's. (A permuted-but-dense input is processed in storage
+        # order to keep its layout without a copy: test_permuted_input_keeps_its_layout_like_torch.)
+        for view in (noncontig,):
             xv, dyv = view(x).requires_grad_(True), view(dy)
             assert not xv.is_contiguous() and not dyv.is_contiguous()
-            # the mask follows the logical (row-major) element index, whatever the layout
             torch.manual_seed(3)
             y = FF.dropout(xv, 0.5)
             (dx,) = torch.autograd.grad(y, xv, dyv)
@@ -261,3 +263,14 @@ def test_cuda_graph_capture_is_refused_not_silently_repeated(monkeypatch):
         _common.draw_philox_seed()
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert isinstance(_common.draw_philox_seed(), int)
+
+
+def test_permuted_input_keeps_its_layout_like_torch(backend, device):
+    # torch's dropout returns a permuted-but-dense input's layout; the mask replays in backward.
+    x = (torch.randn(4, 6, 8, device=device).abs() + 0.5).permute(2, 0, 1).requires_grad_(True)
+    y = FF.dropout(x, 0.4)
+    assert y.stride() == F.dropout(x.detach(), 0.4).stride() == x.stride()
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x.detach()[kept] / 0.6)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.testing.assert_close(dx, kept.to(dx.dtype) / 0.6)

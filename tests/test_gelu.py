@@ -268,3 +268,22 @@ def test_gelu_more_than_2_31_elements():
     tail = slice(n - 70000, n)
     assert_close(y[tail], F.gelu(x[tail].float()))
     assert_close(y[:70000], F.gelu(x[:70000].float()))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_permuted_input_keeps_its_layout_like_torch(backend, device, approximate):
+    # torch's elementwise ops return a permuted-but-dense input's layout (preserve_format);
+    # a strided slice with gaps gives a contiguous output. Values and gradients unchanged.
+    for x in (torch.randn(4, 6, 8, device=device).permute(2, 0, 1),
+              torch.randn(4, 6, 8, device=device)[:, :, ::2]):
+        ours = x.detach().clone().requires_grad_(False)
+        xs = x.detach().requires_grad_(True)
+        y = FF.gelu(xs, approximate)
+        expected = F.gelu(x, approximate=approximate)
+        assert y.stride() == expected.stride()
+        assert_close(y, expected)
+        dy = torch.randn_like(y)
+        (dx,) = torch.autograd.grad(y, xs, dy)
+        xt = ours.requires_grad_(True)
+        (dx_t,) = torch.autograd.grad(F.gelu(xt, approximate=approximate), xt, dy)
+        assert_close(dx, dx_t)

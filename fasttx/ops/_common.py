@@ -26,3 +26,21 @@ def draw_philox_seed() -> int:
 def check_dropout_p(p: float) -> None:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def keep_layout(fn, input: torch.Tensor) -> torch.Tensor:
+    """fn(input) for an elementwise fn whose kernel writes contiguous outputs, with the output in
+    input's layout, as torch's elementwise ops give it (memory_format=torch.preserve_format).
+
+    A permuted but dense input (e.g. x.transpose(0, 1) of a contiguous x) runs on its contiguous
+    permutation, a view, and the result is permuted back: same strides as input, no copy. Other
+    inputs (contiguous, or strided with gaps) go straight to fn, whose output is contiguous as
+    torch's is for them."""
+    if input.dim() < 2 or input.is_contiguous():
+        return fn(input)
+    order = sorted(range(input.dim()), key=lambda d: -input.stride(d))
+    dense = input.permute(order)
+    if not dense.is_contiguous():
+        return fn(input)
+    inverse = sorted(range(input.dim()), key=order.__getitem__)
+    return fn(dense).permute(inverse)

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import gelu as _k
+from ._common import keep_layout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -93,7 +94,7 @@ def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """torch.nn.functional.gelu. input (*) -> (*), input's dtype."""
     act = _activation(approximate)
     _check_input(input, "gelu")
-    return _bias_act(input, None, act)
+    return keep_layout(lambda x: _bias_act(x, None, act), input)
 
 
 def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import dropout as _k
-from ._common import check_dropout_p, draw_philox_seed
+from ._common import check_dropout_p, draw_philox_seed, keep_layout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -59,7 +59,9 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     training=False or p == 0 returns `input` itself (as torch does, inplace or not); p == 1 gives
     input * 0 (zeros, NaN/inf -> NaN). inplace=True writes the result into input and returns it;
     under autograd that follows torch's rules for in-place ops (an error on a leaf that requires
-    grad), since it is a `copy_` into input."""
+    grad), since it is a `copy_` into input. The output has input's layout as torch's does: a
+    permuted-but-dense input runs in its storage order (the mask follows that order), any other
+    input in its logical row-major order."""
     check_dropout_p(p)
     if not training or p == 0.0:
         return input
@@ -68,7 +70,7 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
             f"fasttx dropout: input must be a floating-point tensor (float16, bfloat16, float32 "
             f"or float64) when training, got {input.dtype}"
         )
-    out, _ = _dropout(input, p)
+    out = keep_layout(lambda x: _dropout(x, p)[0], input)
     if inplace:
         return input.copy_(out)
     return out
