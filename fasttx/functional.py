@@ -35,6 +35,28 @@ __all__ = [
 ]
 
 
+# ----------------------------------------------------------------------------------------------
+# torch.autocast. torch applies a per-op policy before its own kernels; our custom ops have none,
+# so the Triton branches apply torch's policy here: layer_norm and softmax run in fp32 under CUDA
+# autocast (torch's fp32 list; CPU autocast leaves them alone), scaled_dot_product_attention in
+# the autocast dtype (the lower-precision list, CUDA and CPU). fp64 tensors are never cast.
+# ----------------------------------------------------------------------------------------------
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _autocast_to_fp32(device_type: str) -> bool:
+    return device_type == "cuda" and torch.is_autocast_enabled("cuda")
+
+
+def _fp32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return t.float() if t is not None and t.dtype in _LOW else t
+
+
+def _lower(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    ok = t is not None and t.is_floating_point() and t.dtype != torch.float64
+    return t.to(dtype) if ok else t
+
+
 def layer_norm(
     input: Tensor,
     normalized_shape: Union[int, List[int], torch.Size],
@@ -50,6 +72,8 @@ def layer_norm(
     if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, weight, bias):
         from .ops import layer_norm as ops
 
+        if _autocast_to_fp32(input.device.type):
+            input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
         return ops.layer_norm(input, normalized_shape, weight, bias, eps)
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
 
@@ -93,6 +117,8 @@ def softmax(
     if (_backend._backend == "triton" or input.is_cuda) and use_triton(input):
         from .ops import softmax as ops
 
+        if dtype is None and input.dtype in _LOW and _autocast_to_fp32(input.device.type):
+            dtype = torch.float32
         return ops.softmax(input, dim, dtype)
     return F.softmax(input, dim=dim, dtype=dtype)
 
@@ -116,6 +142,11 @@ def scaled_dot_product_attention(
     if (_backend._backend == "triton" or query.is_cuda) and use_triton(query, key, value, attn_mask):
         from .ops import attention as ops
 
+        if torch.is_autocast_enabled(query.device.type):
+            low = torch.get_autocast_dtype(query.device.type)
+            query, key, value = _lower(query, low), _lower(key, low), _lower(value, low)
+            if attn_mask is not None and attn_mask.dtype != torch.bool:
+                attn_mask = _lower(attn_mask, low)
         return ops.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
@@ -169,9 +200,14 @@ def dropout_add_layer_norm(
     if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, residual, weight, bias):
         from .ops import layer_norm as ops
 
-        return ops.dropout_add_layer_norm(
+        y, h = ops.dropout_add_layer_norm(
             input, residual, normalized_shape, weight, bias, eps, p, training
         )
+        # As the unfused torch sequence under CUDA autocast: h in the promoted dtype of input and
+        # residual, y = layer_norm(h) in fp32 (a cast only when both inputs are 16-bit).
+        if _autocast_to_fp32(input.device.type):
+            y = _fp32(y)
+        return y, h
     h = F.dropout(input, p, training)
     if residual is not None:
         h = residual + h
