@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from typing import List
 
-import torch
 import torch.nn.functional as F
 
 import fasttx.functional as ff
