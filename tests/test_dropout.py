@@ -1,9 +1,6 @@
 """Dropout: statistics, seeds, mask replay through fasttx.reference, backward with the forward's
 mask, torch's identity / p == 1 / inplace semantics, on both backends where they apply."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ import fasttx.functional as FF
 from fasttx import reference as R
 from fasttx.kernels import dropout as K
 
-from utils import DTYPES, assert_close, noncontig
+from utils import DTYPES, assert_close, noncontig, run_probe
 
 SHAPES = [(1,), (7,), (17, 113), (1023, 3), (2, 3, 1151), (2, 3, 4, 17)]
 
@@ -232,11 +229,7 @@ def test_int64_row_offset_probe():
     int64 (a row stride that fits int32, so an int32 product would wrap). What it does not prove:
     outputs or Philox element indices past 2^31 (the outputs here are small); that is the GPU test
     below. Costs a 4 GiB virtual buffer of which only touched pages are real."""
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+    run_probe(_PROBE)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,5 @@
 """GELU (exact / tanh), bias_gelu and bias_relu: both backends against the fp64 reference and
 torch, forward, dx and dbias."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import fasttx
 import fasttx.functional as FF
 from fasttx import reference as R
 
-from utils import ATOL_FLOOR, DTYPES, assert_2x_rule, assert_close, noncontig
+from utils import ATOL_FLOOR, DTYPES, assert_2x_rule, assert_close, noncontig, run_probe
 
 SHAPES = [(1,), (7,), (17, 113), (1023, 3), (2, 3, 1151), (2, 3, 4, 17)]
 APPROX = ["none", "tanh"]
@@ -251,11 +248,7 @@ def test_int64_row_offset_probe():
     int32 product would wrap. An int32 version of the kernels was seen to segfault here, hence
     the subprocess. What it does not prove: outputs or Philox indices past 2^31 (the outputs here
     are small and contiguous). Costs a 4 GiB virtual buffer of which only touched pages are real."""
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+    run_probe(_PROBE)
 
 
 @pytest.mark.gpu

@@ -1,8 +1,5 @@
 """Softmax: both backends against the fp64 reference and torch, forward and backward, any dim,
 dtype=, single-block and looped (long-row) paths, -inf rows, NaN."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +10,7 @@ import fasttx.functional as FF
 from fasttx import reference as R
 from fasttx.kernels import softmax as K
 
-from utils import ATOL_FLOOR, DTYPES, assert_2x_rule, assert_close, noncontig
+from utils import ATOL_FLOOR, DTYPES, assert_2x_rule, assert_close, noncontig, run_probe
 
 SHAPES = [(1,), (7,), (17, 113), (1023, 7), (2, 3, 1151), (2, 3, 4, 17)]
 
@@ -226,11 +223,7 @@ def test_int64_row_offset_probe():
     by the forward and backward kernels on both paths (a row stride that fits int32, so an int32
     product would wrap). What it does not prove: output offsets past 2^31 (outputs here are
     small and contiguous). Costs 4 GiB virtual buffers of which only touched pages are real."""
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env["TRITON_INTERPRET"] = "1"
-    r = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+    run_probe(_PROBE)
 
 
 @pytest.mark.gpu

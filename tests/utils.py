@@ -1,6 +1,10 @@
 """Shared test helpers: tolerances, the 2x rule, non-contiguous views."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 # (atol, rtol) per dtype for elementwise ops and norms (../shared/TESTING.md).
@@ -43,3 +47,14 @@ def noncontig(x: torch.Tensor) -> torch.Tensor:
     view = wide[..., ::2]
     assert not view.is_contiguous() or x.numel() <= 1
     return view
+
+
+def run_probe(code: str, timeout: int = 300) -> None:
+    """Run `code` in a fresh Python (the interpreter on CPU) and require it to print "ok" last.
+    For probes that may crash the process when they find a bug (e.g. an int32 offset that wraps
+    into unmapped memory): the crash becomes a test failure instead of killing pytest."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
