@@ -16,6 +16,7 @@ function (and, optionally, `ORDER = <int>`: position in a full run, default 50; 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import time
 import traceback
@@ -184,8 +185,8 @@ _fill_speedups = fill_speedups
 # ----------------------------------------------------------------------------------------------
 # Running
 # ----------------------------------------------------------------------------------------------
-def run_suite(suite: Suite, cfg: Config, ceilings=None, log=print, deadline: Optional[float] = None
-              ) -> List[Dict[str, Any]]:
+def run_suite(suite: Suite, cfg: Config, ceilings=None, log=print, deadline: Optional[float] = None,
+              after_case=None) -> List[Dict[str, Any]]:
     """Every case x provider x mode of `suite`: one row each (ok, skipped with a reason, error, or
     cut: not started before `deadline`, a time.monotonic() value).
 
@@ -199,6 +200,9 @@ def run_suite(suite: Suite, cfg: Config, ceilings=None, log=print, deadline: Opt
     with torch.random.fork_rng(devices=devices), cpu_threads(cfg):
         for case in suite.cases:
             rows += _run_case(suite, case, providers, cfg, ceilings, log, deadline)
+            if after_case is not None:
+                fill_speedups(rows)
+                after_case(rows)
     fill_speedups(rows)
     return rows
 
@@ -294,8 +298,8 @@ def _run_group(suite, case, group, modes, cfg, ceilings, caught) -> List[Dict[st
 def run(ops: Sequence[str], cfg: Config, out_dir: Optional[str] = None, plots: bool = True,
         log=print) -> Dict[str, Any]:
     """Measure the ceilings (unless cfg.ceilings is False), run every suite of `ops`, write the
-    results to `out_dir` (if given; rewritten after each suite, so a run stopped from outside
-    keeps what it measured). Rows not started within cfg.budget_s seconds are "cut".
+    results to `out_dir` (if given; the JSON is rewritten after each case, so a run stopped from
+    outside keeps what it measured). Rows not started within cfg.budget_s seconds are "cut".
     Returns {"rows", "environment", "ceilings", "paths", "suites"}."""
     start = time.monotonic()
     deadline = start + cfg.budget_s if cfg.budget_s is not None else None
@@ -316,10 +320,17 @@ def run(ops: Sequence[str], cfg: Config, out_dir: Optional[str] = None, plots: b
     suites = load_suites(ops, cfg)
     rows: List[Dict[str, Any]] = []
     paths: Dict[str, str] = {}
+    checkpoint = None
+    if out_dir is not None:  # the JSON after every case: a run stopped from outside keeps its rows
+        os.makedirs(out_dir, exist_ok=True)
+
+        def checkpoint(srows):
+            doc = report.document(rows + srows, suites, cfg, env, ceilings)
+            with open(os.path.join(out_dir, report.result_stem(env, doc["date"]) + ".json"), "w") as f:
+                json.dump(doc, f, indent=1, default=str)
+
     for s in suites:
-        rows += run_suite(s, cfg, ceilings, log=log, deadline=deadline)
-        if out_dir is not None and s is not suites[-1]:
-            paths = write_results(rows, suites, cfg, env, ceilings, out_dir, plots=False, log=log)
+        rows += run_suite(s, cfg, ceilings, log=log, deadline=deadline, after_case=checkpoint)
     if out_dir is not None:
         paths = write_results(rows, suites, cfg, env, ceilings, out_dir, plots=plots, log=log)
     return {"rows": rows, "environment": env, "ceilings": ceilings, "paths": paths, "suites": suites}

@@ -411,7 +411,7 @@ def bench_plan(rehearsal: bool, ops: List[str]) -> List[Dict[str, Any]]:
     sdpa = "fasttx,sdpa,sdpa-flash,sdpa-efficient,sdpa-cudnn,sdpa-math,flash_attn"
     fwd = ["--modes", "fwd,fwd+bwd"]
     plan = [
-        dict(name="bench:attention", share=0.22, args=["--ops", "attention", *sizes["attention"], *where16k,
+        dict(name="bench:attention", share=0.34, args=["--ops", "attention", *sizes["attention"], *where16k,
                                                        "--providers", sdpa, "--no-compile", *fwd]),
         dict(name="bench:ops", share=0.10, args=["--ops", ",".join(other), *sizes["ops"], "--no-compile",
                                                  "--no-ceilings", *fwd] if other else None),
@@ -437,7 +437,7 @@ def bench_plan(rehearsal: bool, ops: List[str]) -> List[Dict[str, Any]]:
 def stage_bench(check: Check, step: Dict[str, Any], index: int, docs: List[Dict[str, Any]]):
     def fn(cap):
         out_dir = os.path.join(check.tmp, f"bench{index}")
-        common = ["--out-dir", out_dir, "--no-plots", "-q", "--budget-s", f"{max(1.0, cap * 0.8 - 5):.0f}"]
+        common = ["--out-dir", out_dir, "--no-plots", "-q", "--budget-s", f"{max(1.0, cap * 0.85 - 5):.0f}"]
         args = step["args"]
         if check.rehearsal:  # compiling on the CPU would dominate the rehearsal: the rows skip
             common += ["--smoke", "--device", "cpu"]
@@ -456,7 +456,7 @@ def stage_bench(check: Check, step: Dict[str, Any], index: int, docs: List[Dict[
         counts = {st: sum(r["status"] == st for r in rows) for st in ("ok", "skipped", "error", "cut")}
         note = ", ".join(f"{n} {st}" for st, n in counts.items()) + " rows"
         if timed_out:
-            note += "; stopped at the cap (the suite in progress is lost)"
+            note += "; stopped at the cap (rows of the case in progress are lost)"
         errors = [r for r in rows if r["status"] == "error" and r["provider"] in ("fasttx", r["baseline"])]
         return ("failed" if errors else "ok"), note
     return fn
@@ -643,9 +643,9 @@ def main(argv=None) -> int:
         if not info:
             info.update(python=platform.python_version(), torch=torch.__version__, pytest_xdist=False,
                         pytest_timeout=False)
-        check.stage("tests", 0.42, stage_tests(check, workers, info, holder))
-        check.stage("determinism", 0.06, stage_determinism(check, holder))
-        check.stage("sanitizer", 0.08, stage_sanitizer(check, holder))
+        check.stage("tests", 0.40, stage_tests(check, workers, info, holder))
+        check.stage("determinism", 0.05, stage_determinism(check, holder))
+        check.stage("sanitizer", 0.07, stage_sanitizer(check, holder))
         from bench.harness import OPS
 
         for i, step in enumerate(bench_plan(rehearsal, list(OPS))):
