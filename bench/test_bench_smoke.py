@@ -55,7 +55,7 @@ def test_json_has_environment_ceilings_and_config(cpu_run):
     for key in ENV_FIELDS:
         assert key in doc["environment"], key
     assert doc["environment"]["torch"] == torch.__version__
-    assert doc["environment"]["fasttx_path"] in ("torch", "reference")  # auto on CPU = torch's ops
+    assert doc["environment"]["fasttx_path"] == "torch"  # auto on CPU = torch's ops
     assert doc["environment"]["cpu_threads"] == 1  # the default: stable CPU timings
     assert doc["measurement"] is False and doc["config"]["smoke"] is True
     assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"] > 0
