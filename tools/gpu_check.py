@@ -142,6 +142,7 @@ def child_env(rehearsal: bool, autotune: bool) -> Dict[str, str]:
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     if rehearsal:
         env["TRITON_INTERPRET"] = "1"
+        env["CUDA_VISIBLE_DEVICES"] = ""  # a rehearsal asked for on a GPU machine stays on the CPU
     else:
         env.pop("TRITON_INTERPRET", None)
     if autotune:
@@ -613,6 +614,8 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args.worker, args.size, args.device, args.worker_json)
 
+    if args.rehearsal:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
     import torch
 
     rehearsal = args.rehearsal or not torch.cuda.is_available()
