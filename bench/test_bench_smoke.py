@@ -337,3 +337,25 @@ def test_runs_from_any_directory(tmp_path):
     from bench.__main__ import DEFAULT_OUT, parser
 
     assert not os.path.isabs(DEFAULT_OUT) and parser().parse_args([]).out_dir == DEFAULT_OUT
+
+
+def test_a_fasttx_fallback_is_flagged_on_every_row(monkeypatch):
+    """A fasttx call that ran torch's implementation is marked, on every row, not only the first."""
+    from fasttx._backend import warn_fallback
+
+    def build(case, cfg):
+        x = torch.ones(4, requires_grad=True)
+
+        def fn():
+            warn_fallback("demo_op", "this case is outside the kernel")
+            return x * 2
+
+        return Work(fn, leaves=(x,))
+
+    suite = Suite("demo", "GB/s", [Case(f"n={n}", n, torch.float32, bytes={m: 32.0 for m in harness.MODES})
+                                   for n in (4, 8)],
+                  [Provider("fasttx", build, kind="fasttx"), Provider("torch", build)])
+    rows = harness.run_suite(suite, smoke_config())
+    fasttx_rows = [r for r in rows if r["provider"] == "fasttx"]
+    assert len(fasttx_rows) == 6 and all("outside the kernel" in (r["fallback"] or "") for r in fasttx_rows)
+    assert not [r for r in rows if r["provider"] == "torch" and r["fallback"]]
