@@ -100,3 +100,16 @@ def use_triton(*tensors) -> bool:
 def backend_for(*tensors) -> str:
     """Name of the path `use_triton` picks for these tensors: "triton" or "reference"."""
     return "triton" if use_triton(*tensors) else "reference"
+
+
+# Stand-in until the lead's fasttx/_backend.py lands (same contract; take main's on merge).
+_warned_fallbacks: set = set()
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """One warning per (op, reason): the Triton path does not cover a call and torch's op runs."""
+    import warnings
+
+    if (op, reason) not in _warned_fallbacks:
+        _warned_fallbacks.add((op, reason))
+        warnings.warn(f"fasttx {op}: {reason}; running torch's implementation instead", stacklevel=3)

@@ -140,16 +140,19 @@ def scaled_dot_product_attention(
     is_causal: top-left aligned causal mask. Fully masked rows give zeros.
     """
     if (_backend._backend == "triton" or query.is_cuda) and use_triton(query, key, value, attn_mask):
-        from .ops import attention as ops
+        from .ops import attention as op
 
         if torch.is_autocast_enabled(query.device.type):
             low = torch.get_autocast_dtype(query.device.type)
             query, key, value = _lower(query, low), _lower(key, low), _lower(value, low)
             if attn_mask is not None and attn_mask.dtype != torch.bool:
                 attn_mask = _lower(attn_mask, low)
-        return ops.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
-        )
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        reason = op.unsupported(*args)
+        if reason is None:
+            op.check(*args)
+            return op.scaled_dot_product_attention(*args)
+        _backend.warn_fallback("scaled_dot_product_attention", reason)
     # Positional where torch allows it: its argument parser is measurably slower per keyword.
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
