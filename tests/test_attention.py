@@ -17,7 +17,7 @@ import fasttx
 import fasttx.functional as FF
 from fasttx import reference as R
 
-from utils import ATOL_FLOOR, assert_2x_rule, noncontig
+from utils import ATOL_FLOOR, assert_2x_rule, noncontig, run_probe
 
 fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -731,3 +731,20 @@ def test_negative_or_nan_dropout_rejected(device, p):
     q, k, v = _qkv(1, 1, 1, 3, 4, 8, fp32, device)
     with _triton_only(), pytest.raises(RuntimeError, match="dropout probability has to be between 0 and 1"):
         FF.scaled_dot_product_attention(q, k, v, dropout_p=p)
+
+
+def test_autotune_knob_fixes_one_config(device, monkeypatch):
+    # FASTTX_AUTOTUNE=0 (read at import) keeps only the first config the pruning keeps, per shape
+    # class; the GPU tables themselves are used here (under the interpreter the table has one).
+    K = _kernels()
+    q = torch.empty(1, 1, 1, 64, dtype=fp16)
+    args = dict(Q=q, Mask=q, BLOCK_D=64, L_BUCKET=1024, HAS_MASK=False)
+    fwd, bwd = K._configs(K._FWD_GPU), K._configs(K._BWD_GPU)
+    monkeypatch.setattr(K, "AUTOTUNE", True)
+    assert len(K._prune(fwd, args)) > 1 and len(K._prune_bwd(bwd, args)) > 1
+    monkeypatch.setattr(K, "AUTOTUNE", False)
+    one, one_bwd = K._prune(fwd, args), K._prune_bwd(bwd, args)
+    assert len(one) == 1 and len(one_bwd) == 1 and one[0].kwargs["BLOCK_M"] == 128
+    assert K._prune(fwd, dict(args, L_BUCKET=8))[0].kwargs["BLOCK_M"] == 16  # the decode-like class
+    monkeypatch.setenv("FASTTX_AUTOTUNE", "0")
+    run_probe("import fasttx.kernels.attention as K; assert K.AUTOTUNE is False; print('ok')", timeout=120)
