@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRETING, num_sms
 from ._math import dropout_keep
 
 # ------------------------------------------------------------------------------------------------
@@ -55,11 +56,10 @@ _SPLIT_ALIGN_GPU = 128
 # keeps) instead of benchmarking every config; bounds compile time, e.g. for `make gpu-check`.
 AUTOTUNE = os.environ.get("FASTTX_AUTOTUNE", "1").strip() not in ("0", "false", "False", "")
 
-# Interpreter-only overrides, all of them (TRITON_INTERPRET=1 read once, as triton itself does):
+# Interpreter-only overrides, all of them (INTERPRETING: TRITON_INTERPRET=1, read once at import):
 #   one config (autotune with several fails there; 32 keeps several blocks per test shape, so the
 #   loops and diagonals are exercised), a split alignment to match, and 16-bit tl.dot operands
 #   upcast to fp32 (the interpreter's bf16 dot returns garbage; its fp32 dot is exact).
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 if INTERPRETING:
     _FWD_TABLE = _BWD_TABLE = [(32, 32, 4, 1)]
     _SPLIT_ALIGN = 32
@@ -598,7 +598,7 @@ def _strides(name, t, dims="bhm"):
     return {f"stride_{name}{d}": t.stride(i) for i, d in enumerate(dims)}
 
 
-def _common(q, k, v, mask, dropout_p):
+def _launch_args(q, k, v, mask, dropout_p):
     """Checks (asserts: the op wrapper has checked with torch's rules) and the keyword arguments
     shared by the forward and both backward kernels: strides, sizes, constexpr flags."""
     assert q.dim() == k.dim() == v.dim() == 4, "attention launchers take q (B, H, L, E), k and v (B, Hkv, S, E)"
@@ -637,12 +637,6 @@ def _buckets(L, S):
     return triton.next_power_of_2(max(L, 1)), triton.next_power_of_2(max(S, 1))
 
 
-def _n_sms(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
-
 def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0.0, seed=0,
                       decode=None, split_size=None, return_mask=False, return_fp32_out=False):
     """Fused attention forward.
@@ -664,7 +658,7 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
                                 seed=seed, decode=decode, split_size=split_size, return_fp32_out=return_fp32_out)
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return (*res, dropout_mask(shape, seed, dropout_p, q.device))
-    (B, H, Hkv, L, S, E), args = _common(q, k, v, mask, dropout_p)
+    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p)
     out = torch.empty((B, H, L, E), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     out32 = torch.empty((B, H, L, E) if return_fp32_out else (0,), dtype=torch.float32, device=q.device)
@@ -683,7 +677,7 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
         return res
     if split_size is None:
         # Enough splits for ~2 programs per SM; each at least 256 keys so the combine stays cheap.
-        want = max(1, (2 * _n_sms(q.device)) // (B * H * triton.cdiv(L, 16)))
+        want = max(1, (2 * num_sms(q.device)) // (B * H * triton.cdiv(L, 16)))
         split_size = max(256, triton.cdiv(triton.cdiv(S, want), _SPLIT_ALIGN) * _SPLIT_ALIGN)
     assert split_size > 0 and split_size % _SPLIT_ALIGN == 0, \
         f"split_size must be a positive multiple of {_SPLIT_ALIGN}, got {split_size}"
@@ -705,7 +699,7 @@ def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, d
     delta = rowsum(dO * O) is accurate (the 16-bit one works, less accurately on sharp attention).
     Returns (dq (B, H, L, E), dk, dv (B, Hkv, S, E)), contiguous, input dtype.
     Reads its inputs only (nothing saved is overwritten); deterministic (no atomics)."""
-    (B, H, Hkv, L, S, E), args = _common(q, k, v, mask, dropout_p)
+    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p)
     if do.stride(-1) != 1:
         do = do.contiguous()
     out = out.contiguous()

@@ -1,6 +1,6 @@
 """fasttx.functional.scaled_dot_product_attention against an fp64 oracle and torch itself.
 
-The flash-attention rule (../shared/TESTING.md): with ref = fasttx.reference in fp64 and pt =
+The flash-attention rule (tests/README.md): with ref = fasttx.reference in fp64 and pt =
 torch's own F.scaled_dot_product_attention in the same low dtype,
     max|ours - ref| <= 2 max|pt - ref| + atol  (output),  3x for dq, dk, dv.
 Shapes are small on CPU (the kernels run in the Triton interpreter); (1023, 1024), head dim 256 and
@@ -486,7 +486,7 @@ def test_torch_compile_dropout(backend, device):
 # Fallbacks and errors
 # ------------------------------------------------------------------------------------------------
 def _forget_fallback_warnings():
-    fasttx._backend._warned_fallbacks.clear()
+    fasttx._backend._warned.clear()
 
 
 def test_value_head_dim_differs_falls_back_once(device):

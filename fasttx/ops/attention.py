@@ -16,13 +16,14 @@ the L x S gradient it would need).
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fasttx.kernels import attention as K
+
+from fasttx import _checks
 
 from ._common import draw_philox_seed
 
@@ -113,10 +114,6 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
     return None
 
 
-def _is_real(x) -> bool:
-    return isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)) or (isinstance(x, Tensor) and x.numel() == 1)
-
-
 def _broadcast(name: str, *shapes) -> torch.Size:
     try:
         return torch.broadcast_shapes(*shapes)
@@ -133,13 +130,11 @@ def check(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
             raise TypeError(f"{_NAME}(): argument '{name}' must be Tensor, not {type(t).__name__}")
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise TypeError(f"{_NAME}(): argument 'attn_mask' must be Tensor, not {type(attn_mask).__name__}")
-    if not _is_real(dropout_p) or isinstance(dropout_p, Tensor):
-        raise TypeError(f"{_NAME}(): argument 'dropout_p' must be float, not {type(dropout_p).__name__}")
-    for name, flag in (("is_causal", is_causal), ("enable_gqa", enable_gqa)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"{_NAME}(): argument '{name}' must be bool, not {type(flag).__name__}")
-    if scale is not None and not _is_real(scale):
-        raise TypeError(f"{_NAME}(): argument 'scale' must be float, not {type(scale).__name__}")
+    dropout_p = _checks.check_float(_NAME, "dropout_p", None, dropout_p)
+    _checks.check_bool(_NAME, "is_causal", None, is_causal)
+    _checks.check_bool(_NAME, "enable_gqa", None, enable_gqa)
+    if scale is not None:
+        _checks.check_float(_NAME, "scale", None, scale)
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
         raise RuntimeError(f"{_NAME}: expected query, key and value to be at least 2 dimensional, got "
                            f"query.dim()={query.dim()}, key.dim()={key.dim()}, value.dim()={value.dim()}")
@@ -153,8 +148,8 @@ def check(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, sca
         raise RuntimeError(f"{_NAME}: query must be floating point, got {query.dtype}")
     # torch raises RuntimeError above 1 and (for its fused CPU kernel, with another message) below 0;
     # NaN is rejected too (torch's math path would turn every output into NaN or zeros).
-    if not 0.0 <= float(dropout_p) <= 1.0:
-        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {float(dropout_p)}")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     if query.size(-1) != key.size(-1):
         raise RuntimeError(f"{_NAME}: query and key must have the same head dim E, got "
                            f"{query.size(-1)} and {key.size(-1)}")
