@@ -152,13 +152,14 @@ def _scores(
     qi, kj,                              # query / key index of each element, broadcastable to qk
     L, k_end,                            # queries < L and keys < k_end exist
     mask_base, stride_mm, stride_mn,     # the (L, S) mask of this (batch, head)
-    scale,
+    scale, causal_off,                   # causal: query i sees keys j <= i + causal_off
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
 ):
     """scale * q.k + bias with -inf wherever query qi may not see key kj. The tile may be in either
     orientation: (queries, keys) with qi = offs_m[:, None], kj = offs_n[None, :], or transposed
     (keys, queries, as the dK/dV kernel works) with qi = offs_m[None, :], kj = offs_n[:, None].
-    CAUSAL applies the diagonal (j <= i); callers pass it only for blocks that cross it."""
+    CAUSAL applies the diagonal (j <= i + causal_off: 0 is SDPA's top-left alignment, S - L
+    flash-attn's bottom-right); callers pass it only for blocks that cross it."""
     s = qk * scale
     valid = (qi < L) & (kj < k_end)
     if HAS_MASK:
@@ -168,7 +169,7 @@ def _scores(
         else:
             s = s + bias.to(tl.float32)
     if CAUSAL:
-        valid = valid & (kj <= qi)
+        valid = valid & (kj <= qi + causal_off)
     return tl.where(valid, s, float("-inf"))
 
 
@@ -182,7 +183,7 @@ def _fwd_block_loop(
     lo, hi, k_end,                       # key blocks [lo, hi) (lo a multiple of BLOCK_N); keys < k_end exist
     k_base, v_base, stride_kn, stride_vn,
     mask_base, stride_mm, stride_mn,
-    L, E, scale,
+    L, E, scale, causal_off,
     drop_row, drop_p, drop_scale, seed,  # drop_row: (BLOCK_M,) int64 dropout index of (i, j=0)
     DIAG: tl.constexpr,                  # these blocks cross the causal diagonal
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -203,7 +204,7 @@ def _fwd_block_loop(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
-                    L, k_end, mask_base, stride_mm, stride_mn, scale, HAS_MASK, MASK_BOOL, DIAG)
+                    L, k_end, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -229,6 +230,7 @@ def _attn_fwd(
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, GROUPS, L, S, E,                  # query heads, query heads per kv head, sizes
     scale, drop_p, drop_scale, seed,     # softmax scale; dropout p, 1/(1-p) (0 when p == 1), Philox seed
+    causal_off,                          # IS_CAUSAL: query i sees keys j <= i + causal_off
     split_size, n_splits,                # SPLIT: keys per program (a multiple of BLOCK_N), programs per row
     L_BUCKET, S_BUCKET,                  # autotune key only
     BLOCK_D: tl.constexpr,               # head dim rounded up to a power of two (>= 16)
@@ -254,8 +256,9 @@ def _attn_fwd(
         q = q.to(tl.float32)
 
     # Keys [lo, hi) of this program; [lo, mid) lie wholly at or below the causal diagonal
-    # (n0 + BLOCK_N - 1 <= m0) and need no positional mask, [mid, hi) cross it (none past the
-    # block's last row are visited).
+    # (n0 + BLOCK_N - 1 <= m0 + causal_off) and need no positional mask, [mid, hi) cross it (none
+    # past the block's last row's diagonal are visited). Clamped at 0 first: the integer division
+    # of a negative offset (L > S, bottom-right) would round towards zero.
     lo = 0
     hi = S
     if SPLIT:
@@ -264,8 +267,8 @@ def _attn_fwd(
     k_end = hi
     mid = hi
     if IS_CAUSAL:
-        hi = tl.minimum(hi, m0 + BLOCK_M)
-        mid = tl.maximum(lo, tl.minimum(hi, ((m0 + 1) // BLOCK_N) * BLOCK_N))
+        hi = tl.maximum(lo, tl.minimum(hi, m0 + BLOCK_M + causal_off))
+        mid = tl.maximum(lo, tl.minimum(hi, (tl.maximum(m0 + 1 + causal_off, 0) // BLOCK_N) * BLOCK_N))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -276,7 +279,7 @@ def _attn_fwd(
             k_base=K + b * stride_kb + hk * stride_kh, v_base=V + b * stride_vb + hk * stride_vh,
             stride_kn=stride_kn, stride_vn=stride_vn,
             mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-            L=L, E=E, scale=scale,
+            L=L, E=E, scale=scale, causal_off=causal_off,
             drop_row=((b * H + h) * L + offs_m.to(tl.int64)) * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
             DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N)
@@ -391,7 +394,7 @@ def _dkdv_block_loop(
     q_base, do_base, stride_qm, stride_dom,
     lse_ptr, delta_ptr,                  # this (batch, head)'s rows of lse and delta
     mask_base, stride_mm, stride_mn,
-    L, S, E, scale,
+    L, S, E, scale, causal_off,
     drop_base, drop_p, drop_scale, seed,  # drop_base: int64 dropout index of (b, h, 0, 0)
     DIAG: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -412,7 +415,7 @@ def _dkdv_block_loop(
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
         sT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None],
-                     L, S, mask_base, stride_mm, stride_mn, scale, HAS_MASK, MASK_BOOL, DIAG)  # (BLOCK_N, BLOCK_M)
+                     L, S, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
         pT = tl.exp(sT - lse[None, :])
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dZ^T
         if HAS_DROPOUT:
@@ -439,7 +442,7 @@ def _attn_bwd_dkdv(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     H, HKV, GROUPS, L, S, E,
-    scale, drop_p, drop_scale, seed,
+    scale, drop_p, drop_scale, seed, causal_off,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -462,9 +465,9 @@ def _attn_bwd_dkdv(
     # m0 >= n0 + BLOCK_N - 1 on), [lo, mid) cross the causal diagonal; rows i < n0 see none.
     lo = 0
     mid = 0
-    if IS_CAUSAL:
-        lo = (n0 // BLOCK_M) * BLOCK_M
-        mid = tl.maximum(lo, tl.minimum(L, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M))
+    if IS_CAUSAL:  # row i sees key j when i >= j - causal_off
+        lo = tl.minimum(L, (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M)
+        mid = tl.maximum(lo, tl.minimum(L, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUPS):
@@ -477,7 +480,7 @@ def _attn_bwd_dkdv(
                 stride_qm=stride_qm, stride_dom=stride_dom,
                 lse_ptr=Lse + (b * H + h) * L, delta_ptr=Delta + (b * H + h) * L,
                 mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-                L=L, S=S, E=E, scale=scale,
+                L=L, S=S, E=E, scale=scale, causal_off=causal_off,
                 drop_base=(b * H + h) * L * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
                 DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
                 UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_M=BLOCK_M)
@@ -493,7 +496,7 @@ def _dq_block_loop(
     lo, hi,                              # key blocks [lo, hi), lo a multiple of BLOCK_N
     k_base, v_base, stride_kn, stride_vn,
     mask_base, stride_mm, stride_mn,
-    L, S, E, scale,
+    L, S, E, scale, causal_off,
     drop_row, drop_p, drop_scale, seed,
     DIAG: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -510,7 +513,7 @@ def _dq_block_loop(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
-                    L, S, mask_base, stride_mm, stride_mn, scale, HAS_MASK, MASK_BOOL, DIAG)
+                    L, S, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if HAS_DROPOUT:
@@ -532,7 +535,7 @@ def _attn_bwd_dq(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     H, HKV, GROUPS, L, S, E,
-    scale, drop_p, drop_scale, seed,
+    scale, drop_p, drop_scale, seed, causal_off,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -562,8 +565,8 @@ def _attn_bwd_dq(
     hi = S
     mid = S
     if IS_CAUSAL:
-        hi = tl.minimum(S, m0 + BLOCK_M)
-        mid = tl.minimum(hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.maximum(0, tl.minimum(S, m0 + BLOCK_M + causal_off))
+        mid = tl.minimum(hi, (tl.maximum(m0 + 1 + causal_off, 0) // BLOCK_N) * BLOCK_N)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for diag in tl.static_range(2 if IS_CAUSAL else 1):
         dq = _dq_block_loop(
@@ -572,7 +575,7 @@ def _attn_bwd_dq(
             k_base=K + b * stride_kb + hk * stride_kh, v_base=V + b * stride_vb + hk * stride_vh,
             stride_kn=stride_kn, stride_vn=stride_vn,
             mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-            L=L, S=S, E=E, scale=scale,
+            L=L, S=S, E=E, scale=scale, causal_off=causal_off,
             drop_row=row * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
             DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N)
@@ -638,7 +641,7 @@ def _buckets(L, S):
 
 
 def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0.0, seed=0,
-                      decode=None, split_size=None, return_mask=False, return_fp32_out=False):
+                      decode=None, split_size=None, return_mask=False, return_fp32_out=False, causal_offset=0):
     """Fused attention forward.
 
     q (B, H, L, E), k, v (B, Hkv, S, E) with a contiguous last dim, H % Hkv == 0; mask None or
@@ -651,11 +654,14 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
     (default: enough splits to fill the GPU twice over).
     return_fp32_out: also return the output in fp32 (B, H, L, E) before the cast (what
     attention_backward wants as `out` for 16-bit inputs); not with decode.
+    causal_offset: with is_causal, query i sees keys j <= i + causal_offset (0: SDPA's top-left
+    alignment; S - L: flash-attn's bottom-right). Rows that see no key give 0 and lse -inf.
     return_mask: test hook, also return the dropout keep-mask (B, H, L, S) bool that was applied.
     """
     if return_mask:
         res = attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                                seed=seed, decode=decode, split_size=split_size, return_fp32_out=return_fp32_out)
+                                seed=seed, decode=decode, split_size=split_size, return_fp32_out=return_fp32_out,
+                                causal_offset=causal_offset)
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return (*res, dropout_mask(shape, seed, dropout_p, q.device))
     (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p)
@@ -669,7 +675,7 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
         decode = L <= _DECODE_MAX_L and S >= _DECODE_MIN_S and dropout_p == 0.0 and not return_fp32_out
     assert not (decode and dropout_p > 0.0), "the decode (flash-decoding) path is for inference: dropout_p must be 0"
     assert not (decode and return_fp32_out), "the decode (flash-decoding) path does not write an fp32 output"
-    launch = dict(args, scale=scale, seed=seed, IS_CAUSAL=is_causal, STORE_O32=return_fp32_out)
+    launch = dict(args, scale=scale, seed=seed, causal_off=causal_offset, IS_CAUSAL=is_causal, STORE_O32=return_fp32_out)
     if not decode:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, 1)  # noqa: E731
         _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=out32 if return_fp32_out else lse,
@@ -693,7 +699,8 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
     return res
 
 
-def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, dropout_p=0.0, seed=0):
+def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, dropout_p=0.0, seed=0,
+                       causal_offset=0):
     """Gradients of attention_forward. do (B, H, L, E) (contiguous last dim), out and lse the
     forward's outputs: for 16-bit inputs pass its fp32 output (return_fp32_out=True), from which
     delta = rowsum(dO * O) is accurate (the 16-bit one works, less accurately on sharp attention).
@@ -715,7 +722,8 @@ def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, d
     _attn_bwd_preprocess[(triton.cdiv(L, pre_m) * B * H,)](
         out, do, delta, do.stride(0), do.stride(1), do.stride(2), H, L, E,
         BLOCK_M=pre_m, BLOCK_D=args["BLOCK_D"])
-    launch = dict(args, **_strides("do", do), HKV=Hkv, scale=scale, seed=seed, IS_CAUSAL=is_causal)
+    launch = dict(args, **_strides("do", do), HKV=Hkv, scale=scale, seed=seed, causal_off=causal_offset,
+                  IS_CAUSAL=is_causal)
     if dk.numel():
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DK=dk, DV=dv, **launch)
@@ -747,7 +755,7 @@ def compile_variants(quick: bool):
     for dt in dtypes:
         for e in head_dims:
             q, k, v = r(1, 4, 128, e, dtype=dt), r(1, 2, 192, e, dtype=dt), r(1, 2, 192, e, dtype=dt)
-            variants = [dict(), dict(is_causal=True)]
+            variants = [dict(), dict(is_causal=True), dict(is_causal=True, causal_offset=64)]
             if not quick or e == 64:
                 variants += [
                     dict(mask=torch.rand(1, 1, 128, 192).expand(1, 4, 128, 192) > 0.5),

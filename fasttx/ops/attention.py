@@ -36,21 +36,22 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @torch.library.custom_op("fasttx::sdpa_fwd", mutates_args=())
 def _sdpa_fwd(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
-    fp32_out: bool,
+    fp32_out: bool, causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """q (B, Hq, L, E), k/v (B, Hkv, S, E), mask (B, Hq, L, S) or None ->
     (out (B, Hq, L, E), lse fp32 (B, Hq, L), seed int64 () on the CPU, out32): out32 is the fp32
     output (B, Hq, L, E) when fp32_out (16-bit inputs that will be differentiated: the backward's
-    delta comes from it), else an empty fp32 tensor."""
+    delta comes from it), else an empty fp32 tensor. causal_offset: query i sees keys
+    j <= i + causal_offset when is_causal (0 for SDPA, S - L for fasttx.flash)."""
     seed = draw_philox_seed() if dropout_p > 0.0 else 0  # drawn here: torch.compile traces no .item()
     res = K.attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
-                              return_fp32_out=fp32_out)
+                              return_fp32_out=fp32_out, causal_offset=causal_offset)
     out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
     return res[0], res[1], torch.tensor(seed, dtype=torch.int64), out32
 
 
 @_sdpa_fwd.register_fake
-def _(q, k, v, mask, dropout_p, is_causal, scale, fp32_out):
+def _(q, k, v, mask, dropout_p, is_causal, scale, fp32_out, causal_offset=0):
     B, H, L, E = q.shape
     return (q.new_empty((B, H, L, E)), q.new_empty((B, H, L), dtype=torch.float32),
             torch.empty((), dtype=torch.int64, device="cpu"),
@@ -60,30 +61,30 @@ def _(q, k, v, mask, dropout_p, is_causal, scale, fp32_out):
 @torch.library.custom_op("fasttx::sdpa_bwd", mutates_args=())
 def _sdpa_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
-    seed: Tensor, dropout_p: float, is_causal: bool, scale: float,
+    seed: Tensor, dropout_p: float, is_causal: bool, scale: float, causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq like q, dk and dv like k) from the forward's output (fp32 for 16-bit inputs),
     lse and dropout seed."""
     return K.attention_backward(dout, q, k, v, mask, out, lse, scale=scale, is_causal=is_causal,
-                                dropout_p=dropout_p, seed=int(seed.item()))
+                                dropout_p=dropout_p, seed=int(seed.item()), causal_offset=causal_offset)
 
 
 @_sdpa_bwd.register_fake
-def _(dout, q, k, v, mask, out, lse, seed, dropout_p, is_causal, scale):
+def _(dout, q, k, v, mask, out, lse, seed, dropout_p, is_causal, scale, causal_offset=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, is_causal, scale, fp32_out = inputs
+    q, k, v, mask, dropout_p, is_causal, scale, fp32_out, causal_offset = inputs
     out, lse, seed, out32 = output
     ctx.save_for_backward(q, k, v, mask, out32 if fp32_out else out, lse, seed)
-    ctx.opts = (dropout_p, is_causal, scale)
+    ctx.opts = (dropout_p, is_causal, scale, causal_offset)
 
 
 def _backward(ctx, dout, _dlse, _dseed, _dout32):
     q, k, v, mask, out, lse, seed = ctx.saved_tensors
     dq, dk, dv = _sdpa_bwd(dout, q, k, v, mask, out, lse, seed, *ctx.opts)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
