@@ -13,6 +13,7 @@ unlike importlib, torch.compile can trace it).
 """
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,6 +33,8 @@ __all__ = [
     "bias_gelu",
     "bias_relu",
     "dropout_add_layer_norm",
+    "rms_norm",
+    "add_rms_norm",
 ]
 
 
@@ -212,3 +215,111 @@ def dropout_add_layer_norm(
     if residual is not None:
         h = residual + h
     return F.layer_norm(h, normalized_shape, weight, bias, eps), h
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+# ----------------------------------------------------------------------------------------------
+_warned_fallbacks = set()
+
+
+def _warn_fallback(op: str, reason: str) -> None:
+    # One warning per (op, reason). (To become fasttx._backend.warn_fallback.)
+    if (op, reason) not in _warned_fallbacks:
+        _warned_fallbacks.add((op, reason))
+        warnings.warn(f"fasttx {op}: {reason}; running torch's implementation instead", stacklevel=3)
+
+
+RMS_NORM_CASTS = ("torch", "llama", "gemma")
+
+
+def rms_norm(
+    input: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """torch.nn.functional.rms_norm. input (*, *normalized_shape) -> same shape and dtype.
+
+    y = x / sqrt(mean(x^2) + eps) * weight over the trailing normalized_shape dims, computed in
+    fp32 (fp64 for fp64) and cast at the end; eps=None is torch.finfo(float32).eps (float64's for
+    float64 input), as torch's own op. Past the kernel's hidden-size limit (65536) torch's op runs,
+    with one warning."""
+    if isinstance(normalized_shape, int):  # as torch.nn.functional.rms_norm does
+        raise TypeError(
+            "rms_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not int"
+        )
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, weight):
+        from .ops import rms_norm as op
+
+        reason = op.unsupported(input, normalized_shape, weight, eps)
+        if reason is None:
+            op.check(input, normalized_shape, weight, eps)
+            if _autocast_to_fp32(input.device.type):
+                input, weight = _fp32(input), _fp32(weight)
+            return op.rms_norm(input, normalized_shape, weight, eps)
+        _warn_fallback("rms_norm", reason)
+    return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _rms_norm_cast(h: Tensor, normalized_shape, weight: Optional[Tensor], eps: Optional[float],
+                   cast: str) -> Tensor:
+    """torch ops for the three casting orders of add_rms_norm (the Triton path's semantics)."""
+    if cast == "torch":
+        return F.rms_norm(h, normalized_shape, weight, eps)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    eps = torch.finfo(acc).eps if eps is None else eps
+    dims = tuple(range(-len(normalized_shape), 0))
+    x = h.to(acc)
+    xhat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    if cast == "llama":  # HF LlamaRMSNorm: weight * hidden.to(input_dtype)
+        xhat = xhat.to(h.dtype)
+        return xhat if weight is None else weight * xhat
+    # gemma: HF GemmaRMSNorm: (x * rsqrt) * (1 + weight.float()), then .type_as(x)
+    return (xhat if weight is None else xhat * (1.0 + weight.to(acc))).to(h.dtype)
+
+
+def add_rms_norm(
+    input: Tensor,
+    residual: Optional[Tensor],
+    normalized_shape: Union[int, Sequence[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    cast: str = "torch",
+) -> Tuple[Tensor, Tensor]:
+    """h = input + residual; returns (rms_norm(h), h): the pre-norm block's fused residual add
+    and norm (vLLM's and Liger's fused add-RMSNorm), in one kernel on the Triton path.
+
+    input, residual (*, *normalized_shape), residual None: h = input. h in the promoted dtype of
+    input and residual, rounded to it before the norm (as the unfused add). `cast` picks the
+    model family's casting order, so a patched model matches its own module in 16-bit too:
+      "torch": F.rms_norm(h): fp32 math, `* weight` in fp32, cast to h's dtype;
+      "llama": normalize in fp32, cast to h's dtype, then `weight *` (HF Llama, Mistral, Qwen):
+               the output takes promote(h, weight)'s dtype;
+      "gemma": `* (1 + weight)` in fp32, then cast to h's dtype (HF Gemma).
+    eps=None: torch.finfo(float32).eps (float64's for float64), as F.rms_norm."""
+    if cast not in RMS_NORM_CASTS:
+        raise ValueError(f"add_rms_norm: cast must be one of {RMS_NORM_CASTS}, got {cast!r}")
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if residual is not None and residual.shape != input.shape:
+        raise RuntimeError(
+            f"add_rms_norm: expected residual of the input's shape {list(input.shape)}, got "
+            f"{list(residual.shape)}"
+        )
+    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, residual, weight):
+        from .ops import rms_norm as op
+
+        reason = op.unsupported(input, normalized_shape, weight, eps, residual, cast)
+        if reason is None:
+            op.check(input, normalized_shape, weight, eps, residual, cast, op="add_rms_norm")
+            if cast == "torch" and _autocast_to_fp32(input.device.type):
+                # as the unfused sequence under CUDA autocast: the add in the inputs' dtypes,
+                # F.rms_norm (autocast's fp32 list) of h in fp32
+                h = input if residual is None else input + residual
+                return op.rms_norm(_fp32(h), normalized_shape, _fp32(weight), eps), h
+            return op.add_rms_norm(input, residual, normalized_shape, weight, eps, cast)
+        _warn_fallback("add_rms_norm", reason)
+    h = input if residual is None else input + residual
+    return _rms_norm_cast(h, tuple(normalized_shape), weight, eps, cast), h

@@ -10,7 +10,7 @@ from torch.nn import *  # noqa: F401,F403  (torch.nn has no __all__: this takes 
 
 from .activation import GELU
 from .dropout import Dropout
-from .normalization import LayerNorm
+from .normalization import LayerNorm, RMSNorm
 from .positional import PositionalEncoding
 from .attention import MultiheadAttention
 from .transformer import (

@@ -35,7 +35,7 @@ from .. import functional as F
 from .activation import GELU
 from .attention import MultiheadAttention
 from .dropout import Dropout
-from .normalization import LayerNorm
+from .normalization import LayerNorm, RMSNorm
 
 __all__ = [
     "Transformer",
@@ -407,6 +407,7 @@ class Transformer(torch.nn.Transformer):
 # torch.nn class -> ours, for `_adopt` (and fasttx.convert).
 _OURS = {
     torch.nn.LayerNorm: LayerNorm,
+    torch.nn.RMSNorm: RMSNorm,
     torch.nn.GELU: GELU,
     torch.nn.Dropout: Dropout,
     torch.nn.MultiheadAttention: MultiheadAttention,
