@@ -35,6 +35,8 @@ __all__ = [
     "dropout_add_layer_norm",
     "rms_norm",
     "add_rms_norm",
+    "swiglu",
+    "geglu",
 ]
 
 
@@ -323,3 +325,64 @@ def add_rms_norm(
         _warn_fallback("add_rms_norm", reason)
     h = input if residual is None else input + residual
     return _rms_norm_cast(h, tuple(normalized_shape), weight, eps, cast), h
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated MLP activations (fasttx's own; the argument rules are checked here, for both backends)
+# ----------------------------------------------------------------------------------------------
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_gated(op: str, gate: Tensor, up: Optional[Tensor]) -> None:
+    for name, t in (("gate", gate), ("up", up)):
+        if t is not None and t.dtype not in _FLOAT:
+            # NotImplementedError, as torch's activations raise for integer tensors
+            raise NotImplementedError(f"fasttx {op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if up is None:
+        if gate.dim() == 0 or gate.shape[-1] % 2:
+            raise RuntimeError(
+                f"fasttx {op}: with up=None, gate is the concatenated (gate|up) tensor and its last "
+                f"dim must be even, got shape {list(gate.shape)}"
+            )
+    elif gate.shape != up.shape:
+        raise RuntimeError(
+            f"fasttx {op}: gate and up must have the same shape, got {list(gate.shape)} and {list(up.shape)}"
+        )
+    elif gate.dtype != up.dtype or gate.device != up.device:
+        raise RuntimeError(
+            f"fasttx {op}: gate and up must have the same dtype and device, got {gate.dtype} on "
+            f"{gate.device} and {up.dtype} on {up.device}"
+        )
+
+
+def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+    """SwiGLU's activation, silu(gate) * up (Llama's MLP: down(silu(gate_proj(x)) * up_proj(x))).
+
+    gate, up (*, N) of one dtype -> (*, N); up=None: gate is the concatenated (*, 2N) tensor
+    (gate|up) on its last dim (one fused gate_up projection), split in the middle. One pass
+    forward and backward on the Triton path, fp32 math, one rounding."""
+    _check_gated("swiglu", gate, up)
+    if (_backend._backend == "triton" or gate.is_cuda) and use_triton(gate, up):
+        from .ops import gated as op
+
+        if op.unsupported(gate, up, "silu") is None:
+            return op.swiglu(gate, up)
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """GeGLU's activation, gelu(gate, approximate) * up; approximate "none" (erf) or "tanh"
+    (Gemma's gelu_pytorch_tanh). Shapes and layouts as swiglu."""
+    if approximate not in ("none", "tanh"):
+        raise RuntimeError(f"approximate argument must be either none or tanh, got {approximate!r}")
+    _check_gated("geglu", gate, up)
+    if (_backend._backend == "triton" or gate.is_cuda) and use_triton(gate, up):
+        from .ops import gated as op
+
+        if op.unsupported(gate, up, approximate) is None:
+            return op.geglu(gate, up, approximate)
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return F.gelu(gate, approximate=approximate) * up

@@ -256,3 +256,27 @@ def add_rms_norm(
     its dtype as an unfused add stores it."""
     h = _up(input, upcast) if residual is None else _up(input, upcast) + _up(residual, upcast)
     return rms_norm(h, normalized_shape, weight, eps, cast, upcast), h
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated MLP activations
+# ----------------------------------------------------------------------------------------------
+def silu(input: torch.Tensor, upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x * sigmoid(x) = x / (1 + exp(-x))."""
+    x = _up(input, upcast)
+    return x / (1.0 + torch.exp(-x))
+
+
+def gated(gate: torch.Tensor, up: Optional[torch.Tensor] = None, activation: str = "silu",
+          upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """act(gate) * up, act "silu", "gelu" (erf) or "gelu_tanh". up None: gate is (gate|up) on its
+    last dim, split in the middle."""
+    g = _up(gate, upcast)
+    if up is None:
+        n = g.shape[-1] // 2
+        g, u = g[..., :n], g[..., n:]
+    else:
+        u = _up(up, upcast)
+    if activation == "silu":
+        return silu(g) * u
+    return gelu(g, "tanh" if activation == "gelu_tanh" else "none") * u
