@@ -37,6 +37,7 @@ __all__ = [
     "add_rms_norm",
     "swiglu",
     "geglu",
+    "apply_rotary_emb",
 ]
 
 
@@ -386,3 +387,107 @@ def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") 
     if up is None:
         gate, up = gate.chunk(2, dim=-1)
     return F.gelu(gate, approximate=approximate) * up
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding (fasttx's own; argument rules checked here, for both backends)
+# ----------------------------------------------------------------------------------------------
+def _rotary_args(q, k, cos, sin, position_ids, seq_dim):
+    """Check apply_rotary_emb's arguments; return (cos, sin, position_ids, seq_dim) normalized:
+    seq_dim -2 or -3; cos/sin (Bc, L, R) without ids, (P, R) with ids (Bp, L)."""
+    for name, t in (("q", q), ("k", k)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise RuntimeError(f"apply_rotary_emb: {name} must be a 4-D tensor (B, H, L, D) or (B, L, H, D), "
+                               f"got {getattr(t, 'shape', type(t).__name__)}")
+        if not t.is_floating_point():
+            raise NotImplementedError(f"apply_rotary_emb: {name} must be floating-point, got {t.dtype}")
+    if seq_dim not in (-2, -3, 2, 1):
+        raise ValueError(f"apply_rotary_emb: seq_dim must be -2 (B, H, L, D) or -3 (B, L, H, D), got {seq_dim}")
+    seq_dim = seq_dim - 4 if seq_dim > 0 else seq_dim
+    B, L, D = q.shape[0], q.shape[seq_dim], q.shape[-1]
+    if (k.shape[0], k.shape[seq_dim], k.shape[-1]) != (B, L, D):
+        raise RuntimeError(f"apply_rotary_emb: q {list(q.shape)} and k {list(k.shape)} must share batch, "
+                           f"sequence and head dims (seq_dim={seq_dim}); only the heads may differ")
+    if k.dtype != q.dtype or k.device != q.device:
+        raise RuntimeError(f"apply_rotary_emb: q and k must share dtype and device, got {q.dtype} on "
+                           f"{q.device} and {k.dtype} on {k.device}")
+    if cos.shape != sin.shape or not cos.is_floating_point() or not sin.is_floating_point():
+        raise RuntimeError(f"apply_rotary_emb: cos and sin must be floating-point of one shape, got "
+                           f"{list(cos.shape)} {cos.dtype} and {list(sin.shape)} {sin.dtype}")
+    if cos.device != q.device or sin.device != q.device:
+        raise RuntimeError(f"apply_rotary_emb: cos and sin must be on q's device {q.device}")
+    R = cos.shape[-1] if cos.dim() else 0
+    if R % 2 or R > D or R == 0 and D > 0:
+        raise RuntimeError(f"apply_rotary_emb: the rotary dim (cos.shape[-1] = {R}) must be even, > 0 "
+                           f"and at most the head dim {D}")
+    if position_ids is None:
+        if cos.dim() == 2:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        if cos.dim() != 3 or cos.shape[1] != L or cos.shape[0] not in (1, B):
+            raise RuntimeError(f"apply_rotary_emb: without position_ids, cos and sin must be (L, R), (1, L, R) "
+                               f"or (B, L, R) with L = {L}, B = {B}; got {list(cos.shape)}")
+    else:
+        if position_ids.dtype not in (torch.int64, torch.int32) or position_ids.device != q.device:
+            raise RuntimeError(f"apply_rotary_emb: position_ids must be an int64/int32 tensor on {q.device}, "
+                               f"got {position_ids.dtype} on {position_ids.device}")
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.dim() != 2 or position_ids.shape[1] != L or position_ids.shape[0] not in (1, B):
+            raise RuntimeError(f"apply_rotary_emb: position_ids must be (L,), (1, L) or (B, L) with L = {L}, "
+                               f"B = {B}; got {list(position_ids.shape)}")
+        if cos.dim() != 2:
+            raise RuntimeError(f"apply_rotary_emb: with position_ids, cos and sin are (P, R) tables indexed "
+                               f"by the ids; got {list(cos.shape)}")
+    return cos, sin, position_ids, seq_dim
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """x (..., D) rotated by cos/sin (..., R) broadcast to it, in fp32, cast back to x's dtype."""
+    R = cos.shape[-1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xr, xp = x[..., :R].to(acc), x[..., R:]
+    if interleaved:  # GPT-J's rotate_every_two
+        rotated = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+    else:  # GPT-NeoX / Llama's rotate_half
+        x1, x2 = xr.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    y = (xr * cos.to(acc) + rotated * sin.to(acc)).to(x.dtype)
+    return torch.cat((y, xp), dim=-1) if R < x.shape[-1] else y
+
+
+def apply_rotary_emb(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    position_ids: Optional[Tensor] = None,
+    interleaved: bool = False,
+    seq_dim: int = -2,
+) -> Tuple[Tensor, Tensor]:
+    """Rotary position embedding of q and k: (x * cos + rotate(x) * sin for the first R dims,
+    the rest unchanged), both in one kernel launch on the Triton path, forward and backward.
+
+    q (B, Hq, L, D) and k (B, Hk, L, D) with seq_dim=-2 (default), or (B, L, H, D) with
+    seq_dim=-3; any strides (views into a fused qkv projection run without a copy); Hk may differ
+    from Hq (GQA). cos, sin: the model's own tables, so every rope scaling (linear, dynamic,
+    llama3, yarn) is honoured: (L, R), (1, L, R) or (B, L, R) — HF's cos/sin as its rotary
+    embedding returns them, the full rotary width R (each frequency twice) — or, with
+    position_ids (L,) / (B, L), (P, R) tables whose rows the ids select. R = cos.shape[-1] is the
+    rotary dim: even, <= D (R < D: partial rotary, as GPT-NeoX and Phi). interleaved=False rotates
+    the halves (x_i, x_{i+R/2}) (GPT-NeoX, Llama: HF's rotate_half); True the pairs (x_2i, x_2i+1)
+    (GPT-J's rotate_every_two, with cos/sin repeat-interleaved). Math in fp32 (fp64 for fp64),
+    outputs in q's/k's dtype; cos and sin take no gradient on the Triton path (tables that
+    require one run torch's ops, with a warning)."""
+    cos, sin, position_ids, seq_dim = _rotary_args(q, k, cos, sin, position_ids, seq_dim)
+    if (_backend._backend == "triton" or q.is_cuda) and use_triton(q, k, cos, sin, position_ids):
+        from .ops import rotary as op
+
+        reason = op.unsupported(q, k, cos, sin, position_ids, interleaved, seq_dim)
+        if reason is None:
+            return op.apply_rotary_emb(q, k, cos, sin, position_ids, interleaved, seq_dim)
+        _warn_fallback("apply_rotary_emb", reason)
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]  # (Bp, L, R)
+    cos, sin = cos.unsqueeze(-3 if seq_dim == -2 else -2), sin.unsqueeze(-3 if seq_dim == -2 else -2)
+    return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)

@@ -280,3 +280,28 @@ def gated(gate: torch.Tensor, up: Optional[torch.Tensor] = None, activation: str
     if activation == "silu":
         return silu(g) * u
     return gelu(g, "tanh" if activation == "gelu_tanh" else "none") * u
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """x * cos + rotate(x) * sin on the first R = cos.shape[-1] dims of x, the rest unchanged;
+    cos, sin broadcast against x[..., :R]. rotate: (x1, x2) -> (-x2, x1) on the halves (HF's
+    rotate_half), or on each pair (x_2i, x_2i+1) when interleaved (GPT-J's rotate_every_two)."""
+    x, cos, sin = _up(x, upcast), _up(cos, upcast), _up(sin, upcast)
+    R = cos.shape[-1]
+    xr = x[..., :R]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).reshape(xr.shape)
+    else:
+        x1, x2 = xr[..., : R // 2], xr[..., R // 2:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((xr * cos + rotated * sin, x[..., R:]), dim=-1)
