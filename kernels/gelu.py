@@ -33,45 +33,40 @@ import triton
 import triton.language as tl
 
 from ._math import gelu, gelu_grad
-from ._rows import MAX_ROW_PROGRAMS, as_rows, elementwise_config
+from ._common import MAX_ROW_PROGRAMS, acc_dtype, as_rows, elementwise_config
 
-# Activation codes (constexpr ACT).
-GELU = 0
-GELU_TANH = 1
-RELU = 2
-SILU = 3
-ACTIVATIONS = {"gelu": GELU, "gelu_tanh": GELU_TANH, "relu": RELU, "silu": SILU}
+# Activation codes (constexpr ACT); constexpr globals so the kernels can compare against them.
+_GELU = tl.constexpr(0)
+_GELU_TANH = tl.constexpr(1)
+_RELU = tl.constexpr(2)
+_SILU = tl.constexpr(3)
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
 # dbias partials: at most this many row strips, so the fp32 partial buffer stays (<= 256, N).
 _MAX_DBIAS_STRIPS = 256
 
 
-def _acc_dtype(dtype):
-    # fp32 math for 16/32-bit inputs; fp64 inputs keep fp64 (torch computes them in fp64).
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 @triton.jit
 def _activate(z, ACT: tl.constexpr):
-    if ACT == 2:
+    if ACT == _RELU:
         # where(z < 0) and not maximum(): NaN stays NaN and -0.0 stays -0.0, as torch.relu.
         return tl.where(z < 0, 0.0, z)
-    elif ACT == 3:
+    elif ACT == _SILU:
         # z * sigmoid(z) as z / (1 + e^-z): e^-z overflows to inf for z << 0, giving -0.0 as torch
         return z / (1.0 + tl.exp(-z))
     else:
-        return gelu(z, ACT == 1)
+        return gelu(z, ACT == _GELU_TANH)
 
 
 @triton.jit
 def _activate_grad(z, ACT: tl.constexpr):
-    if ACT == 2:
+    if ACT == _RELU:
         return tl.where(z <= 0, 0.0, 1.0)
-    elif ACT == 3:
+    elif ACT == _SILU:
         s = 1.0 / (1.0 + tl.exp(-z))
         return s * (1.0 + z * (1.0 - s))
     else:
-        return gelu_grad(z, ACT == 1)
+        return gelu_grad(z, ACT == _GELU_TANH)
 
 
 @triton.jit
@@ -162,23 +157,16 @@ def _bias_act_bwd_kernel(
         tl.store(DB_PARTIAL + pid_m.to(tl.int64) * N + cols, db.to(DB_PARTIAL.dtype.element_ty), mask=col_mask)
 
 
-def _check(x: torch.Tensor, bias, activation: str):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    if bias is not None:
-        if x.dim() == 0 or bias.shape != (x.shape[-1],):
-            raise RuntimeError(
-                f"bias must have shape (input.shape[-1],) = ({x.shape[-1] if x.dim() else '?'},), "
-                f"got {tuple(bias.shape)}"
-            )
-        if bias.device != x.device:
-            raise RuntimeError(f"bias must be on input's device {x.device}, got {bias.device}")
+def _assert_args(x: torch.Tensor, bias, activation: str):
+    # checked with torch's errors at the public entry (fasttx.functional); here only asserted
+    assert activation in ACTIVATIONS, activation
+    assert bias is None or (x.dim() > 0 and bias.shape == (x.shape[-1],)), (x.shape, bias.shape)
 
 
 def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> torch.Tensor:
     """y = act(x + bias): x (*, N), bias (N,) or None -> y (*, N), contiguous, in `out_dtype`
     (default x's dtype). activation: "gelu", "gelu_tanh" or "relu". fp32 math inside."""
-    _check(x, bias, activation)
+    _assert_args(x, bias, activation)
     out_dtype = out_dtype or x.dtype
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if x.numel() == 0:
@@ -187,7 +175,7 @@ def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> 
     y2 = y.view(x2.shape)  # (M, N)
     M, N = x2.shape
     block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
-    acc = _acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
+    acc = acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
     _bias_act_fwd_kernel[grid](
         x2, bias if bias is not None else x2, x2, y2, M, N, x2.stride(0), 0, y2.stride(0),
         rows_per_prog, ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GATED=False,
@@ -199,9 +187,8 @@ def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> 
 def bias_act_backward(dy: torch.Tensor, x: torch.Tensor, bias, activation: str):
     """Gradients of y = act(x + bias): dy, x (*, N), bias (N,) or None -> (dx like x in x's dtype,
     dbias (N,) in bias's dtype or None). x and bias are only read."""
-    _check(x, bias, activation)
-    if dy.shape != x.shape:
-        raise RuntimeError(f"grad_output must have input's shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    _assert_args(x, bias, activation)
+    assert dy.shape == x.shape, (dy.shape, x.shape)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         db = None if bias is None else torch.zeros_like(bias)
@@ -211,7 +198,7 @@ def bias_act_backward(dy: torch.Tensor, x: torch.Tensor, bias, activation: str):
     M, N = x2.shape
     max_rows = _MAX_DBIAS_STRIPS if bias is not None else MAX_ROW_PROGRAMS
     block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows)
-    acc = _acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
+    acc = acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
     acc_torch = torch.float64 if acc == tl.float64 else torch.float32
     partial = torch.empty((grid[1], N) if bias is not None else (1,), dtype=acc_torch, device=x.device)
     _bias_act_bwd_kernel[grid](
@@ -253,7 +240,7 @@ def gated_act_forward(gate: torch.Tensor, up, activation: str) -> torch.Tensor:
     block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
     _bias_act_fwd_kernel[grid](
         g2, g2, u2, y2, M, N, g2.stride(0), u2.stride(0), y2.stride(0), rows_per_prog,
-        ACT=ACTIVATIONS[activation], HAS_BIAS=False, GATED=True, ACC_DTYPE=_acc_dtype(gate.dtype),
+        ACT=ACTIVATIONS[activation], HAS_BIAS=False, GATED=True, ACC_DTYPE=acc_dtype(gate.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return y
@@ -275,7 +262,25 @@ def gated_act_backward(dy: torch.Tensor, gate: torch.Tensor, up, activation: str
     _bias_act_bwd_kernel[grid](
         dy2, g2, g2, u2, dg2, du2, dg2, M, N,
         dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), rows_per_prog,
-        ACT=ACTIVATIONS[activation], HAS_BIAS=False, GATED=True, ACC_DTYPE=_acc_dtype(gate.dtype),
+        ACT=ACTIVATIONS[activation], HAS_BIAS=False, GATED=True, ACC_DTYPE=acc_dtype(gate.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return dgate, dup
+
+
+def compile_variants(quick: bool):
+    """Every launch that selects different code: each activation, with and without bias, per dtype
+    (tools/gpu_compile_check.py compiles them for a GPU target)."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    for dt in dtypes:
+        x = torch.randn(64, 1000, dtype=dt)
+        for act in ACTIVATIONS:
+            for bias in (None, torch.randn(1000, dtype=dt)):
+                bias_act_forward(x, bias, act)
+                bias_act_backward(torch.randn(64, 1000, dtype=dt), x, bias, act)
+        # gated: separate gate/up, and the concatenated (gate|up) layout
+        for act in ("silu", "gelu", "gelu_tanh"):
+            for up in (torch.randn(64, 1000, dtype=dt), None):
+                gate = x if up is not None else torch.randn(64, 2000, dtype=dt)
+                gated_act_forward(gate, up, act)
+                gated_act_backward(torch.randn(64, 1000, dtype=dt), gate, up, act)

@@ -575,3 +575,29 @@ def rms_norm_backward(
     dx, dh, dw, _ = _backward(dy, h, N, weight, None, None, rstd, dh_out, 0.0, 0, store_dh, dx_dtype,
                               rms=True, cast=cast)
     return dx, dh, dw
+
+
+def compile_variants(quick: bool):
+    """One-block and chunked rows, affine on/off, the fused residual+dropout, and RMSNorm (with and
+    without the residual, each casting order), per dtype."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+
+    def r(*shape, dtype):
+        return torch.randn(*shape, dtype=dtype)
+
+    for dt in dtypes:
+        for n in ([1000, 65536] if quick else [7, 1000, 4096, 8192, 16384, 65536]):
+            x, w, b = r(4, n, dtype=dt), r(n, dtype=dt), r(n, dtype=dt)
+            for affine in ((w, b), (None, None)):
+                y, h, mean, rstd = layer_norm_fwd(x, n, *affine, 1e-5)
+                layer_norm_bwd(r(4, n, dtype=dt), x, n, *affine, mean, rstd)
+            y, h, mean, rstd = layer_norm_fwd(x, n, w, b, 1e-5, residual=r(4, n, dtype=dt),
+                                              p=0.1, seed=1, store_h=True)
+            layer_norm_bwd(r(4, n, dtype=dt), h, n, w, b, mean, rstd, dh_out=r(4, n, dtype=dt),
+                           p=0.1, seed=1, store_dh=True)
+            for cast in CASTS:
+                for res in (None, r(4, n, dtype=dt)):
+                    y, h, rstd = rms_norm_forward(x, n, w, 1e-6, residual=res, cast=cast)
+                    rms_norm_backward(r(4, n, dtype=dt), h if h is not None else x, n, w, rstd,
+                                      dh_out=r(4, n, dtype=dt) if res is not None else None,
+                                      cast=cast, store_dh=res is not None)

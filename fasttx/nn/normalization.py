@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import functional as FF
 
 __all__ = ["LayerNorm", "RMSNorm"]
 
@@ -18,7 +18,7 @@ class LayerNorm(torch.nn.LayerNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return FF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -30,4 +30,4 @@ class RMSNorm(torch.nn.RMSNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return FF.rms_norm(input, self.normalized_shape, self.weight, self.eps)

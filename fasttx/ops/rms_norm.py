@@ -39,7 +39,8 @@ def default_eps(dtype: torch.dtype) -> float:
 def unsupported(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residual=None,
                 cast="torch") -> Optional[str]:
     """None when the kernels cover this call, else the reason (the caller runs torch's op)."""
-    N = math.prod(_shape(normalized_shape))
+    shape = _shape(normalized_shape)
+    N = math.prod(shape) if all(isinstance(s, int) for s in shape) else 0  # bad types: check()
     if N > K.MAX_HIDDEN:
         return f"hidden size {N} > {K.MAX_HIDDEN}, the kernel's limit"
     return None
