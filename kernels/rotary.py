@@ -155,3 +155,21 @@ def rotary_forward(q, k, cos, sin, position_ids: Optional[torch.Tensor] = None, 
 def rotary_backward(dq, dk, cos, sin, position_ids: Optional[torch.Tensor] = None, interleaved=False):
     """(dq_in, dk_in): the transposed rotation of the output gradients (shapes as the forward)."""
     return _launch(dq, dk, cos, sin, position_ids, interleaved, backward=True)
+
+
+def compile_variants(quick: bool):
+    """Both layouts, full and partial rotary, with and without position ids, forward and backward,
+    per dtype (tools/gpu_compile_check.py compiles them for a GPU target)."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    for dt in dtypes:
+        for D, R in ((128, 128), (80, 32)) if quick else ((64, 64), (128, 128), (80, 32), (256, 64)):
+            q = torch.randn(2, 8, 16, D, dtype=dt)          # (B, H, L, D)
+            k = torch.randn(2, 16, 2, D, dtype=dt).transpose(1, 2)  # a (B, L, H, D) tensor's view
+            cos, sin = torch.randn(2, 16, R), torch.randn(2, 16, R)
+            for interleaved in (False, True):
+                rotary_forward(q, k, cos, sin, None, interleaved)
+                rotary_backward(q, k, cos, sin, None, interleaved)
+            ids = torch.randint(0, 64, (1, 16))
+            table = torch.randn(64, R)
+            rotary_forward(q, k, table, table, ids, False)
+            rotary_backward(q, k, table, table, ids, False)
