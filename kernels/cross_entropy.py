@@ -282,11 +282,15 @@ def cross_entropy_backward(grad, logits, target, weight, lse, ignore_index=-100,
 # ----------------------------------------------------------------------------------------------
 # Linear cross-entropy: the host loop over row chunks
 # ----------------------------------------------------------------------------------------------
+MIN_CHUNK = 1 << 21  # elements of the smallest (rows, C) chunk: tiny matmuls cost more than they save
+
+
 def chunk_rows(M: int, H: int, C: int) -> int:
-    """Rows per chunk: the (chunk, C) logits buffer about the size of the (M, H) input (at least
-    16 rows, at most M): next_pow2(ceil(M / ceil(C / H)))."""
-    rows = triton.next_power_of_2(max(1, math.ceil(M / max(1, math.ceil(C / max(H, 1))))))
-    return max(1, min(M, max(rows, 16)))
+    """Rows per chunk: the (chunk, C) logits buffer about the size of the (M, H) input
+    (next_pow2(ceil(M / ceil(C / H)))), at least MIN_CHUNK elements, at most M rows."""
+    rows = math.ceil(M / max(1, math.ceil(C / max(H, 1))))
+    rows = max(rows, math.ceil(MIN_CHUNK / max(C, 1)))
+    return max(1, min(M, triton.next_power_of_2(rows)))
 
 
 def _addmm_fp32(acc, a, b):

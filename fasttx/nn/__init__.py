@@ -10,6 +10,7 @@ from torch.nn import *  # noqa: F401,F403  (torch.nn has no __all__: this takes 
 
 from .activation import GELU
 from .dropout import Dropout
+from .loss import CrossEntropyLoss, LinearCrossEntropyLoss
 from .normalization import LayerNorm
 from .positional import PositionalEncoding
 from .attention import MultiheadAttention
