@@ -357,18 +357,20 @@ def linear_cross_entropy_backward(grad, x, w, b, target, weight=None, ignore_ind
 
 
 def compile_variants(quick: bool):
-    """Every variant that selects different code: dtypes, weights, smoothing, probability targets,
-    one-block and looped class dims, forward with and without the in-place gradient, backward."""
-    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    """Every variant that selects different code: dtypes, class weights, smoothing, probability
+    targets, the forward with and without the in-place gradient, the backward; block sizes from
+    short to looped class dims. `quick`: bf16 only, one looped class dim, weights and smoothing
+    together (12 kernels instead of 144)."""
+    dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    options = [(False, 0.0), (True, 0.1)] if quick else [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1)]
     for dt in dtypes:
-        for C in ([1000, 50257] if quick else [7, 1000, 4096, 50257]):
+        for C in ([50257] if quick else [7, 1000, 50257]):
             x = torch.randn(8, C, dtype=dt)
             t = torch.randint(0, C, (8,))
             p = torch.rand(8, C, dtype=dt)
-            w = torch.rand(C, dtype=dt)
-            for weight in (None, w):
-                for eps in (0.0, 0.1):
-                    for target in (t, p):
-                        loss, lse = cross_entropy_forward(x, target, weight, -100, eps)
-                        cross_entropy_forward(x, target, weight, -100, eps, torch.ones(1), x.clone())
-                        cross_entropy_backward(torch.ones(8), x, target, weight, lse, -100, eps)
+            for has_w, eps in options:
+                weight = torch.rand(C) if has_w else None
+                for target in (t, p):
+                    loss, lse = cross_entropy_forward(x, target, weight, -100, eps)
+                    cross_entropy_forward(x, target, weight, -100, eps, torch.ones(1), x.clone())
+                    cross_entropy_backward(torch.ones(8), x, target, weight, lse, -100, eps)
