@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import as_rows
+from ._common import acc_dtype, as_rows
 
 MAX_BLOCK_C = 4096  # class-dim chunk of the row kernel
 
@@ -199,10 +199,6 @@ def _cross_entropy_bwd_kernel(
                wsum, HAS_WEIGHT, PROB_TARGET, SMOOTH, ACC_DTYPE, BLOCK_C)
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _block_c(C: int):
     block = min(triton.next_power_of_2(max(C, 1)), MAX_BLOCK_C)
     return block, (8 if block >= 2048 else 4)
@@ -249,7 +245,7 @@ def cross_entropy_forward(logits, target, weight=None, ignore_index=-100, label_
         loss, lse, g, stride_g, dlogits, dlogits.stride(0) if write else 0,
         C, ignore_index, float(label_smoothing), wsum,
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob, SMOOTH=smooth, WRITE_GRAD=write,
-        ACC_DTYPE=_acc(x.dtype), BLOCK_C=block_c, num_warps=num_warps,
+        ACC_DTYPE=acc_dtype(x.dtype), BLOCK_C=block_c, num_warps=num_warps,
     )
     return loss, lse
 
@@ -274,7 +270,7 @@ def cross_entropy_backward(grad, logits, target, weight, lse, ignore_index=-100,
         x, x.stride(0), t, t.stride(0) if prob else 1, weight if weight is not None else x,
         lse, g, stride_g, dx, dx.stride(0), C, ignore_index, float(label_smoothing), wsum,
         HAS_WEIGHT=weight is not None, PROB_TARGET=prob, SMOOTH=smooth,
-        ACC_DTYPE=_acc(x.dtype), BLOCK_C=block_c, num_warps=num_warps,
+        ACC_DTYPE=acc_dtype(x.dtype), BLOCK_C=block_c, num_warps=num_warps,
     )
     return dx
 
