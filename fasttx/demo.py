@@ -430,8 +430,9 @@ def _run(args, parser, text: str) -> int:
 
     if args.compare:
         torch.manual_seed(args.seed)
-        reference = GPT(config, impl="torch").to(device)
-        stats_t = train(reference, args, train_data, val_batches, device, autocast, "torch.nn")
+        twin = GPT(config).to(device)  # the same model, on fasttx's torch path (torch's own ops)
+        with fasttx.use_backend("reference"):
+            stats_t = train(twin, args, train_data, val_batches, device, autocast, "torch.nn")
         print(f"tokens/s: fasttx {stats['tokens_per_s']:,.0f} vs torch.nn {stats_t['tokens_per_s']:,.0f} "
               f"(x{stats['tokens_per_s'] / stats_t['tokens_per_s']:.2f}); best val loss fasttx "
               f"{stats['best_val']:.3f} vs torch.nn {stats_t['best_val']:.3f}")

@@ -2,7 +2,8 @@
 fasttx's layers, with KV-cache generation.
 
     config = GPTConfig.preset("gpt2")                 # or GPTConfig(n_layer=4, n_embd=128, ...)
-    model = GPT(config)                               # impl="torch": same model from torch.nn only
+    model = GPT(config)                               # its torch-built twin: the same model under
+                                                      # fasttx.use_backend("reference")
     logits, loss = model(idx, targets)                # idx, targets (B, T) int64
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=50)
 
@@ -12,10 +13,17 @@ Layout (pre-LN, as GPT-2):
     for each block:  h = h + drop(attn(ln_1(h)));  h = h + drop(mlp(ln_2(h)))
     logits = lm_head(ln_f(h))                         # lm_head.weight is wte.weight (tied)
 
-The residual stream runs through `dropout_add_layer_norm`, which returns both LN(h + drop(y)) and
-h + drop(y) in one kernel: every "add the sub-layer output, then normalise for the next sub-layer"
-step, including the one that crosses from block i to block i+1 (ln_1 of the next block) and the last
-one (ln_f), is a single fused op. Parameter names follow nanoGPT's (transformer.h.0.attn.c_attn...).
+A residual stream: the stream is carried between blocks as a pair (h, y) that stands for
+h + drop(y), y being the last sub-layer's output not yet added. Each block applies its own norms:
+its first step is `ln_1(h + drop(y))` and the new h, from `FF.dropout_add_layer_norm` (one fused
+kernel on the Triton path); after attention the same for ln_2; it hands on (h, mlp output). The
+embeddings enter as (None, wte + wpe) and ln_f closes the stream the same way, so every
+"add, drop, normalise" is one op (2 * n_layer + 1 per forward). Parameter names follow nanoGPT's
+(transformer.h.0.attn.c_attn...).
+
+The model has one implementation; the path its ops take (Triton kernels on CUDA, torch's own ops
+elsewhere) is chosen by `fasttx.use_backend`: its torch-built twin is the same model under
+`use_backend("reference")`.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ from dataclasses import dataclass, fields
 from typing import List, Optional, Tuple
 
 import torch
-import torch.nn.functional as TF
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as FF
@@ -41,7 +49,6 @@ _PRESETS = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 _POS_ENCODINGS = ("learned", "sinusoidal")
-_IMPLS = ("fasttx", "torch")
 
 
 @dataclass
@@ -84,52 +91,6 @@ class GPTConfig:
         return cls(**{"vocab_size": 50257, "block_size": 1024, "bias": True, **_PRESETS[name], **overrides})
 
 
-# ----------------------------------------------------------------------------------------------
-# The two op sets. impl="fasttx" goes through fasttx.functional (Triton kernels on CUDA, torch's
-# native ops elsewhere); impl="torch" is the same math written with torch.nn.functional only, for
-# `--compare` and the benchmarks. Both are stateless namespaces over the same parameters.
-# ----------------------------------------------------------------------------------------------
-class _TorchOps:
-    layer_norm = staticmethod(TF.layer_norm)
-    dropout = staticmethod(TF.dropout)
-    scaled_dot_product_attention = staticmethod(TF.scaled_dot_product_attention)
-
-    @staticmethod
-    def bias_gelu(x, bias, approximate):
-        return TF.gelu(x + bias, approximate=approximate)
-
-    @staticmethod
-    def gelu(x, approximate):
-        return TF.gelu(x, approximate=approximate)
-
-    @staticmethod
-    def dropout_add_layer_norm(x, residual, normalized_shape, weight, bias, eps, p, training):
-        h = TF.dropout(x, p, training)
-        if residual is not None:
-            h = residual + h
-        return TF.layer_norm(h, normalized_shape, weight, bias, eps), h
-
-
-class _FasttxOps:
-    layer_norm = staticmethod(FF.layer_norm)
-    dropout = staticmethod(FF.dropout)
-    scaled_dot_product_attention = staticmethod(FF.scaled_dot_product_attention)
-    bias_gelu = staticmethod(FF.bias_gelu)
-    dropout_add_layer_norm = staticmethod(FF.dropout_add_layer_norm)
-
-    @staticmethod
-    def gelu(x, approximate):
-        return FF.gelu(x, approximate)
-
-
-def _layer_norm_class(impl: str):
-    if impl == "torch":
-        return nn.LayerNorm
-    from ..nn import LayerNorm  # fasttx.nn.LayerNorm: torch's parameters and state_dict keys
-
-    return LayerNorm
-
-
 def _norm_args(norm: nn.Module):
     return norm.normalized_shape, norm.weight, norm.bias, norm.eps
 
@@ -162,13 +123,12 @@ class KVCache:
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention; q, k, v from one (C, 3C) projection."""
 
-    def __init__(self, config: GPTConfig, ops):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         self.n_head = config.n_head
         self.dropout = config.dropout
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self._ops = ops
 
     def forward(self, x: Tensor, cache: Optional[KVCache] = None, layer: int = 0, start: int = 0) -> Tensor:
         """x (B, T, C). Without a cache: causal attention over x. With one: x holds positions
@@ -185,15 +145,15 @@ class CausalSelfAttention(nn.Module):
         p = self.dropout if self.training else 0.0
         if T == 1:
             # Decode: the one new query sees every cached position, itself included; no mask.
-            y = self._ops.scaled_dot_product_attention(q, k, v, dropout_p=p)
+            y = FF.scaled_dot_product_attention(q, k, v, dropout_p=p)
         elif k.shape[2] == T:
-            y = self._ops.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = FF.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             # T > 1 new queries after `start` cached ones: is_causal is top-left aligned, so spell
             # out the bottom-right causal mask (query i sits at position start + i).
             S = k.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
-            y = self._ops.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+            y = FF.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C): heads side by side again
         return self.c_proj(y)
 
@@ -201,46 +161,47 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     """Linear -> gelu(tanh) -> Linear, the bias add of the first fused into the activation."""
 
-    def __init__(self, config: GPTConfig, ops):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self._ops = ops
 
     def forward(self, x: Tensor) -> Tensor:
-        h = TF.linear(x, self.c_fc.weight)  # (B, T, 4C), bias added inside the fused activation
+        h = F.linear(x, self.c_fc.weight)  # (B, T, 4C), bias added inside the fused activation
         if self.c_fc.bias is not None:
             # .to: under autocast h is in the autocast dtype while the bias stays fp32
-            h = self._ops.bias_gelu(h, self.c_fc.bias.to(h.dtype), "tanh")
+            h = FF.bias_gelu(h, self.c_fc.bias.to(h.dtype), "tanh")
         else:
-            h = self._ops.gelu(h, "tanh")
+            h = FF.gelu(h, "tanh")
         return self.c_proj(h)
 
 
 class Block(nn.Module):
-    """One pre-LN transformer block. It owns ln_1 but is handed its input already normalised: the
-    previous step (the embedding or the previous block) computed ln_1(h) in the same fused kernel
-    that produced h. It returns the residual stream and `next_norm(h)`, normalised by the next
-    block's ln_1 or by the final ln_f."""
+    """One pre-LN transformer block on the residual stream (h, y) = h + drop(y) (module docstring):
+    it normalises its own input with ln_1 and its attention's with ln_2, each in the fused op that
+    also adds the pending sub-layer output to h, and returns (h, mlp output)."""
 
-    def __init__(self, config: GPTConfig, ops, layer_norm_class):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = layer_norm_class(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config, ops)
-        self.ln_2 = layer_norm_class(config.n_embd, bias=config.bias)
-        self.mlp = MLP(config, ops)
-        self.dropout = config.dropout
-        self._ops = ops
+        from ..nn import LayerNorm  # torch.nn.LayerNorm's parameters and state_dict keys
 
-    def forward(self, x_norm: Tensor, h: Tensor, next_norm: nn.Module, cache=None, layer=0, start=0):
-        """x_norm = ln_1(h), h the residual stream, both (B, T, C) -> (next_norm(h'), h')."""
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+        self.dropout = config.dropout
+
+    def forward(self, h: Optional[Tensor], y: Tensor, cache: Optional[KVCache] = None, layer: int = 0,
+                start: int = 0) -> Tuple[Tensor, Tensor]:
+        """(h, y), both (B, T, C), the stream h + drop(y); h None: the stream is drop(y) (the
+        embeddings) -> (h', y') for the next block, y' the MLP output (B, T, C)."""
         p, training = self.dropout, self.training
+        x, h = FF.dropout_add_layer_norm(y, h, *_norm_args(self.ln_1), p, training)
         # The sub-layer outputs join the residual stream in its dtype (under autocast they come out
         # of Linear in bf16 while h stays fp32, as torch's own type promotion would keep it).
-        y = self.attn(x_norm, cache, layer, start).to(h.dtype)
-        y_norm, h = self._ops.dropout_add_layer_norm(y, h, *_norm_args(self.ln_2), p, training)
-        y = self.mlp(y_norm).to(h.dtype)
-        return self._ops.dropout_add_layer_norm(y, h, *_norm_args(next_norm), p, training)
+        y = self.attn(x, cache, layer, start).to(h.dtype)
+        x, h = FF.dropout_add_layer_norm(y, h, *_norm_args(self.ln_2), p, training)
+        return h, self.mlp(x).to(h.dtype)
 
 
 class GPT(nn.Module):
@@ -248,39 +209,35 @@ class GPT(nn.Module):
 
     Args:
         config: a GPTConfig.
-        impl: "fasttx" (default) builds it from fasttx's layers and fused ops; "torch" builds the
-            same architecture from torch.nn / torch.nn.functional only, with the same parameter
-            names and state_dict (a state_dict saved from one loads into the other).
+
+    Its ops go through fasttx.functional, so `fasttx.use_backend` picks their path: Triton kernels
+    for CUDA tensors under "auto", torch's own ops under "reference" (the torch-built twin).
 
     forward(idx (B, T) int64, targets (B, T) int64 or None) -> (logits (B, T, vocab_size), loss):
     loss is the mean cross-entropy over targets != -1, or None without targets.
     """
 
-    def __init__(self, config: GPTConfig, impl: str = "fasttx"):
+    def __init__(self, config: GPTConfig):
         super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"GPT: config must be a GPTConfig, got {type(config).__name__}")
-        if impl not in _IMPLS:
-            raise ValueError(f"GPT: impl must be one of {_IMPLS}, got {impl!r}")
+        from ..nn import LayerNorm
+
         self.config = config
-        self.impl = impl
-        ops = _TorchOps if impl == "torch" else _FasttxOps
-        self._ops = ops
-        norm = _layer_norm_class(impl)
         if config.pos_encoding == "learned":
             wpe = nn.Embedding(config.block_size, config.n_embd)
         else:
             from ..nn.positional import PositionalEncoding
 
-            # dropout=0: the embedding dropout is applied once, in the fused op that also
-            # computes the first LayerNorm.
+            # dropout=0: the embedding dropout is applied once, in the fused op of the first
+            # block's ln_1.
             wpe = PositionalEncoding(config.n_embd, dropout=0.0, max_len=config.block_size, batch_first=True)
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),
                 wpe=wpe,
-                h=nn.ModuleList([Block(config, ops, norm) for _ in range(config.n_layer)]),
-                ln_f=norm(config.n_embd, bias=config.bias),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=LayerNorm(config.n_embd, bias=config.bias),
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -344,15 +301,10 @@ class GPT(nn.Module):
             pos = tr.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))  # (T, C)
         else:
             pos = tr.wpe.encoding(T, start).to(tok.dtype)  # (T, C)
-        blocks = tr.h
-        first_norm = blocks[0].ln_1 if len(blocks) else tr.ln_f
-        # h = drop(tok + pos), x = first_norm(h), in one fused op (residual=None).
-        x, h = self._ops.dropout_add_layer_norm(
-            tok + pos, None, *_norm_args(first_norm), self.config.dropout, self.training
-        )
-        for i, block in enumerate(blocks):
-            next_norm = blocks[i + 1].ln_1 if i + 1 < len(blocks) else tr.ln_f
-            x, h = block(x, h, next_norm, cache, i, start)
+        h, y = None, tok + pos  # the residual stream h + drop(y): the embeddings, not yet dropped
+        for i, block in enumerate(tr.h):
+            h, y = block(h, y, cache, i, start)
+        x, _ = FF.dropout_add_layer_norm(y, h, *_norm_args(tr.ln_f), self.config.dropout, self.training)
         return x  # ln_f(h)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -368,7 +320,7 @@ class GPT(nn.Module):
                 )
             # (B*T, vocab) vs (B*T,); -1 marks positions to ignore. Computed in fp32 whatever
             # the logits' dtype, as cross-entropy's logsumexp is a statistic.
-            loss = TF.cross_entropy(
+            loss = F.cross_entropy(
                 logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
             )
         return logits, loss
