@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import fasttx
 from fasttx import demo
 from fasttx.models import GPT, GPTConfig
 
@@ -42,7 +43,9 @@ def test_tiny_run_end_to_end(tmp_path, corpus, capsys):
     assert demo.main(TINY + ["--data", corpus, "--checkpoint", str(ckpt)]) == 0
     assert torch.get_num_threads() == threads  # restored
     out = capsys.readouterr().out
-    assert "device: cpu (fp32); fasttx backend: reference" in out
+    assert "device: cpu (fp32); fasttx backend: torch - torch's own ops" in out
+    # the header says that the run can stop before --steps
+    assert "training: up to 4 steps or 200 s, whichever comes first, of 4 x 16 tokens" in out
     assert "loaded back with weights_only=True" in out
     assert out.count("--- sample (prompt") == len(demo.PROMPTS)
     assert "fasttx step 4: loss" in out  # plain progress lines with loss and tokens/s
@@ -71,8 +74,8 @@ def test_compare(tmp_path, corpus, capsys):
     argv = TINY + ["--data", corpus, "--compare", "--sample-tokens", "0", "--checkpoint", str(tmp_path / "c.pt")]
     assert demo.main(argv) == 0
     out = capsys.readouterr().out
-    assert "[torch.nn] step 0: val loss" in out
-    assert "tokens/s: fasttx" in out and "vs torch.nn" in out
+    assert "[torch] step 0: val loss" in out
+    assert "tokens/s: fasttx" in out and "vs torch" in out
 
 
 def test_early_stopping(tmp_path, corpus, capsys):
@@ -103,13 +106,51 @@ def test_tokenizer_round_trip():
     assert tok.decode(tok.encode("low hello")) == "low hello"
 
 
-def test_help(capsys):
+def test_help(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option
     with pytest.raises(SystemExit) as e:
         demo.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--steps", "--n-layer", "--n-embd", "--device", "--compare", "--data", "--checkpoint"):
+    for flag in ("--steps", "--n-layer", "--n-embd", "--device", "--backend", "--compare", "--data", "--checkpoint"):
         assert flag in out
+    lines = {}  # option -> its help entry on one line (a long option puts its help on the next)
+    for line in out.splitlines():
+        if line.startswith("  --"):
+            key = line.split()[0]
+            lines[key] = line
+        elif line.startswith("      ") and lines:
+            lines[key] += " " + line.strip()
+    for action in demo.build_parser()._actions:
+        if not action.option_strings or action.option_strings[0] == "-h":
+            continue
+        line = lines[action.option_strings[0]]
+        assert action.help, f"{action.option_strings[0]} has no help"
+        if action.default is not None and action.default is not False:
+            # every default shown, once (the --data default used to appear twice)
+            assert line.count("default") == 1, line
+        if action.option_strings[0] != "--data" and action.default not in (None, False):
+            assert f"(default: {action.default})" in line, line
+    assert "(default: the bundled Pride and Prejudice" in lines["--data"]
+    assert "(default: all)" in lines["--top-k"]
+
+
+def test_backend_flag(tmp_path, corpus, capsys, monkeypatch):
+    common = TINY + ["--data", corpus, "--sample-tokens", "0", "--checkpoint", str(tmp_path / "c.pt")]
+    # the Triton kernels (here through the interpreter that tests/conftest.py switches on)
+    assert demo.main(common + ["--backend", "triton", "--steps", "2", "--eval-interval", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fasttx backend: triton - Triton kernels [fasttx.use_backend = 'triton']" in out
+    assert fasttx.get_backend() == "auto"  # restored after the run
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--backend", "jax"])
+    assert e.value.code == 2
+    assert "--backend: invalid choice: 'jax'" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # without a GPU nor the interpreter: a clear refusal
+        monkeypatch.delenv("TRITON_INTERPRET")
+        with pytest.raises(SystemExit):
+            demo.main(common + ["--backend", "triton"])
+        assert "--backend triton: the kernels need a CUDA device" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,message", [

@@ -454,3 +454,22 @@ def test_checkpoint_from_before_the_residual_stream_refactor_loads_and_matches(b
             train_logits, train_loss = m(saved["idx"], saved["targets"])
         torch.testing.assert_close(train_logits, saved["train_logits"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(train_loss, saved["train_loss"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [V, -1, 10 * V])
+def test_token_ids_out_of_range(bad):
+    m = make(tiny())
+    idx = torch.randint(0, V, (2, 5))
+    idx[1, 3] = bad
+    msg = rf"GPT: idx holds token ids out of range for vocab_size {V} \(allowed: 0 \.\. {V - 1}\): {bad}$"
+    with pytest.raises(IndexError, match=msg):
+        m(idx)
+    with pytest.raises(IndexError, match=msg):
+        m.generate(idx, 2)
+    good = torch.randint(0, V, (2, 5))
+    targets = good.clone()
+    targets[0, 0] = -1  # ignored: allowed
+    m(good, targets)
+    targets[0, 1], targets[1, 1] = V + 1, -2
+    with pytest.raises(IndexError, match=rf"targets holds token ids out of range .* -1 \(ignored\)\): -2, {V + 1}$"):
+        m(good, targets)

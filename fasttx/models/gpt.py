@@ -288,6 +288,28 @@ class GPT(nn.Module):
             got = f"{idx.dtype} tensor of shape {tuple(idx.shape)}" if isinstance(idx, Tensor) else type(idx).__name__
             raise ValueError(f"GPT: {what} must be an int64 tensor of shape (B, T), got {got}")
 
+    def _check_range(self, idx: Tensor, targets: Optional[Tensor] = None) -> None:
+        """Token ids in [0, vocab_size) (targets may also be -1, ignored), else an IndexError that
+        names the ids, instead of torch's bare "index out of range in self" (or, on CUDA, a
+        device-side assert that ends the process). One min/max per tensor and one host read; skipped
+        while torch.compile traces and while a CUDA graph is captured (no host reads there)."""
+        if torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return
+        V = self.config.vocab_size
+        checks = [(name, t, low) for name, t, low in (("idx", idx, 0), ("targets", targets, -1))
+                  if t is not None and t.numel() > 0]
+        if not checks:
+            return
+        bounds = torch.stack([torch.stack(torch.aminmax(t)) for _, t, _ in checks]).tolist()  # one sync
+        for (name, t, low), (lo, hi) in zip(checks, bounds):
+            if lo < low or hi >= V:
+                bad = t[(t < low) | (t >= V)].unique()
+                shown = ", ".join(str(i) for i in bad[:8].tolist()) + (", ..." if bad.numel() > 8 else "")
+                allowed = f"0 .. {V - 1}" + (" or -1 (ignored)" if low < 0 else "")
+                raise IndexError(
+                    f"GPT: {name} holds token ids out of range for vocab_size {V} (allowed: {allowed}): {shown}"
+                )
+
     def _forward_hidden(self, idx: Tensor, cache: Optional[KVCache] = None, start: int = 0) -> Tensor:
         """idx (B, T) at positions start .. start+T-1 -> ln_f(h) (B, T, C)."""
         T = idx.shape[1]
@@ -309,15 +331,17 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         self._check_idx(idx)
-        x = self._forward_hidden(idx)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
         if targets is not None:
             self._check_idx(targets, "targets")
             if targets.shape != idx.shape:
                 raise ValueError(
                     f"GPT: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}"
                 )
+        self._check_range(idx, targets)
+        x = self._forward_hidden(idx)
+        logits = self.lm_head(x)  # (B, T, vocab)
+        loss = None
+        if targets is not None:
             # (B*T, vocab) vs (B*T,); -1 marks positions to ignore. Computed in fp32 whatever
             # the logits' dtype, as cross-entropy's logsumexp is a statistic.
             loss = F.cross_entropy(
@@ -352,6 +376,7 @@ class GPT(nn.Module):
             raise ValueError(f"GPT.generate: temperature must be >= 0 (0 = greedy), got {temperature}")
         if top_k is not None and (not isinstance(top_k, int) or top_k <= 0):
             raise ValueError(f"GPT.generate: top_k must be a positive int or None, got {top_k!r}")
+        self._check_range(idx)  # the prompt only: sampled tokens are in range by construction
 
         block = self.config.block_size
         cache: Optional[KVCache] = None
