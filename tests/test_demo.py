@@ -221,3 +221,44 @@ def test_corpus_too_short(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo.main(["--data", str(path), "--block-size", "64"])
     assert "corpus too short" in capsys.readouterr().err
+
+
+# The README's "Train a GPT" snippet (the copy handed to the README): it must run in well under 20 s
+# on one CPU core, print the loss as it falls and end with readable decoded text.
+README_GPT_SNIPPET = '''
+import importlib.resources, torch
+from fasttx.models import GPT, GPTConfig
+
+text = importlib.resources.files("fasttx").joinpath("data/pride_and_prejudice.txt").read_text("utf-8")
+chars = sorted(set(text)); stoi = {c: i for i, c in enumerate(chars)}   # a character-level tokenizer
+data = torch.tensor([stoi[c] for c in text])
+torch.manual_seed(0)
+model = GPT(GPTConfig(vocab_size=len(chars), block_size=64, n_layer=2, n_head=4, n_embd=64))
+opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+for step in range(301):
+    i = torch.randint(0, len(data) - 65, (32,)).tolist()
+    x = torch.stack([data[j:j + 64] for j in i]); y = torch.stack([data[j + 1:j + 65] for j in i])
+    logits, loss = model(x, y)
+    opt.zero_grad(); loss.backward(); opt.step()
+    if step % 50 == 0:
+        print(f"step {step}: loss {loss.item():.2f}")
+prompt = torch.tensor([[stoi[c] for c in "Elizabeth"]])
+out = model.generate(prompt, max_new_tokens=200, temperature=0.8, top_k=10)
+print("".join(chars[t] for t in out[0].tolist()))
+'''
+
+
+def test_readme_gpt_snippet(capsys):
+    import re
+
+    exec(compile(README_GPT_SNIPPET, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    losses = [float(v) for v in re.findall(r"^step \d+: loss (\d+\.\d+)$", out, re.M)]
+    assert len(losses) == 7
+    assert losses[0] == pytest.approx(math.log(80), abs=0.5)  # chance over the corpus' ~80 characters
+    assert losses[-1] < losses[0] - 1.5 and losses[-1] < 2.4, losses  # it learns
+    sample = out.split("loss")[-1].split("\n", 1)[1]
+    assert sample.startswith("Elizabeth") and len(sample) > 150
+    assert all(c.isprintable() or c == "\n" for c in sample)
+    words = re.findall(r"[a-z]+", sample.lower())
+    assert sum(w in ("the", "and", "her", "of", "to", "he", "she", "a") for w in words) >= 3, sample
