@@ -39,30 +39,66 @@ def twin(model, dtype=None):
 
 
 def plain_forward(m, idx):
-    """GPT-2's forward (pre-LN, tied head) written out with torch.nn.functional over m's parameters:
-    no fasttx op and none of the model's plumbing, so a misplaced norm in the model shows here.
-    Dropout is not modelled (use it with dropout 0 or in eval mode)."""
+    """The model's forward written out with torch.nn.functional over m's parameters: GPT-2's
+    (pre-LN, tied head) and each Llama-style option (RMSNorm, rotary by HF's rotate_half, SwiGLU,
+    grouped-query attention by repeating k/v heads, untied head). No fasttx op and none of the
+    model's plumbing, so a misplaced norm or a wrong position in the model shows here. Dropout is
+    not modelled (use it with dropout 0 or in eval mode)."""
     tr, cfg = m.transformer, m.config
     B, T = idx.shape
     C, nh = cfg.n_embd, cfg.n_head
+    nkv, hd = cfg.n_kv_head or nh, C // nh
+
+    def norm(mod, x):
+        if cfg.norm == "rmsnorm":
+            return F.rms_norm(x, (C,), mod.weight, cfg.norm_eps)
+        return F.layer_norm(x, (C,), mod.weight, mod.bias, cfg.norm_eps)
+
+    def rope(x):  # x (B, heads, T, hd); HF Llama's apply_rotary_pos_emb
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        freqs = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
     h = F.embedding(idx, tr.wte.weight)  # (B, T, C)
     if cfg.pos_encoding == "learned":
         h = h + tr.wpe.weight[:T]
-    else:
+    elif cfg.pos_encoding == "sinusoidal":
         h = h + sinusoidal_table(T, C, dtype=h.dtype)
     for blk in tr.h:
-        a = F.layer_norm(h, (C,), blk.ln_1.weight, blk.ln_1.bias, 1e-5)
-        q, k, v = F.linear(a, blk.attn.c_attn.weight, blk.attn.c_attn.bias).split(C, dim=2)
-        q, k, v = (t.reshape(B, T, nh, C // nh).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hd)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(C // nh)
+        a = norm(blk.ln_1, h)
+        q, k, v = F.linear(a, blk.attn.c_attn.weight, blk.attn.c_attn.bias).split([nh * hd, nkv * hd, nkv * hd], 2)
+        q = q.reshape(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k, v = (t.reshape(B, T, nkv, hd).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hd)
+        if cfg.pos_encoding == "rotary":
+            q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
         y = (att @ v).transpose(1, 2).reshape(B, T, C)
         h = h + F.linear(y, blk.attn.c_proj.weight, blk.attn.c_proj.bias)
-        a = F.layer_norm(h, (C,), blk.ln_2.weight, blk.ln_2.bias, 1e-5)
-        a = F.gelu(F.linear(a, blk.mlp.c_fc.weight, blk.mlp.c_fc.bias), approximate="tanh")
+        a = F.linear(norm(blk.ln_2, h), blk.mlp.c_fc.weight, blk.mlp.c_fc.bias)
+        if cfg.mlp == "swiglu":
+            gate, up = a.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        else:
+            a = F.gelu(a, approximate="tanh")
         h = h + F.linear(a, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)
-    h = F.layer_norm(h, (C,), tr.ln_f.weight, tr.ln_f.bias, 1e-5)
-    return F.linear(h, m.lm_head.weight)  # (B, T, vocab)
+    return F.linear(norm(tr.ln_f, h), m.lm_head.weight)  # (B, T, vocab)
+
+
+# Each Llama-style option on its own, and all of them together (with grouped-query attention).
+LLAMA = dict(norm="rmsnorm", pos_encoding="rotary", mlp="swiglu", bias=False, tie_weights=False)
+OPTIONS = {
+    "rmsnorm": dict(norm="rmsnorm"),
+    "rotary": dict(pos_encoding="rotary"),
+    "swiglu": dict(mlp="swiglu"),
+    "gqa": dict(n_head=4, n_kv_head=2),
+    "untied": dict(tie_weights=False),
+    "llama": dict(LLAMA, n_head=4, n_kv_head=1),
+}
 
 
 def plain_loss(logits, targets):
@@ -115,7 +151,17 @@ def test_config_errors():
     with pytest.raises(ValueError, match=r"n_embd \(30\) must be divisible by n_head \(4\)"):
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="pos_encoding must be one of"):
-        GPTConfig(pos_encoding="rotary")
+        GPTConfig(pos_encoding="alibi")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="mlp must be one of"):
+        GPTConfig(mlp="relu")
+    with pytest.raises(ValueError, match=r"n_head \(12\) must be a multiple of n_kv_head \(5\)"):
+        GPTConfig(n_kv_head=5)
+    with pytest.raises(ValueError, match="n_kv_head must be a positive int or None"):
+        GPTConfig(n_kv_head=0)
+    with pytest.raises(ValueError, match="rotary needs an even head size"):
+        GPTConfig(n_embd=36, n_head=4, pos_encoding="rotary")
     with pytest.raises(ValueError, match="dropout must be in"):
         GPTConfig(dropout=1.0)
     with pytest.raises(ValueError, match="n_layer must be a positive int"):
@@ -136,6 +182,27 @@ def test_one_implementation_on_fasttx_layers():
         GPT(tiny(), impl="torch")
     b = twin(m)
     assert list(b.state_dict()) == list(m.state_dict())
+
+
+def test_llama_style_structure():
+    cfg = GPTConfig.llama(vocab_size=V, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    assert {k: getattr(cfg, k) for k in LLAMA} == LLAMA
+    m = make(cfg)
+    C, hd, H = 32, 8, cfg.hidden
+    assert H == 96  # 2/3 of 4C = 85.3, rounded up to a multiple of 32
+    assert isinstance(m.transformer.h[0].ln_1, torch.nn.RMSNorm)
+    assert isinstance(m.transformer.ln_f, fasttx.nn.RMSNorm)
+    assert m.lm_head.weight is not m.transformer.wte.weight  # untied
+    sd = m.state_dict()
+    assert "transformer.wpe.weight" not in sd and not any(k.endswith(".bias") for k in sd)
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == ((4 + 2 * 2) * hd, C)  # q + k + v heads
+    assert sd["transformer.h.0.mlp.c_fc.weight"].shape == (2 * H, C)  # gate | up
+    assert sd["transformer.h.0.mlp.c_proj.weight"].shape == (C, H)
+    # per block: c_attn (8 * hd) * C, c_proj C^2, c_fc 2HC, mlp.c_proj HC, two RMSNorms 2C;
+    # wte and lm_head V * C each, ln_f C
+    expected = 2 * V * C + C + 2 * (8 * hd * C + C * C + 3 * H * C + 2 * C)
+    assert m.num_params() == m.num_params(non_embedding=False) == expected
+    twin(m)  # a strict round trip of the state_dict
 
 
 def test_weight_tying_survives_a_state_dict_round_trip(tmp_path):
@@ -172,11 +239,13 @@ def test_configure_optimizers_decays_matrices_only():
 # Forward and gradients against the fp64 oracle
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pos_encoding,bias", [("learned", True), ("sinusoidal", False)])
-def test_forward_and_gradients(backend, dtype, pos_encoding, bias):
-    """Logits, loss and the gradient of every parameter: fasttx (this backend) vs torch.nn in the
-    same dtype, both against the fp64 torch.nn model, by the 2x rule (TESTING.md)."""
-    cfg = tiny(pos_encoding=pos_encoding, bias=bias, n_embd=24, block_size=12)  # hidden 24: not a power of 2
+@pytest.mark.parametrize("variant", [dict(pos_encoding="learned", bias=True),
+                                     dict(pos_encoding="sinusoidal", bias=False), OPTIONS["llama"]],
+                         ids=["gpt2", "sinusoidal-nobias", "llama"])
+def test_forward_and_gradients(backend, dtype, variant):
+    """Logits, loss and the gradient of every parameter: fasttx (this backend) vs the torch path in
+    the same dtype, both against the fp64 plain forward, by the 2x rule (TESTING.md)."""
+    cfg = tiny(**{**variant, "n_embd": 24, "block_size": 12})  # hidden 24: not a power of 2
     ours = make(cfg, dtype=dtype)
     pt = twin(ours, dtype)
     oracle = twin(ours, torch.float64)
@@ -208,11 +277,12 @@ def test_forward_and_gradients(backend, dtype, pos_encoding, bias):
         check(f"grad {name}", go[name], gp[name], gr[name], 3)
 
 
-@pytest.mark.parametrize("pos_encoding", ["learned", "sinusoidal"])
-def test_torch_path_matches_the_plain_forward(pos_encoding):
+@pytest.mark.parametrize("variant", [dict(pos_encoding="learned"), dict(pos_encoding="sinusoidal"),
+                                     *OPTIONS.values()], ids=["learned", "sinusoidal", *OPTIONS])
+def test_torch_path_matches_the_plain_forward(variant):
     # fp32, torch path: every norm in the right place (ln_1 and ln_2 of each block, ln_f last),
-    # checked against the written-out forward above with perturbed norm parameters.
-    m = make(tiny(pos_encoding=pos_encoding))
+    # each option as written out above, with perturbed norm parameters.
+    m = make(tiny(**variant))
     with torch.no_grad():
         for name, p in m.named_parameters():
             if ".ln_" in name:
@@ -292,16 +362,20 @@ def test_dropout_is_reproducible_and_deterministic(backend):
 # ----------------------------------------------------------------------------------------------
 # Each KV-cache test runs the cache logic on both backends; the positional-encoding variants
 # differ only in the embedding, so the Triton interpreter (slow) runs one of them.
-CACHE_CASES = [(TORCH, "learned"), (TORCH, "sinusoidal"), ("triton", "learned")]
+CACHE_CASES = [(TORCH, dict(pos_encoding="learned")), (TORCH, dict(pos_encoding="sinusoidal")),
+               *[(TORCH, OPTIONS[name]) for name in ("rotary", "gqa", "llama")],
+               ("triton", dict(pos_encoding="learned")), ("triton", OPTIONS["llama"])]
+CACHE_IDS = ["torch-learned", "torch-sinusoidal", "torch-rotary", "torch-gqa", "torch-llama",
+             "triton-learned", "triton-llama"]
 
 
-@pytest.mark.parametrize("backend_name,pos_encoding", CACHE_CASES)
-def test_decode_path_matches_full_forward(backend_name, pos_encoding):
+@pytest.mark.parametrize("backend_name,variant", CACHE_CASES, ids=CACHE_IDS)
+def test_decode_path_matches_full_forward(backend_name, variant):
     """Prefill 5 tokens into the cache, then decode the rest one by one: every position's hidden
     state equals the full causal forward's."""
     from fasttx.models.gpt import KVCache
 
-    m = make(tiny(pos_encoding=pos_encoding, block_size=10)).eval()
+    m = make(tiny(**variant, block_size=10)).eval()
     idx = torch.randint(0, V, (2, 9))
     with fasttx.use_backend(backend_name), torch.no_grad():
         full = m._forward_hidden(idx)  # (B, T, C)
@@ -317,11 +391,11 @@ def test_decode_path_matches_full_forward(backend_name, pos_encoding):
     torch.testing.assert_close(chunk, full[:, 5:], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("backend_name,pos_encoding", CACHE_CASES)
-def test_greedy_generation_with_cache_equals_recomputation(backend_name, pos_encoding):
+@pytest.mark.parametrize("backend_name,variant", CACHE_CASES, ids=CACHE_IDS)
+def test_greedy_generation_with_cache_equals_recomputation(backend_name, variant):
     """Greedy decoding with the KV cache == recomputing the whole sequence every step, also past
     block_size (8) where the window slides: 3 prompt tokens + 8 new ones."""
-    m = make(tiny(pos_encoding=pos_encoding, block_size=8)).eval()
+    m = make(tiny(**variant, block_size=8)).eval()
     idx = torch.randint(0, V, (2, 3))
     with fasttx.use_backend(backend_name):
         cached = m.generate(idx, 8, temperature=0.0, use_cache=True)
