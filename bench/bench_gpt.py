@@ -1,5 +1,5 @@
 """End to end: a GPT-2-small-sized model built from fasttx, on its Triton path against the same model
-on its torch path (`fasttx.use_backend("reference")`: torch's own ops), eager and torch.compile'd.
+on its torch path (`fasttx.use_backend("torch")`: torch's own ops), eager and torch.compile'd.
 
 gpt_train     one training step: forward under autocast (bf16 on CUDA), fp32 cross-entropy,
               backward, AdamW step (fused on CUDA), zero_grad. tokens = B * T per step.
@@ -51,7 +51,7 @@ def _model(case: Case, cfg: Config):
 
 
 # provider -> fasttx backend: "fasttx" the default path (Triton kernels on CUDA), "torch" torch's ops
-_BACKEND = {"fasttx": "auto", "torch": "reference"}
+_BACKEND = {"fasttx": "auto", "torch": "torch"}
 
 
 def _train(impl: str, compile_model: bool):

@@ -89,7 +89,6 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 BACKEND_CHOICES = ("auto", "triton", "torch")
-_BACKEND_NAMES = {"auto": "auto", "triton": "triton", "torch": "reference"}  # --backend -> fasttx.use_backend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -400,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        with fasttx.use_backend(_BACKEND_NAMES[args.backend]):
+        with fasttx.use_backend(args.backend):
             return _run(args, parser, text)
     finally:
         torch.set_num_threads(threads)  # main() may be called from a larger program (or a test)
@@ -479,7 +478,7 @@ def _run(args, parser, text: str) -> int:
     if args.compare:
         torch.manual_seed(args.seed)
         twin = GPT(config).to(device)  # the same model, on fasttx's torch path (torch's own ops)
-        with fasttx.use_backend("reference"):
+        with fasttx.use_backend("torch"):
             stats_t = train(twin, args, train_data, val_batches, device, autocast, "torch")
         print(f"tokens/s: fasttx {stats['tokens_per_s']:,.0f} vs torch {stats_t['tokens_per_s']:,.0f} "
               f"(x{stats['tokens_per_s'] / stats_t['tokens_per_s']:.2f}); best val loss fasttx "

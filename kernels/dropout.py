@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._math import dropout_keep
-from ._rows import as_rows, elementwise_config
+from ._common import acc_dtype, as_rows, elementwise_config
 
 @triton.jit
 def _dropout_kernel(
@@ -51,8 +51,7 @@ def _dropout_kernel(
 
 
 def _apply(x: torch.Tensor, p: float, seed: int, return_mask: bool):
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    assert 0.0 <= p <= 1.0, p  # checked at the public entry (fasttx.functional)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if return_mask else None
     if x.numel() == 0:
@@ -66,7 +65,7 @@ def _apply(x: torch.Tensor, p: float, seed: int, return_mask: bool):
         x2, y2, mask if return_mask else y2, M, N, x2.stride(0), y2.stride(0),
         seed, p, scale, rows_per_prog,
         STORE_MASK=return_mask,
-        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=acc_dtype(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return y, mask
@@ -83,3 +82,12 @@ def dropout_forward(x: torch.Tensor, p: float, seed: int, return_mask: bool = Fa
 def dropout_backward(dy: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """dx = dy * keep / (1 - p) with the forward's mask, regenerated from the same seed."""
     return _apply(dy, p, seed, False)[0]
+
+
+def compile_variants(quick: bool):
+    """The dropout kernel per dtype (forward and backward are one kernel)."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    for dt in dtypes:
+        x = torch.randn(64, 1000, dtype=dt)
+        dropout_forward(x, 0.1, 1)
+        dropout_backward(x, 0.1, 1)

@@ -23,7 +23,7 @@ def tiny(**overrides) -> GPTConfig:
     return GPTConfig(**cfg)
 
 
-TORCH = "reference"  # fasttx's torch path
+TORCH = "torch"  # fasttx's torch path
 
 
 def make(config, seed=0, dtype=torch.float32):

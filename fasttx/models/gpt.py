@@ -3,7 +3,7 @@ fasttx's layers, with KV-cache generation.
 
     config = GPTConfig.preset("gpt2")                 # or GPTConfig(n_layer=4, n_embd=128, ...)
     model = GPT(config)                               # its torch-built twin: the same model under
-                                                      # fasttx.use_backend("reference")
+                                                      # fasttx.use_backend("torch")
     logits, loss = model(idx, targets)                # idx, targets (B, T) int64
     out = model.generate(idx, max_new_tokens=100, temperature=0.8, top_k=50)
     GPTConfig.llama(n_layer=4, n_head=8, n_kv_head=2, n_embd=256, vocab_size=...)   # Llama-style
@@ -30,7 +30,7 @@ n_kv_head), tie_weights=False (lm_head has its own weight), bias=False.
 
 The model has one implementation; the path its ops take (Triton kernels on CUDA, torch's own ops
 elsewhere) is chosen by `fasttx.use_backend`: its torch-built twin is the same model under
-`use_backend("reference")`.
+`use_backend("torch")`.
 """
 from __future__ import annotations
 
@@ -309,7 +309,7 @@ class GPT(nn.Module):
         config: a GPTConfig.
 
     Its ops go through fasttx.functional, so `fasttx.use_backend` picks their path: Triton kernels
-    for CUDA tensors under "auto", torch's own ops under "reference" (the torch-built twin).
+    for CUDA tensors under "auto", torch's own ops under "torch" (the torch-built twin).
 
     forward(idx (B, T) int64, targets (B, T) int64 or None) -> (logits (B, T, vocab_size), loss):
     loss is the mean cross-entropy over targets != -1, or None without targets.

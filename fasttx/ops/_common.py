@@ -17,15 +17,10 @@ def draw_philox_seed() -> int:
         raise RuntimeError(
             "fasttx dropout (p > 0 in training) cannot be captured in a CUDA graph yet: its Philox "
             "seed is drawn on the host, so every replay would reuse one dropout mask. Capture the "
-            "model in eval() mode or with dropout p=0, or use fasttx.use_backend('reference') "
+            "model in eval() mode or with dropout p=0, or use fasttx.use_backend('torch') "
             "for the captured region."
         )
     return int(torch.randint(0, _SEED_HIGH, (1,)).item())
-
-
-def check_dropout_p(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 def keep_layout(fn, input: torch.Tensor) -> torch.Tensor:

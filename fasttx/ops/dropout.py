@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import dropout as _k
-from ._common import check_dropout_p, draw_philox_seed, keep_layout
+from ._common import draw_philox_seed, keep_layout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -62,7 +62,6 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     grad), since it is a `copy_` into input. The output has input's layout as torch's does: a
     permuted-but-dense input runs in its storage order (the mask follows that order), any other
     input in its logical row-major order."""
-    check_dropout_p(p)
     if not training or p == 0.0:
         return input
     if input.dtype not in _FLOAT_DTYPES:
