@@ -112,7 +112,7 @@ def grads(model):
 def run(model, idx, targets, g_logits):
     """logits and the gradients of sum(logits * g_logits) + loss w.r.t. every parameter."""
     model.zero_grad(set_to_none=True)
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     ((logits.float() * g_logits).sum() + loss).backward()
     return logits.detach(), loss.detach(), grads(model)
 
@@ -289,21 +289,44 @@ def test_torch_path_matches_the_plain_forward(variant):
                 p.add_(0.5 * torch.randn_like(p))
     idx = torch.randint(0, V, (3, 16))
     with fasttx.use_backend(TORCH), torch.no_grad():
-        logits, loss = m(idx, idx)
+        logits, loss = m(idx, idx, return_logits=True)
         expected = plain_forward(m, idx)
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, plain_loss(expected, idx), atol=1e-5, rtol=1e-5)
 
 
-def test_loss_matches_cross_entropy():
-    m = make(tiny())
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_training_loss_is_linear_cross_entropy_without_logits(backend, tie_weights):
+    """With targets the loss comes from FF.linear_cross_entropy and no logits are returned; the
+    loss and every gradient equal cross-entropy over the materialised logits (return_logits=True)."""
+    m = make(tiny(tie_weights=tie_weights))
     idx = torch.randint(0, V, (2, 7))
     targets = idx.roll(-1, 1)
     targets[:, -1] = -1
-    logits, loss = m(idx, targets)
-    expected = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-    torch.testing.assert_close(loss, expected)
-    assert m(idx)[1] is None
+    calls = []
+    real = fasttx.functional.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    fasttx.functional.linear_cross_entropy = spy
+    try:
+        logits, loss = m(idx, targets)
+    finally:
+        fasttx.functional.linear_cross_entropy = real
+    assert logits is None and loss.dtype == torch.float32 and calls == [(14, 32)]
+    loss.backward()
+    g_fused = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    logits, expected = m(idx, targets, return_logits=True)
+    assert logits.shape == (2, 7, V)
+    torch.testing.assert_close(expected, F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1))
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(g_fused[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert m(idx)[1] is None and m(idx)[0].shape == (2, 7, V)
 
 
 def test_non_contiguous_idx():
@@ -486,14 +509,14 @@ def test_torch_compile_fullgraph():
     with fasttx.use_backend(TORCH):
         m = make(tiny(dropout=0.0))
         idx = torch.randint(0, V, (2, 10))
-        eager_logits, eager_loss = m(idx, idx)
+        eager_loss = m(idx, idx)[1]
         eager_loss.backward()
         eager_grads = {n: g.clone() for n, g in grads(m).items()}
         m.zero_grad(set_to_none=True)
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-        logits, loss = compiled(idx, idx)
+        loss = compiled(idx, idx)[1]
         loss.backward()
-    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     for name, g in grads(m).items():
         torch.testing.assert_close(g, eager_grads[name], atol=1e-5, rtol=1e-5, msg=name)
 
@@ -516,7 +539,7 @@ def test_checkpoint_from_before_the_residual_stream_refactor_loads_and_matches(b
     m.load_state_dict(saved["state_dict"])  # strict: the same keys
     m.eval()
     with torch.no_grad():
-        logits, loss = m(saved["idx"], saved["targets"])
+        logits, loss = m(saved["idx"], saved["targets"], return_logits=True)
         greedy = m.generate(saved["idx"][:, :3], 8, temperature=0.0)
     torch.testing.assert_close(logits, saved["logits"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, saved["loss"], atol=1e-5, rtol=1e-5)
@@ -525,7 +548,7 @@ def test_checkpoint_from_before_the_residual_stream_refactor_loads_and_matches(b
         m.train()
         torch.manual_seed(saved["train_seed"])
         with torch.no_grad():
-            train_logits, train_loss = m(saved["idx"], saved["targets"])
+            train_logits, train_loss = m(saved["idx"], saved["targets"], return_logits=True)
         torch.testing.assert_close(train_logits, saved["train_logits"], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(train_loss, saved["train_loss"], atol=1e-5, rtol=1e-5)
 

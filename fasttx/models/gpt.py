@@ -311,8 +311,13 @@ class GPT(nn.Module):
     Its ops go through fasttx.functional, so `fasttx.use_backend` picks their path: Triton kernels
     for CUDA tensors under "auto", torch's own ops under "torch" (the torch-built twin).
 
-    forward(idx (B, T) int64, targets (B, T) int64 or None) -> (logits (B, T, vocab_size), loss):
-    loss is the mean cross-entropy over targets != -1, or None without targets.
+    forward(idx (B, T) int64, targets (B, T) int64 or None, *, return_logits=False) -> (logits, loss):
+      - without targets: (logits (B, T, vocab_size), None);
+      - with targets: (None, loss), loss the mean cross-entropy over targets != -1, computed by
+        `FF.linear_cross_entropy` from the final hidden states and lm_head.weight in row chunks,
+        so the (B, T, vocab_size) logits (and their gradient) never exist in memory;
+      - with targets and return_logits=True: (logits, loss), the logits computed once and the
+        loss from them (the memory saving is then gone: ask for logits only when you need them).
     """
 
     def __init__(self, config: GPTConfig):
@@ -427,7 +432,8 @@ class GPT(nn.Module):
         x, _ = _add_norm(tr.ln_f, y, h, self.config.dropout, self.training)
         return x  # ln_f(h)
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *,
+                return_logits: bool = False) -> Tuple[Optional[Tensor], Optional[Tensor]]:
         self._check_idx(idx)
         if targets is not None:
             self._check_idx(targets, "targets")
@@ -436,16 +442,21 @@ class GPT(nn.Module):
                     f"GPT: targets must have idx's shape {tuple(idx.shape)}, got {tuple(targets.shape)}"
                 )
         self._check_range(idx, targets)
-        x = self._forward_hidden(idx)
-        logits = self.lm_head(x)  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            # (B*T, vocab) vs (B*T,); -1 marks positions to ignore. Computed in fp32 whatever
-            # the logits' dtype, as cross-entropy's logsumexp is a statistic.
-            loss = F.cross_entropy(
-                logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1
-            )
-        return logits, loss
+        x = self._forward_hidden(idx)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, vocab)
+        if return_logits:
+            logits = self.lm_head(x)  # (B, T, vocab)
+            # (B*T, vocab) vs (B*T,); -1 marks positions to ignore. In fp32 whatever the logits'
+            # dtype, as cross-entropy's logsumexp is a statistic.
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                   ignore_index=-1)
+            return logits, loss
+        # (B*T, C) hidden states, (vocab, C) head weight, (B*T,) targets: no logits in memory.
+        # The loss is returned in fp32 (the op accumulates in fp32; a 16-bit model rounds it).
+        loss = FF.linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                       ignore_index=-1)
+        return None, loss.float()
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
