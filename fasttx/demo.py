@@ -115,8 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context length in characters")
     model.add_argument("--dropout", type=_fraction(0.0, 1.0), default=0.0, metavar="P",
                        help="embedding, attention and residual dropout")
-    model.add_argument("--pos-encoding", choices=("learned", "sinusoidal"), default="learned",
-                       help="position embedding")
+    model.add_argument("--preset", choices=("gpt2", "llama"), default="gpt2",
+                       help="architecture: gpt2 = LayerNorm, learned positions, GELU MLP, tied head; "
+                       "llama = RMSNorm, rotary, SwiGLU, grouped-query attention, untied head, no biases")
+    model.add_argument("--pos-encoding", choices=("learned", "sinusoidal", "rotary"), default=None,
+                       help="position embedding (default: the preset's, learned or rotary)")
+    model.add_argument("--n-kv-head", type=_positive_int, default=None, metavar="N",
+                       help="key/value heads, dividing --n-head (default: --n-head for gpt2, half of it for llama)")
 
     train = p.add_argument_group("training")
     train.add_argument("--steps", type=_positive_int, default=2000, metavar="N",
@@ -375,6 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head != 0:
         parser.error(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+    if args.n_kv_head is not None and args.n_head % args.n_kv_head != 0:
+        parser.error(f"--n-head ({args.n_head}) must be a multiple of --n-kv-head ({args.n_kv_head})")
     if args.min_lr > args.lr:
         parser.error(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
     if args.warmup >= args.steps:
@@ -430,9 +437,16 @@ def _run(args, parser, text: str) -> int:
         autocast = contextlib.nullcontext
         precision = "fp32"
 
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                       pos_encoding=args.pos_encoding)
+    fields = dict(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                  n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, n_kv_head=args.n_kv_head)
+    if args.pos_encoding is not None:
+        fields["pos_encoding"] = args.pos_encoding
+    if args.preset == "llama":
+        if args.n_kv_head is None and args.n_head % 2 == 0:
+            fields["n_kv_head"] = args.n_head // 2
+        config = GPTConfig.llama(**fields)
+    else:
+        config = GPTConfig(**fields)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
     backend = "triton" if use_triton(model.lm_head.weight) else "torch"
@@ -441,7 +455,8 @@ def _run(args, parser, text: str) -> int:
           f"{len(train_data):,} train / {len(val_data):,} validation)")
     print(f"device: {device} ({precision}); fasttx backend: {backend} - {what} "
           f"[fasttx.use_backend = {fasttx.get_backend()!r}]")
-    print(f"model: GPT {args.n_layer} layers, {args.n_head} heads, n_embd {args.n_embd}, context "
+    print(f"model: GPT ({args.preset}: {config.norm}, {config.pos_encoding} positions, {config.mlp} MLP, "
+          f"{config.kv_heads} kv heads) {args.n_layer} layers, {args.n_head} heads, n_embd {args.n_embd}, context "
           f"{args.block_size}, {model.num_params():,} parameters")
     limit = f" or {args.time_limit:g} s, whichever comes first," if args.time_limit > 0 else ""
     print(f"training: up to {args.steps} steps{limit} of {args.batch_size} x {args.block_size} tokens; "

@@ -60,6 +60,17 @@ def test_tiny_run_end_to_end(tmp_path, corpus, capsys):
     assert not os.path.exists(str(ckpt) + ".tmp")
 
 
+def test_llama_preset(tmp_path, corpus, capsys):
+    ckpt = tmp_path / "llama.pt"
+    argv = TINY + ["--data", corpus, "--preset", "llama", "--sample-tokens", "8", "--checkpoint", str(ckpt)]
+    assert demo.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "model: GPT (llama: rmsnorm, rotary positions, swiglu MLP, 1 kv heads)" in out
+    assert out.count("--- sample (prompt") == len(demo.PROMPTS)
+    model, _, _ = demo.load_checkpoint(str(ckpt), "cpu")  # the checkpoint rebuilds the Llama-style model
+    assert model.config.norm == "rmsnorm" and model.config.n_kv_head == 1 and not model.config.tie_weights
+
+
 def test_tqdm_is_optional(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` raises ImportError
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
@@ -162,6 +173,7 @@ def test_backend_flag(tmp_path, corpus, capsys, monkeypatch):
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
     (["--n-embd", "30", "--n-head", "4"], r"--n-embd \(30\) must be divisible by --n-head \(4\)"),
     (["--lr", "1e-4", "--min-lr", "1e-3"], r"--min-lr \(0.001\) must not exceed --lr"),
+    (["--n-head", "4", "--n-kv-head", "3"], r"--n-head \(4\) must be a multiple of --n-kv-head \(3\)"),
 ])
 def test_bad_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
