@@ -14,8 +14,9 @@ Layout (pre-LN, as GPT-2):
 
 The residual stream runs through `dropout_add_layer_norm`, which returns both LN(h + drop(y)) and
 h + drop(y) in one kernel: every "add the sub-layer output, then normalise for the next sub-layer"
-step, including the one that crosses from block i to block i+1 (ln_1 of the next block) and the last
-one (ln_f), is a single fused op. Parameter names follow nanoGPT's (transformer.h.0.attn.c_attn...).
+step, including the one that crosses from block i to block i+1 (block i+1 opens with it, so that each
+block reads only its own parameters, as FSDP's per-block `fully_shard` needs) and the last one (ln_f),
+is a single fused op. Parameter names follow nanoGPT's (transformer.h.0.attn.c_attn...).
 """
 from __future__ import annotations
 
@@ -218,10 +219,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-LN transformer block. It owns ln_1 but is handed its input already normalised: the
-    previous step (the embedding or the previous block) computed ln_1(h) in the same fused kernel
-    that produced h. It returns the residual stream and `next_norm(h)`, normalised by the next
-    block's ln_1 or by the final ln_f."""
+    """One pre-LN transformer block. It takes the previous step's sub-layer output `y` and the
+    residual stream `h` *not yet added*, and opens with the fused add + dropout + ln_1 of them;
+    it returns its MLP's output and its residual stream, again not yet added, for the next block
+    (or ln_f) to fuse. So every "add the sub-layer output, then normalise" step is one kernel, and
+    each block reads only its own parameters: a block is a self-contained unit for FSDP's
+    `fully_shard`, activation checkpointing and tensor-parallel plans."""
 
     def __init__(self, config: GPTConfig, ops, layer_norm_class):
         super().__init__()
@@ -232,15 +235,16 @@ class Block(nn.Module):
         self.dropout = config.dropout
         self._ops = ops
 
-    def forward(self, x_norm: Tensor, h: Tensor, next_norm: nn.Module, cache=None, layer=0, start=0):
-        """x_norm = ln_1(h), h the residual stream, both (B, T, C) -> (next_norm(h'), h')."""
+    def forward(self, y: Tensor, h: Optional[Tensor], cache=None, layer=0, start=0):
+        """y (B, T, C) the previous sub-layer's output (the embeddings for block 0), h (B, T, C)
+        the residual stream before it (None for block 0) -> (mlp output, residual stream)."""
         p, training = self.dropout, self.training
+        x_norm, h = self._ops.dropout_add_layer_norm(y, h, *_norm_args(self.ln_1), p, training)
         # The sub-layer outputs join the residual stream in its dtype (under autocast they come out
         # of Linear in bf16 while h stays fp32, as torch's own type promotion would keep it).
         y = self.attn(x_norm, cache, layer, start).to(h.dtype)
         y_norm, h = self._ops.dropout_add_layer_norm(y, h, *_norm_args(self.ln_2), p, training)
-        y = self.mlp(y_norm).to(h.dtype)
-        return self._ops.dropout_add_layer_norm(y, h, *_norm_args(next_norm), p, training)
+        return self.mlp(y_norm).to(h.dtype), h
 
 
 class GPT(nn.Module):
@@ -344,15 +348,12 @@ class GPT(nn.Module):
             pos = tr.wpe(torch.arange(start, start + T, dtype=torch.long, device=idx.device))  # (T, C)
         else:
             pos = tr.wpe.encoding(T, start).to(tok.dtype)  # (T, C)
-        blocks = tr.h
-        first_norm = blocks[0].ln_1 if len(blocks) else tr.ln_f
-        # h = drop(tok + pos), x = first_norm(h), in one fused op (residual=None).
-        x, h = self._ops.dropout_add_layer_norm(
-            tok + pos, None, *_norm_args(first_norm), self.config.dropout, self.training
-        )
-        for i, block in enumerate(blocks):
-            next_norm = blocks[i + 1].ln_1 if i + 1 < len(blocks) else tr.ln_f
-            x, h = block(x, h, next_norm, cache, i, start)
+        # h = drop(tok + pos) and ln_1(h) are block 0's first fused op (residual None); each
+        # block hands its MLP output and residual stream on; ln_f closes with the last add.
+        y, h = tok + pos, None
+        for i, block in enumerate(tr.h):
+            y, h = block(y, h, cache, i, start)
+        x, _ = self._ops.dropout_add_layer_norm(y, h, *_norm_args(tr.ln_f), self.config.dropout, self.training)
         return x  # ln_f(h)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:

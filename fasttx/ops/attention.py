@@ -196,3 +196,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         mask = mask.reshape(B, hq, L, S)  # (B, Hq, L, S), stride-0 dims stay stride 0
     out, _, _ = _sdpa_fwd(q, k, v, mask, float(dropout_p), bool(is_causal), scale)
     return out.reshape(*out_lead, L, E)  # (N, ..., Hq, L, E)
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

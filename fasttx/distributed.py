@@ -1,0 +1,230 @@
+"""DTensor sharding rules for fasttx's custom ops (tensor and sequence parallel).
+
+torch.distributed's tensor parallel (`parallelize_module` with ColwiseParallel / RowwiseParallel /
+SequenceParallel) hands ops DTensors. DTensor runs an op on each rank's local shard only if it
+knows which input placements give which output placements: this module tells it, for every
+`torch.ops.fasttx.*` op, through `torch.distributed.tensor.experimental.register_sharding`. DTensor
+then redistributes an input whose placement no rule accepts (e.g. all-gathers a norm's input
+sharded on the normalised dim) and runs the kernel on the local shards. FSDP2 (`fully_shard`)
+and DDP need none of this: they all-gather parameters before the forward, so the ops see plain
+tensors.
+
+The rules, per mesh dimension (every op also accepts all-Replicate):
+    elementwise (gelu, bias_gelu, bias_relu, dropout)   Shard(d) for any d; the bias of a
+                                                        Shard(last) input is Shard(0) (ColwiseParallel)
+    layer_norm, dropout_add_layer_norm, softmax         Shard(d) for d outside the normalised dims;
+                                                        backward: weight/bias grads Partial (summed
+                                                        over ranks when they are read)
+    scaled_dot_product_attention                        Shard on batch (0) or heads (1) of
+                                                        (B, H, L, E): q, k, v (and mask) alike
+    rms_norm, add_rms_norm, rotary, swiglu, geglu,      the same, when those ops are loaded
+    cross_entropy                                       (see _RULES)
+
+Dropout on a sharded DTensor: each rank draws the Philox seed from its own torch generator
+(ranks seeded alike draw the same seed, as a Replicate DTensor needs) and masks its local shard by
+the local element index. So on Replicate inputs the mask is the single-process mask on every
+rank; on Shard inputs it is NOT the slice of the single-process mask: every shard gets the mask
+a tensor of the shard's shape would get, the same pattern on every rank. Each element is still
+kept with probability 1 - p and scaled by 1 / (1 - p), and the backward regenerates the same mask,
+so training is correct; the masks of different shards are just correlated. To decorrelate them,
+seed each tensor-parallel rank differently before the forward (parameters are created before, so
+they stay identical) -- at the price of Replicate dropouts then differing across ranks.
+
+Registration happens when a fasttx op module loads (on a fasttx op's first call) while
+torch.distributed.tensor is loaded, as it is in any program that builds DTensors; neither
+`import fasttx` nor this module imports torch.distributed. If a program first runs fasttx's ops
+on plain tensors and only then imports torch.distributed.tensor, it calls
+`fasttx.distributed.register()` once.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+__all__ = ["register", "registered_ops"]
+
+_registered: set = set()
+
+
+# ----------------------------------------------------------------------------------------------
+# Rules. Each takes the op's arguments (tensors replaced by DTensor's specs: .ndim, .shape;
+# None for absent optional tensors) and returns [(output placements, input placements), ...],
+# one placement per output and per schema argument (None for non-tensors and absent tensors).
+# ----------------------------------------------------------------------------------------------
+def _placements():
+    from torch.distributed.tensor import Partial, Replicate, Shard
+
+    return Replicate(), Shard, Partial()
+
+
+def _opt(t, placement):
+    return None if t is None else placement
+
+
+def _norm_dims(t, N: int) -> int:
+    """How many trailing dims of t make up the N normalised elements (all of them if none do)."""
+    prod = 1
+    for k in range(1, t.ndim + 1):
+        prod *= t.shape[-k]
+        if prod == N:
+            return k
+    return t.ndim
+
+
+def _bias_act(x, bias, activation):
+    R, S, _ = _placements()
+    out = [([R], [R, _opt(bias, R), None])]
+    for d in range(x.ndim):
+        b = S(0) if d == x.ndim - 1 else R  # a column-sharded input carries its bias slice
+        out.append(([S(d)], [S(d), _opt(bias, b), None]))
+    return out
+
+
+def _bias_act_backward(grad, x, bias, activation):
+    R, S, P = _placements()
+    out = [([R, R], [R, R, _opt(bias, R), None])]
+    for d in range(x.ndim):
+        last = d == x.ndim - 1
+        # dbias sums the rows: a partial sum per rank unless the columns are what is sharded
+        db = R if bias is None else (S(0) if last else P)
+        out.append(([S(d), db], [S(d), S(d), _opt(bias, S(0) if last else R), None]))
+    return out
+
+
+def _dropout(x, p):
+    R, S, _ = _placements()
+    return [([R, R], [R, None])] + [([S(d), R], [S(d), None]) for d in range(x.ndim)]
+
+
+def _dropout_backward(grad, seed, p):
+    R, S, _ = _placements()
+    return [([R], [R, R, None])] + [([S(d)], [S(d), R, None]) for d in range(grad.ndim)]
+
+
+def _softmax(x):  # over the last dim
+    R, S, _ = _placements()
+    return [([R], [R])] + [([S(d)], [S(d)]) for d in range(x.ndim - 1)]
+
+
+def _softmax_backward(grad, y):
+    R, S, _ = _placements()
+    return [([R], [R, R])] + [([S(d)], [S(d), S(d)]) for d in range(y.ndim - 1)]
+
+
+def _row_dims(t, N) -> range:
+    """The dims a row-wise op (norm over the trailing N elements) may be sharded on."""
+    return range(t.ndim - _norm_dims(t, N))
+
+
+# The (rows,) statistics of a norm on an input sharded on a row dim are the local rows' statistics:
+# labelled Shard(0) (exact for d == 0; for d > 0 only the matching backward reads them).
+def _layer_norm_fwd(input, N, weight, bias, eps):
+    R, S, _ = _placements()
+    out = [([R, R, R], [R, None, _opt(weight, R), _opt(bias, R), None])]
+    for d in _row_dims(input, N):
+        out.append(([S(d), S(0), S(0)], [S(d), None, _opt(weight, R), _opt(bias, R), None]))
+    return out
+
+
+def _dropout_add_layer_norm_fwd(input, residual, N, weight, bias, eps, p):
+    R, S, _ = _placements()
+    out = [([R, R, R, R, R], [R, _opt(residual, R), None, _opt(weight, R), _opt(bias, R), None, None])]
+    for d in _row_dims(input, N):
+        out.append(([S(d), S(d), S(0), S(0), R],
+                    [S(d), _opt(residual, S(d)), None, _opt(weight, R), _opt(bias, R), None, None]))
+    return out
+
+
+def _layer_norm_bwd(dy, dh_out, h, N, weight, bias, mean, rstd, seed, p, store_dh, dx_dtype):
+    R, S, P = _placements()
+    tail = [None, None, None]  # p, store_dh, dx_dtype
+    out = [([R, R, R, R], [R, _opt(dh_out, R), R, None, _opt(weight, R), _opt(bias, R), R, R,
+                           _opt(seed, R), *tail])]
+    for d in _row_dims(h, N):
+        outs = [S(d), S(d) if store_dh else R, P if weight is not None else R, P if bias is not None else R]
+        ins = [S(d), _opt(dh_out, S(d)), S(d), None, _opt(weight, R), _opt(bias, R), S(0), S(0),
+               _opt(seed, R), *tail]
+        out.append((outs, ins))
+    return out
+
+
+def _sdpa_fwd(q, k, v, mask, dropout_p, is_causal, scale):
+    R, S, _ = _placements()
+    tail = [None, None, None]
+    out = [([R, R, R], [R, R, R, _opt(mask, R), *tail])]
+    for d in (0, 1):  # batch, heads of (B, H, L, E)
+        out.append(([S(d), S(d), R], [S(d), S(d), S(d), _opt(mask, S(d)), *tail]))
+    return out
+
+
+def _sdpa_bwd(dout, q, k, v, mask, out_, lse, seed, dropout_p, is_causal, scale):
+    R, S, _ = _placements()
+    tail = [None, None, None]
+    out = [([R, R, R], [R, R, R, R, _opt(mask, R), R, R, R, *tail])]
+    for d in (0, 1):
+        out.append(([S(d)] * 3, [S(d)] * 4 + [_opt(mask, S(d)), S(d), S(d), R, *tail]))
+    return out
+
+
+_RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
+    "bias_act": _bias_act,
+    "bias_act_backward": _bias_act_backward,
+    "dropout": _dropout,
+    "dropout_backward": _dropout_backward,
+    "softmax": _softmax,
+    "softmax_backward": _softmax_backward,
+    "layer_norm_fwd": _layer_norm_fwd,
+    "dropout_add_layer_norm_fwd": _dropout_add_layer_norm_fwd,
+    "layer_norm_bwd": _layer_norm_bwd,
+    "sdpa_fwd": _sdpa_fwd,
+    "sdpa_bwd": _sdpa_bwd,
+}
+
+
+def _op(name: str) -> Optional[torch._ops.OpOverload]:
+    try:
+        return getattr(torch.ops.fasttx, name).default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def registered_ops() -> List[str]:
+    """Names of the fasttx custom ops that have a DTensor sharding rule registered."""
+    return sorted(_registered)
+
+
+def register() -> List[str]:
+    """Register the sharding rule of every fasttx custom op defined so far (idempotent); return
+    the names registered by this call. Imports torch.distributed.tensor."""
+    from torch.distributed.tensor.experimental import register_sharding
+
+    new = []
+    for name, rule in _RULES.items():
+        op = _op(name)
+        if name in _registered or op is None:
+            continue
+        register_sharding(op)(rule)
+        _registered.add(name)
+        new.append(name)
+    missing = [n for n in _defined_fasttx_ops() if n not in _RULES]
+    if missing:
+        # a new custom op without a rule: DTensor will say "no sharding strategy" for it
+        import warnings
+
+        warnings.warn(f"fasttx.distributed: no DTensor sharding rule for fasttx ops {missing}", stacklevel=2)
+    return new
+
+
+def _defined_fasttx_ops() -> List[str]:
+    ns = torch.ops.fasttx
+    return [n for n in dir(ns) if not n.startswith("_") and _op(n) is not None and n != "name"]
+
+
+def register_if_dtensor_loaded() -> None:
+    """Called by each fasttx.ops module as it loads: register the rules now if DTensor is in use
+    (a program that builds DTensors has imported torch.distributed.tensor); never import it."""
+    if "torch.distributed.tensor" in sys.modules:
+        register()
+
