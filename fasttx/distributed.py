@@ -10,8 +10,9 @@ and DDP need none of this: they all-gather parameters before the forward, so the
 tensors.
 
 The rules, per mesh dimension (every op also accepts all-Replicate):
-    elementwise (gelu, bias_gelu, bias_relu, dropout)   Shard(d) for any d; the bias of a
+    elementwise (gelu, bias_gelu, bias_relu)            Shard(d) for any d; the bias of a
                                                         Shard(last) input is Shard(0) (ColwiseParallel)
+    dropout                                             Replicate (see below)
     layer_norm, dropout_add_layer_norm, softmax         Shard(d) for d outside the normalised dims;
                                                         backward: weight/bias grads Partial (summed
                                                         over ranks when they are read)
@@ -20,15 +21,19 @@ The rules, per mesh dimension (every op also accepts all-Replicate):
     rms_norm, add_rms_norm, rotary, swiglu, geglu,      the same, when those ops are loaded
     cross_entropy                                       (see _RULES)
 
-Dropout on a sharded DTensor: each rank draws the Philox seed from its own torch generator
-(ranks seeded alike draw the same seed, as a Replicate DTensor needs) and masks its local shard by
-the local element index. So on Replicate inputs the mask is the single-process mask on every
-rank; on Shard inputs it is NOT the slice of the single-process mask: every shard gets the mask
-a tensor of the shard's shape would get, the same pattern on every rank. Each element is still
-kept with probability 1 - p and scaled by 1 / (1 - p), and the backward regenerates the same mask,
-so training is correct; the masks of different shards are just correlated. To decorrelate them,
-seed each tensor-parallel rank differently before the forward (parameters are created before, so
-they stay identical) -- at the price of Replicate dropouts then differing across ranks.
+Dropout masks under sharding. Each rank draws the Philox seed from its own torch generator (ranks
+seeded alike draw the same seed, as a Replicate DTensor needs) and masks the local tensors by
+their local element index:
+  - `dropout` takes Replicate inputs only: a sharded input is all-gathered first (a one-time
+    warning says so), and every rank's mask is then exactly the single-process mask.
+  - the dropout fused into `dropout_add_layer_norm` (sequence-parallel norms) and attention's
+    `dropout_p` (heads sharded) run on the shards: each shard gets the mask a tensor of the
+    shard's shape would get, which is NOT the slice of the single-process mask, and is the same
+    pattern on every rank. Each element is still kept with probability 1 - p and scaled by
+    1 / (1 - p), and the backward masks in the forward's placement (its rule follows the saved
+    statistics), so the gradients are those of the masks drawn. To decorrelate the shards, seed
+    each tensor-parallel rank differently after building the model (Replicate dropouts then
+    differ across ranks too).
 
 Registration happens when a fasttx op module loads (on a fasttx op's first call) while
 torch.distributed.tensor is loaded, as it is in any program that builds DTensors; neither
@@ -94,13 +99,25 @@ def _bias_act_backward(grad, x, bias, activation):
 
 
 def _dropout(x, p):
-    R, S, _ = _placements()
-    return [([R, R], [R, None])] + [([S(d), R], [S(d), None]) for d in range(x.ndim)]
+    # Replicate only: the backward op sees nothing of the forward but the seed, so it could not
+    # tell which placement the mask was drawn in. A sharded input is all-gathered (said once).
+    R, _, _ = _placements()
+    if any(not pl.is_replicate() for pl in x.placements):
+        _warn_once("dropout", "fasttx dropout on a sharded DTensor: DTensor all-gathers the input "
+                   "so that the mask is the single-process mask on every rank")
+    return [([R, R], [R, None])]
 
 
 def _dropout_backward(grad, seed, p):
-    R, S, _ = _placements()
-    return [([R], [R, R, None])] + [([S(d)], [S(d), R, None]) for d in range(grad.ndim)]
+    R, _, _ = _placements()
+    return [([R], [R, R, None])]
+
+
+def _matching(strategies, spec, index):
+    """Only the strategies whose input `index` keeps `spec`'s placement: the backward of an op
+    with dropout must mask in the placement its forward masked in (its mask depends on it)."""
+    kept = [st for st in strategies if st[1][index] in spec.placements]
+    return kept or strategies
 
 
 def _softmax(x):  # over the last dim
@@ -147,7 +164,7 @@ def _layer_norm_bwd(dy, dh_out, h, N, weight, bias, mean, rstd, seed, p, store_d
         ins = [S(d), _opt(dh_out, S(d)), S(d), None, _opt(weight, R), _opt(bias, R), S(0), S(0),
                _opt(seed, R), *tail]
         out.append((outs, ins))
-    return out
+    return _matching(out, mean, 6) if p > 0.0 else out
 
 
 def _sdpa_fwd(q, k, v, mask, dropout_p, is_causal, scale):
@@ -165,7 +182,7 @@ def _sdpa_bwd(dout, q, k, v, mask, out_, lse, seed, dropout_p, is_causal, scale)
     out = [([R, R, R], [R, R, R, R, _opt(mask, R), R, R, R, *tail])]
     for d in (0, 1):
         out.append(([S(d)] * 3, [S(d)] * 4 + [_opt(mask, S(d)), S(d), S(d), R, *tail]))
-    return out
+    return _matching(out, lse, 6)  # dropout_p is not part of DTensor's cache key: always match
 
 
 _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
@@ -181,6 +198,17 @@ _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
     "sdpa_fwd": _sdpa_fwd,
     "sdpa_bwd": _sdpa_bwd,
 }
+
+
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        import warnings
+
+        warnings.warn(message, stacklevel=2)
 
 
 def _op(name: str) -> Optional[torch._ops.OpOverload]:
