@@ -18,8 +18,10 @@ The rules, per mesh dimension (every op also accepts all-Replicate):
                                                         over ranks when they are read)
     scaled_dot_product_attention                        Shard on batch (0) or heads (1) of
                                                         (B, H, L, E): q, k, v (and mask) alike
-    rms_norm, add_rms_norm, rotary, swiglu, geglu,      the same, when those ops are loaded
-    cross_entropy                                       (see _RULES)
+    rms_norm, add_rms_norm                              as layer_norm
+    swiglu, geglu                                       Shard(d) for any d (gate and up alike); with
+                                                        the concatenated (gate | up) input, not its last dim
+    apply_rotary_emb                                    q, k sharded on heads, cos/sin replicated
 
 Dropout masks under sharding. Each rank draws the Philox seed from its own torch generator (ranks
 seeded alike draw the same seed, as a Replicate DTensor needs) and masks the local tensors by
@@ -185,7 +187,60 @@ def _sdpa_bwd(dout, q, k, v, mask, out_, lse, seed, dropout_p, is_causal, scale)
     return _matching(out, lse, 6)  # dropout_p is not part of DTensor's cache key: always match
 
 
+def _add_rms_norm(input, residual, N, weight, eps, cast):
+    R, S, _ = _placements()
+    out = [([R, R, R], [R, _opt(residual, R), None, _opt(weight, R), None, None])]
+    for d in _row_dims(input, N):
+        out.append(([S(d), S(d), S(0)], [S(d), _opt(residual, S(d)), None, _opt(weight, R), None, None]))
+    return out
+
+
+def _add_rms_norm_backward(dy, dh_out, h, N, weight, rstd, cast, store_dh, dx_dtype):
+    R, S, P = _placements()
+    tail = [None, None, None]  # cast, store_dh, dx_dtype
+    out = [([R, R, R], [R, _opt(dh_out, R), R, None, _opt(weight, R), R, *tail])]
+    for d in _row_dims(h, N):
+        outs = [S(d), S(d) if store_dh else R, P if weight is not None else R]
+        out.append((outs, [S(d), _opt(dh_out, S(d)), S(d), None, _opt(weight, R), S(0), *tail]))
+    return out
+
+
+def _gated_dims(gate, up):
+    # up=None: gate holds (gate | up) side by side on the last dim, which must stay whole
+    return range(gate.ndim if up is not None else gate.ndim - 1)
+
+
+def _gated_act(gate, up, activation):
+    R, S, _ = _placements()
+    return [([R], [R, _opt(up, R), None])] + [
+        ([S(d)], [S(d), _opt(up, S(d)), None]) for d in _gated_dims(gate, up)]
+
+
+def _gated_act_backward(dy, gate, up, activation):
+    R, S, _ = _placements()
+    return [([R, R], [R, R, _opt(up, R), None])] + [
+        ([S(d), S(d) if up is not None else R], [S(d), S(d), _opt(up, S(d)), None])
+        for d in _gated_dims(gate, up)]
+
+
+def _rotary(q, k, cos, sin, position_ids, interleaved):
+    # q, k (B, H, L, D): heads sharded, the cos/sin tables (and position ids) replicated
+    R, S, _ = _placements()
+    return [([R, R], [R, R, R, R, _opt(position_ids, R), None]),
+            ([S(1), S(1)], [S(1), S(1), R, R, _opt(position_ids, R), None])]
+
+
 _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
+    # names as the decoder branch spells them (fasttx::<op> / fasttx::<op>_backward)
+    "layer_norm": _layer_norm_fwd,
+    "dropout_add_layer_norm": _dropout_add_layer_norm_fwd,
+    "layer_norm_backward": _layer_norm_bwd,
+    "add_rms_norm": _add_rms_norm,
+    "add_rms_norm_backward": _add_rms_norm_backward,
+    "gated_act": _gated_act,
+    "gated_act_backward": _gated_act_backward,
+    "rotary": _rotary,
+    "rotary_backward": _rotary,
     "bias_act": _bias_act,
     "bias_act_backward": _bias_act_backward,
     "dropout": _dropout,

@@ -229,6 +229,18 @@ def check_dtensor_ops(mesh, rank):
         sdpa = lambda q, k, v: FF.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
         _dt_compare(mesh, sdpa, [q, k, v], [S(d)] * 3, expect=[[S(d)]])
 
+    # decoder ops: RMSNorm (plain and fused add), gated MLP activations, rotary on heads
+    for d in (0, 1):
+        _dt_compare(mesh, lambda x, w: FF.rms_norm(x, (8,), w, 1e-6), [x, w], [S(d), R], expect=[[S(d)]])
+    add_rms = lambda x, r, w: FF.add_rms_norm(x, r, (8,), w, 1e-6, cast="llama")  # noqa: E731
+    _dt_compare(mesh, add_rms, [x, res, w], [S(1), S(1), R], expect=[[S(1)], [S(1)]])
+    _dt_compare(mesh, FF.swiglu, [x, res], [S(2), S(2)], expect=[[S(2)]])  # column-parallel gate, up
+    _dt_compare(mesh, FF.swiglu, [x], [S(1)], expect=[[S(1)]])  # concatenated (gate | up)
+    _dt_compare(mesh, FF.swiglu, [x], [S(2)])  # ... on the concatenated dim: gathered, same result
+    cos, sin = torch.randn(6, 8), torch.randn(6, 8)
+    rope = lambda q, k, c, s_: FF.apply_rotary_emb(q, k, c, s_)  # noqa: E731
+    _dt_compare(mesh, rope, [q, k, cos, sin], [S(1), S(1), R, R], expect=[[S(1)], [S(1)]])
+
     # Dropout: every rank's mask is the single-process mask, for a Replicate input and for a
     # sharded one (which DTensor all-gathers first, with a one-time warning).
     torch.manual_seed(5)
