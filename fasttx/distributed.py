@@ -231,7 +231,6 @@ def _rotary(q, k, cos, sin, position_ids, interleaved):
 
 
 _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
-    # names as the decoder branch spells them (fasttx::<op> / fasttx::<op>_backward)
     "layer_norm": _layer_norm_fwd,
     "dropout_add_layer_norm": _dropout_add_layer_norm_fwd,
     "layer_norm_backward": _layer_norm_bwd,
@@ -247,9 +246,6 @@ _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
     "dropout_backward": _dropout_backward,
     "softmax": _softmax,
     "softmax_backward": _softmax_backward,
-    "layer_norm_fwd": _layer_norm_fwd,
-    "dropout_add_layer_norm_fwd": _dropout_add_layer_norm_fwd,
-    "layer_norm_bwd": _layer_norm_bwd,
     "sdpa_fwd": _sdpa_fwd,
     "sdpa_bwd": _sdpa_bwd,
 }
