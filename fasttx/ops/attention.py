@@ -227,3 +227,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                 and (query.requires_grad or key.requires_grad or value.requires_grad))
     out = _sdpa_fwd(q, k, v, mask, float(dropout_p), bool(is_causal), scale, bool(fp32_out))[0]
     return out.reshape(*out_lead, L, E)  # (N, ..., Hq, L, E)
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

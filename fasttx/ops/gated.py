@@ -68,3 +68,9 @@ def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
 def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
     """gelu(gate, approximate) * up. Shapes as swiglu."""
     return _gated_act(gate, up, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

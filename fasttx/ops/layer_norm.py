@@ -255,3 +255,9 @@ def _(dy, dh_out, h, N, weight, bias, mean, rstd, seed, p, store_dh, dx_dtype):
         weight.new_empty(weight.shape) if weight is not None else _empty(h),
         bias.new_empty(bias.shape) if bias is not None else _empty(h),
     )
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

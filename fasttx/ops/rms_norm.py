@@ -187,3 +187,9 @@ def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _S
     eps = default_eps(h_dtype) if eps is None else float(eps)
     y, h, _ = _add_rms_norm(input, residual, N, weight, eps, cast)
     return y, (h if residual is not None else input)
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

@@ -90,3 +90,9 @@ def apply_rotary_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_id
     if seq_dim == -3:
         qo, ko = qo.transpose(1, 2), ko.transpose(1, 2)
     return qo, ko
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()
