@@ -1,4 +1,5 @@
-"""fasttx.convert (the function; this module is private so that no submodule shadows it): swap the torch.nn transformer modules of an existing model for fasttx.nn's."""
+"""fasttx.convert (the function; this module is private so that no submodule shadows it): swap
+the torch.nn modules of an existing model that fasttx.nn overrides for fasttx.nn's."""
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,8 @@ def convert(module: torch.nn.Module, inplace: bool = True) -> torch.nn.Module:
     and sharing between parents are all kept, and the outputs are unchanged (up to rounding).
     Only exact torch.nn types are swapped; user subclasses of them keep their own forward.
     The swapped modules print as `fasttx.<Name>(...)`, so `print(model)` shows what runs on
-    fasttx (modules built from fasttx.nn directly keep torch's repr). A TorchScript (scripted or traced) module anywhere inside raises TypeError.
+    fasttx (modules built from fasttx.nn directly keep torch's repr). A TorchScript (scripted or
+    traced) module anywhere inside raises TypeError.
     With inplace=False the model is deep-copied first and the copy is converted.
     """
     if not isinstance(module, torch.nn.Module):

@@ -17,7 +17,7 @@ from torch.nn import *  # noqa: F401,F403  (torch.nn has no __all__: this takes 
 from .. import functional  # noqa: F401  (fasttx's, in place of torch.nn.functional)
 
 __all__ = []
-for _info in _pkgutil.iter_modules(__path__):
+for _info in _pkgutil.iter_modules(__path__):  # noqa: F405  (the package's own __path__)
     if _info.name.startswith("_"):
         continue
     _module = _importlib.import_module(f"{__name__}.{_info.name}")

@@ -32,10 +32,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional as FF
-from .activation import GELU
-from .attention import MultiheadAttention
-from .dropout import Dropout
-from .normalization import LayerNorm
 
 __all__ = [
     "Transformer",
