@@ -196,3 +196,103 @@ def scaled_dot_product_attention(
     if dropout_p > 0.0:
         probs = dropout(probs, dropout_p, keep_mask=dropout_mask)
     return probs @ v  # (N, Hq, L, Ev)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm (+ the fused residual add), in the model families' casting orders
+# ----------------------------------------------------------------------------------------------
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    cast: str = "torch",
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) [* weight] over the trailing `normalized_shape` dims.
+
+    The statistics are taken in float32 at least (float64 input, or upcast, keeps float64), and
+    the result is cast back to x's dtype at the point the casting order says:
+      "torch": (xhat * weight).to(dtype)                  torch.nn.functional.rms_norm
+      "llama": weight * xhat.to(dtype)                    HF LlamaRMSNorm (promotes with weight)
+      "gemma": (xhat * (1 + weight)).to(dtype)            HF GemmaRMSNorm
+    Without upcast this is the model's own formula, rounding included; with upcast=float64 the
+    casts vanish and all orders but gemma's are the same exact math. eps=None: float32's machine
+    epsilon (float64's for float64), as torch's."""
+    x, w = _up(input, upcast), _up(weight, upcast)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    dims = tuple(range(-len(shape), 0))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps = torch.finfo(acc).eps if eps is None else eps
+    xf = x.to(acc)
+    xhat = xf * torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
+    if cast == "llama":
+        xhat = xhat.to(x.dtype)
+        return xhat if w is None else w * xhat
+    if w is not None:
+        xhat = xhat * ((1.0 + w.to(acc)) if cast == "gemma" else w.to(acc))
+    return xhat.to(x.dtype)
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    normalized_shape: _Shape,
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    cast: str = "torch",
+    upcast: Optional[torch.dtype] = None,
+):
+    """(rms_norm(h), h) with h = input + residual (input when residual is None), h rounded to
+    its dtype as an unfused add stores it."""
+    h = _up(input, upcast) if residual is None else _up(input, upcast) + _up(residual, upcast)
+    return rms_norm(h, normalized_shape, weight, eps, cast, upcast), h
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated MLP activations
+# ----------------------------------------------------------------------------------------------
+def silu(input: torch.Tensor, upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x * sigmoid(x) = x / (1 + exp(-x))."""
+    x = _up(input, upcast)
+    return x / (1.0 + torch.exp(-x))
+
+
+def gated(gate: torch.Tensor, up: Optional[torch.Tensor] = None, activation: str = "silu",
+          upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """act(gate) * up, act "silu", "gelu" (erf) or "gelu_tanh". up None: gate is (gate|up) on its
+    last dim, split in the middle."""
+    g = _up(gate, upcast)
+    if up is None:
+        n = g.shape[-1] // 2
+        g, u = g[..., :n], g[..., n:]
+    else:
+        u = _up(up, upcast)
+    if activation == "silu":
+        return silu(g) * u
+    return gelu(g, "tanh" if activation == "gelu_tanh" else "none") * u
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """x * cos + rotate(x) * sin on the first R = cos.shape[-1] dims of x, the rest unchanged;
+    cos, sin broadcast against x[..., :R]. rotate: (x1, x2) -> (-x2, x1) on the halves (HF's
+    rotate_half), or on each pair (x_2i, x_2i+1) when interleaved (GPT-J's rotate_every_two)."""
+    x, cos, sin = _up(x, upcast), _up(cos, upcast), _up(sin, upcast)
+    R = cos.shape[-1]
+    xr = x[..., :R]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).reshape(xr.shape)
+    else:
+        x1, x2 = xr[..., : R // 2], xr[..., R // 2:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((xr * cos + rotated * sin, x[..., R:]), dim=-1)
