@@ -502,6 +502,89 @@ def apply_rotary_emb(
     return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
 
 
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+def _lower(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    # (merge of branch ce into hf: ce's helper, kept until ce merges main itself)
+    ok = t is not None and t.is_floating_point() and t.dtype != torch.float64
+    return t.to(dtype) if ok else t
+
+
+@fasttx_op(autocast="fp32")
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """torch.nn.functional.cross_entropy. input (C,), (N, C) or (N, C, d1, ...) logits; target
+    class indices (), (N) or (N, d1, ...) (int64), or class probabilities of input's shape.
+    Triton path: one row kernel (online logsumexp in fp32, the true-class gradient via expm1),
+    per-row losses reduced as torch does; the backward recomputes the softmax from the logits."""
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if isinstance(input, Tensor) and use_triton(input, target, weight):
+        from .ops import cross_entropy as op
+
+        reason = op.unsupported(input, target, weight)
+        if reason is None:
+            op.check(input, target, weight, ignore_index, reduction, label_smoothing)
+            out = op.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+            # torch's CUDA autocast runs cross_entropy in fp32
+            return out.float() if autocast_to_fp32(input.device.type) else out
+        warn_fallback("cross_entropy", reason)
+    return F.cross_entropy(input, target, weight, None, ignore_index, None, reduction, label_smoothing)
+
+
+@fasttx_op()
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+) -> Tensor:
+    """torch.nn.functional.linear_cross_entropy (torch 2.13's signature; present here on any
+    torch): cross_entropy(linear(input, linear_weight, linear_bias), target, ...) without the
+    (N, C) logits, on every path, chunked over rows (the forward keeps per-row losses, the
+    backward recomputes each chunk's logits and turns them into their gradient in place;
+    the weight gradient accumulates in fp32 across chunks).
+
+    input (H,) or (N, H); linear_weight (C, *out_features, H); linear_bias (C, *out_features);
+    target (N, *out_features) class indices or (N, C, *out_features) probabilities; weight (C,).
+    ignore_index None means -100 (and must be None for probability targets). `options` (torch's
+    LinearCrossEntropyOptions) is accepted for compatibility and ignored: fasttx always chunks.
+    """
+    from .ops import cross_entropy as op  # plain torch + lazily loaded kernels
+
+    ignore_index = op.check_linear(input, linear_weight, target, linear_bias, weight, reduction,
+                                   ignore_index, label_smoothing)
+    triton = use_triton(input, linear_weight, target, linear_bias, weight)
+    if triton:
+        reason = op.unsupported(input, target, weight)
+        if reason is not None:
+            warn_fallback("linear_cross_entropy", reason)
+            triton = False
+    if torch.is_autocast_enabled(input.device.type):
+        # as torch's composite under autocast: the linear in the autocast dtype
+        low = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight, linear_bias = (_lower(input, low), _lower(linear_weight, low),
+                                             _lower(linear_bias, low))
+    out = op.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                  ignore_index, label_smoothing, use_triton=triton)
+    return out.float() if triton and autocast_to_fp32(input.device.type) else out
+
+
 __all__ = list(OPS)
 
 

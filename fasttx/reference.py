@@ -296,3 +296,77 @@ def rotary(
         x1, x2 = xr[..., : R // 2], xr[..., R // 2:]
         rotated = torch.cat((-x2, x1), dim=-1)
     return torch.cat((xr * cos + rotated * sin, x[..., R:]), dim=-1)
+# Cross-entropy
+# ----------------------------------------------------------------------------------------------
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """torch.nn.functional.cross_entropy's semantics written out. input (C,), (N, C) or
+    (N, C, d1, ...); target: class indices of input's shape without the class dim, or class
+    probabilities of input's shape. With smoothing eps the target becomes (1 - eps) * target +
+    eps / C (class indices: eps / C on every class, 1 - eps + eps / C on the true one).
+
+    Class indices:   l_n = (1 - eps) w_y (lse - x_y) + eps / C * sum_c w_c (lse - x_c), 0 if ignored;
+                     'mean' divides the sum by sum_n w_{y_n} over the rows not ignored.
+    Probabilities:   l_n = -sum_c w_c t'_c (x_c - lse);  'mean' divides by the number of rows.
+    """
+    x = _up(input, upcast)
+    t = _up(target, upcast) if target.is_floating_point() else target
+    w = _up(weight, upcast)
+    if x.dim() == 1:  # (C,) -> (1, C)
+        x, t = x.unsqueeze(0), t.unsqueeze(0)
+    C = x.size(1)
+    logp = x - torch.logsumexp(x, dim=1, keepdim=True)  # (N, C, d1, ...)
+    shape = [1, C] + [1] * (x.dim() - 2)  # class weights broadcast over the class dim
+    wc = torch.ones(C, dtype=x.dtype, device=x.device) if w is None else w.to(x.dtype)
+    wc = wc.reshape(shape)
+    eps = label_smoothing
+    if t.is_floating_point():  # class probabilities, same shape as x
+        tt = t.to(x.dtype) * (1 - eps) + eps / C
+        loss = -(wc * tt * logp).sum(dim=1)  # (N, d1, ...)
+        denom = torch.tensor(float(loss.numel()), dtype=x.dtype, device=x.device)
+    else:
+        valid = t != ignore_index
+        tc = torch.where(valid, t, torch.zeros_like(t))
+        w_y = wc.flatten()[tc] * valid  # (N, d1, ...)
+        nll = -logp.gather(1, tc.unsqueeze(1)).squeeze(1)
+        smooth = -(wc * logp).sum(dim=1)
+        loss = (1 - eps) * w_y * nll + torch.where(valid, eps / C * smooth, torch.zeros_like(nll))
+        denom = w_y.sum()
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / denom
+    return out if input.dim() > 1 or reduction != "none" else out.squeeze(0)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """cross_entropy(linear(input, linear_weight, linear_bias), target): torch 2.13's
+    linear_cross_entropy, the logits materialised (this is the oracle, not the fast path).
+    input (H,) or (N, H); linear_weight (C, *out_features, H); linear_bias (C, *out_features);
+    ignore_index None means -100."""
+    x, W, b = _up(input, upcast), _up(linear_weight, upcast), _up(linear_bias, upcast)
+    logits = torch.einsum("...h,kh->...k", x, W.reshape(-1, W.size(-1)))  # (N, C * prod(out))
+    if b is not None:
+        logits = logits + b.reshape(-1)
+    logits = logits.reshape(*x.shape[:-1], *W.shape[:-1])  # (N, C, *out_features)
+    return cross_entropy(logits, target, weight, -100 if ignore_index is None else ignore_index,
+                         reduction, label_smoothing, upcast=upcast)
