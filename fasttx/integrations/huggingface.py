@@ -73,6 +73,12 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 import fasttx.functional as FF
 import fasttx.nn as fnn
 from fasttx._convert import convert as _convert_torch_modules
+from fasttx._registry import OPS as _OPS
+
+
+def _has(op: str) -> bool:
+    """Whether this fasttx declares `op` (fasttx.functional passes every other name to torch)."""
+    return op in _OPS
 
 __all__ = [
     "apply_fasttx", "fasttx_attention_forward", "fasttx_causal_lm_loss", "register", "ATTN_IMPLEMENTATION",
@@ -340,11 +346,11 @@ def _gated_mlp_forward(act: nn.Module) -> Optional[Callable]:
     """The fasttx forward of a gated MLP whose activation module is `act`, None if it has none."""
     kind = type(act)
     if kind in (nn.SiLU, getattr(_hf_act, "SiLUActivation", nn.SiLU)):
-        return _swiglu_mlp_forward if hasattr(FF, "swiglu") else None
+        return _swiglu_mlp_forward if _has("swiglu") else None
     form = _HF_GELU_CLASSES.get(kind)
     if form is None and kind in (nn.GELU, fnn.GELU):
         form = act.approximate
-    if form is None or not hasattr(FF, "geglu"):
+    if form is None or not _has("geglu"):
         return None
     return _geglu_tanh_mlp_forward if form == "tanh" else _geglu_mlp_forward
 
@@ -406,7 +412,7 @@ def _patch_decoder_modules(model: nn.Module, left_alone: set) -> None:
     for module in model.modules():
         family = _family_of(module, "RMSNorm")
         if family is not None:
-            if not hasattr(FF, "add_rms_norm"):
+            if not _has("add_rms_norm"):
                 left_alone.add(f"{type(module).__name__} (this fasttx has no add_rms_norm)")
                 continue
             cast = _DECODER_FAMILIES[family][1]
@@ -415,12 +421,13 @@ def _patch_decoder_modules(model: nn.Module, left_alone: set) -> None:
         if _family_of(module, "MLP") is not None:
             forward = _gated_mlp_forward(module.act_fn)
             if forward is None:
-                left_alone.add(f"{type(module).__name__} with {type(module.act_fn).__name__}")
+                left_alone.add(f"{type(module).__name__} with {type(module.act_fn).__name__}"
+                               + ("" if _has("swiglu") else " (this fasttx has no swiglu / geglu)"))
             else:
                 _set_forward(module, forward)
             continue
         if _family_of(module, "Attention") is not None:
-            if not hasattr(FF, "apply_rotary_emb"):
+            if not _has("apply_rotary_emb"):
                 left_alone.add(f"{type(module).__name__}'s rotary (this fasttx has no apply_rotary_emb)")
             elif not _attention_layout_supported(module):
                 left_alone.add(
@@ -461,9 +468,8 @@ def fasttx_causal_lm_loss(
     accumulation over micro-batches). The loss of a patched causal LM with keep_logits=True."""
     target = _shifted(labels, shift_labels, ignore_index).to(logits.device)
     reduction = "sum" if num_items_in_batch is not None else "mean"
-    cross_entropy = getattr(FF, "cross_entropy", torch.nn.functional.cross_entropy)  # FF's once it exists
-    loss = cross_entropy(logits.float().reshape(-1, vocab_size), target, ignore_index=ignore_index,
-                         reduction=reduction)
+    loss = FF.cross_entropy(logits.float().reshape(-1, vocab_size), target, ignore_index=ignore_index,
+                            reduction=reduction)
     return loss if num_items_in_batch is None else _normalise(loss, num_items_in_batch)
 
 
@@ -555,7 +561,7 @@ def _patch_causal_lm(model: nn.Module, keep_logits: bool, left_alone: set) -> No
         return
     model.loss_function = fasttx_causal_lm_loss  # instance-level (PreTrainedModel's setter)
     model.__dict__["_fasttx_keep_logits"] = bool(keep_logits)
-    if not hasattr(FF, "linear_cross_entropy"):
+    if not _has("linear_cross_entropy"):
         model.__dict__["_fasttx_keep_logits"] = True
         left_alone.add(f"{type(model).__name__}'s fused loss (this fasttx has no linear_cross_entropy)")
         return
