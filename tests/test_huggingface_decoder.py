@@ -306,3 +306,29 @@ def test_packed_sequences_match_padded(backend, device):
     _assert_close(out.loss, padded_loss, "packed loss")
     out.loss.backward()
     _assert_grads_match(ref, ours)
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 on a GPU: the flash-attention 2x rule against an fp64 copy of the model
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decoder_bf16_2x_rule_gpu(family):
+    from utils import assert_2x_rule
+
+    cfg = _config(family, hidden_size=64, intermediate_size=128, head_dim=16)
+    ref, ours = _pair(_model_cls(family), cfg, "cuda")
+    ids, mask, labels = _batch("cuda", "right")
+    exact = copy.deepcopy(ref).double()
+    with torch.no_grad():
+        truth = exact(input_ids=ids, attention_mask=mask).logits
+        pt = ref.to(torch.bfloat16)(input_ids=ids, attention_mask=mask).logits
+        got = ours.to(torch.bfloat16)(input_ids=ids, attention_mask=mask).logits
+        keep = mask.bool()
+        assert_2x_rule(got[keep], pt[keep], truth[keep], name="logits")
+        loss_truth = exact(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss_pt = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = ours(input_ids=ids, attention_mask=mask, labels=labels).loss
+        assert loss.dtype == loss_pt.dtype == torch.float32  # transformers' loss is fp32 in bf16 too
+        # the loss is fp32 from bf16 hidden states: bf16's floor (1e-2), not fp32's
+        assert_2x_rule(loss, loss_pt, loss_truth, atol=1e-2, name="fused loss")
