@@ -14,9 +14,9 @@ With a residual, h = x + residual is rounded to its dtype before the statistics 
 unfused `h = x + residual; norm(h)` of a 16-bit model rounds it.
 
 Launchers (tensors in, tensors out):
-    layer_norm_fwd(x, N, weight, bias, eps, residual=None, p=0.0, seed=0, store_h=False,
+    layer_norm_forward(x, N, weight, bias, eps, residual=None, p=0.0, seed=0, store_h=False,
                    return_mask=False) -> (y, h, mean, rstd[, keep_mask])
-    layer_norm_bwd(dy, h, N, weight, bias, mean, rstd, dh_out=None, p=0.0, seed=0,
+    layer_norm_backward(dy, h, N, weight, bias, mean, rstd, dh_out=None, p=0.0, seed=0,
                    store_dh=False, dx_dtype=None) -> (dx, dh, dweight, dbias)
     rms_norm_forward(x, N, weight, eps, residual=None, cast="torch") -> (y, h, rstd)
     rms_norm_backward(dy, h, N, weight, rstd, dh_out=None, cast="torch", store_dh=False,
@@ -24,13 +24,13 @@ Launchers (tensors in, tensors out):
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import as_rows, num_sms, row_config, stat_dtype
 from ._math import dropout_keep
 
 # Largest hidden size (N = prod(normalized_shape)) the launchers accept: the largest size the tests
@@ -44,55 +44,20 @@ MAX_HIDDEN = 65536
 # MAX_BLOCK_N columns instead (SINGLE_BLOCK=False): a few more passes over the row (served
 # mostly from L2), but no register spills and no size ceiling from the register file.
 MAX_BLOCK_N = 8192
-# Elements per program tile. Short rows are processed BLOCK_M at a time as a (BLOCK_M, BLOCK_N)
-# tile, so that a program is not a single warp idling on 64 columns. Under the interpreter every
-# program is a Python call, so large tiles (numpy-vectorized) are far faster there.
-TILE_ELEMENTS = 4096
-TILE_ELEMENTS_INTERPRETER = 65536
-MAX_BLOCK_M = 128
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def calc_settings(N: int):
-    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for rows of N elements; raises past MAX_HIDDEN.
-
-    BLOCK_N = next_power_of_2(N) up to MAX_BLOCK_N (SINGLE_BLOCK: the row is one block), else
-    MAX_BLOCK_N-column chunks; BLOCK_M rows per tile (1 for chunked rows)."""
-    if N > MAX_HIDDEN:
-        raise ValueError(
-            f"fasttx layer_norm supports at most {MAX_HIDDEN} normalized elements per row "
-            f"(prod(normalized_shape)), got {N}"
-        )
-    block_n = triton.next_power_of_2(max(N, 1))
-    single = block_n <= MAX_BLOCK_N
-    block_n = min(block_n, MAX_BLOCK_N)
-    tile = TILE_ELEMENTS_INTERPRETER if _interpreting() else TILE_ELEMENTS
-    block_m = min(max(tile // block_n, 1), MAX_BLOCK_M) if single else 1
-    # ~8 elements per thread per live array at the largest tile; at least one warp.
-    num_warps = min(max(block_m * block_n // 256, 1), 16)
-    return block_m, block_n, num_warps, single
-
-
-def _rows_view(t: torch.Tensor, N: int) -> torch.Tensor:
-    """t (*, N-trailing) as a (rows, N) view with unit column stride; a copy only when needed."""
-    t2 = t.reshape(-1, N)  # (rows, N): a view whenever the leading dims merge into one stride
-    if N > 1 and t2.stride(1) != 1:
-        t2 = t2.contiguous()
-    return t2
+    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for rows of N elements (the shared row_config):
+    one block up to MAX_BLOCK_N columns, else MAX_BLOCK_N-column chunks one row per tile; raises
+    ValueError past MAX_HIDDEN (ops/layer_norm.py's `unsupported` falls back before that)."""
+    return row_config(N, max_n=MAX_HIDDEN, block_n_cap=MAX_BLOCK_N, name="layer_norm")
 
 
 def _num_programs(rows: int, block_m: int, device: torch.device) -> int:
     """Programs of the backward kernel, each owning a contiguous group of rows. One per SM keeps
     the (programs, N) fp32 partial-sum buffer small; it depends only on (rows, N, device), so the
     fixed-order reduction, and thus dweight/dbias, are bit-identical from run to run."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4  # the interpreter runs programs one after another: few, long programs are fastest
-    return max(1, min(triton.cdiv(rows, block_m), sms))
+    return max(1, min(triton.cdiv(rows, block_m), num_sms(device)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,7 +110,7 @@ def _affine(y, W, B, c, N, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
 
 
 @triton.jit
-def _layer_norm_fwd(
+def _layer_norm_fwd_kernel(
     X, R, W, B,                # input (M, N), residual (M, N), weight (N,), bias (N,)
     Y, H, KEEP,                # outputs: y (M, N), h (M, N), keep mask int8 (M, N)
     Mean, Rstd,                # saved statistics (M,), fp32 (fp64 for fp64 inputs); no Mean for RMS
@@ -248,29 +213,25 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
 CASTS = ("torch", "llama", "gemma")  # RMSNorm casting orders (module docstring)
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtype, h_dtype,
              rms=False, cast="torch"):
     """Allocate y (out_dtype), h (h_dtype, if store_h) and the statistics, and launch."""
     block_m, block_n, num_warps, single = calc_settings(N)
     weight = weight.contiguous() if weight is not None else None  # kernels index W + col
     bias = bias.contiguous() if bias is not None else None
-    stat_dtype = _stat_dtype(h_dtype)
+    sdt = stat_dtype(h_dtype)
     rows = x.numel() // N if N > 0 else 0
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     h = torch.empty(x.shape, dtype=h_dtype, device=x.device) if store_h else None
-    mean = None if rms else torch.empty(rows, dtype=stat_dtype, device=x.device)
-    rstd = torch.empty(rows, dtype=stat_dtype, device=x.device)
+    mean = None if rms else torch.empty(rows, dtype=sdt, device=x.device)
+    rstd = torch.empty(rows, dtype=sdt, device=x.device)
     if x.numel() > 0:
-        x2 = _rows_view(x, N)  # (rows, N)
-        r2 = _rows_view(residual, N) if residual is not None else x2
+        x2 = as_rows(x, N)  # (rows, N)
+        r2 = as_rows(residual, N) if residual is not None else x2
         y2 = y.view(-1, N)
         h2 = h.view(-1, N) if store_h else y2
         low = h_dtype in (torch.float16, torch.bfloat16)
-        _layer_norm_fwd[(triton.cdiv(rows, block_m),)](
+        _layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
             y2, h2, keep if keep is not None else y2,
             mean if mean is not None else rstd, rstd,
@@ -288,7 +249,7 @@ def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtyp
     return y, h, mean, rstd
 
 
-def layer_norm_fwd(
+def layer_norm_forward(
     x: torch.Tensor,
     N: int,
     weight: Optional[torch.Tensor],
@@ -399,7 +360,7 @@ def _tile_store_dx(
 
 
 @triton.jit
-def _layer_norm_bwd(
+def _layer_norm_bwd_kernel(
     X, W, DY, DHO,             # saved h (M, N), weight (N,), dy (M, N), dh_out (M, N)
     DX, DH,                    # outputs: d_input (M, N), d_residual = dh (M, N)
     DW, DB,                    # (programs, N) fp32 partial sums of dweight, dbias (zeroed)
@@ -509,11 +470,11 @@ def _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_
     dw_part = torch.zeros(programs, N, dtype=rstd.dtype, device=h.device) if weight is not None else None
     db_part = torch.zeros(programs, N, dtype=rstd.dtype, device=h.device) if bias is not None else None
     if h.numel() > 0:
-        h2, dy2 = _rows_view(h, N), _rows_view(dy, N)  # (rows, N)
-        dho2 = _rows_view(dh_out, N) if dh_out is not None else dy2
+        h2, dy2 = as_rows(h, N), as_rows(dy, N)  # (rows, N)
+        dho2 = as_rows(dh_out, N) if dh_out is not None else dy2
         dx2 = dx.view(-1, N)
         dh2 = dh.view(-1, N) if dh is not None else dx2
-        _layer_norm_bwd[(programs,)](
+        _layer_norm_bwd_kernel[(programs,)](
             h2, weight if weight is not None else h2, dy2, dho2,
             dx2, dh2,
             dw_part if dw_part is not None else rstd, db_part if db_part is not None else rstd,
@@ -532,7 +493,7 @@ def _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_
     return dx, dh, dweight, dbias
 
 
-def layer_norm_bwd(
+def layer_norm_backward(
     dy: torch.Tensor,
     h: torch.Tensor,
     N: int,
@@ -546,7 +507,7 @@ def layer_norm_bwd(
     store_dh: bool = False,
     dx_dtype: Optional[torch.dtype] = None,
 ):
-    """Gradients of layer_norm_fwd. dy, h, dh_out (*, N-trailing), all shaped like h; h is what
+    """Gradients of layer_norm_forward. dy, h, dh_out (*, N-trailing), all shaped like h; h is what
     the forward normalized (its input x, or the stored h of the fused op); mean, rstd (rows,).
 
     Returns (dx, dh, dweight, dbias): dh = LN_backward(dy) + dh_out (the gradient of h, i.e. of
@@ -589,11 +550,11 @@ def compile_variants(quick: bool):
         for n in ([1000, 65536] if quick else [7, 1000, 4096, 8192, 16384, 65536]):
             x, w, b = r(4, n, dtype=dt), r(n, dtype=dt), r(n, dtype=dt)
             for affine in ((w, b), (None, None)):
-                y, h, mean, rstd = layer_norm_fwd(x, n, *affine, 1e-5)
-                layer_norm_bwd(r(4, n, dtype=dt), x, n, *affine, mean, rstd)
-            y, h, mean, rstd = layer_norm_fwd(x, n, w, b, 1e-5, residual=r(4, n, dtype=dt),
+                y, h, mean, rstd = layer_norm_forward(x, n, *affine, 1e-5)
+                layer_norm_backward(r(4, n, dtype=dt), x, n, *affine, mean, rstd)
+            y, h, mean, rstd = layer_norm_forward(x, n, w, b, 1e-5, residual=r(4, n, dtype=dt),
                                               p=0.1, seed=1, store_h=True)
-            layer_norm_bwd(r(4, n, dtype=dt), h, n, w, b, mean, rstd, dh_out=r(4, n, dtype=dt),
+            layer_norm_backward(r(4, n, dtype=dt), h, n, w, b, mean, rstd, dh_out=r(4, n, dtype=dt),
                            p=0.1, seed=1, store_dh=True)
             for cast in CASTS:
                 for res in (None, r(4, n, dtype=dt)):

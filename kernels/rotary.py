@@ -11,7 +11,8 @@ element i < h is (x_i, x_{i+h}) in the half-rotation layout (GPT-NeoX, Llama: HF
 tables' values at the first / second element's column:
     forward    y1 = x1 c1 - x2 s1         y2 = x2 c2 + x1 s2        (HF: x cos + rotate(x) sin)
     backward   dx1 = dy1 c1 + dy2 s2      dx2 = dy2 c2 - dy1 s1     (the transpose: BACKWARD flag)
-Columns R..D (partial rotary, GPT-NeoX/Phi) pass through unchanged. Math in fp32, one rounding.
+Columns R..D (partial rotary, GPT-NeoX/Phi) pass through unchanged. Math in fp32 (fp64 for fp64
+q/k), one rounding.
 
 Launchers:
     rotary_forward(q, k, cos, sin, position_ids=None, interleaved=False) -> (q_out, k_out)
@@ -27,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import acc_dtype
+
 MAX_HEAD_DIM = 1024  # one program holds (BLOCK_H, next_pow2(D)) of one token
 
 
@@ -36,10 +39,10 @@ def _rotate_heads(
     b, l,                      # this program's token
     sx_b, sx_h, sx_l, sx_d,    # input strides
     so_b, so_h, so_l, so_d,    # output strides
-    c1, s1, c2, s2,            # (1, BLOCK_R2) fp32 table values of the pairs' two columns
+    c1, s1, c2, s2,            # (1, BLOCK_R2) table values (in ACC) of the pairs' two columns
     col1, col2, pair_ok,       # (BLOCK_R2,) the pairs' columns, mask
     cols_p, pass_ok,           # (BLOCK_P,) pass-through columns R..D, mask
-    BACKWARD: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_H: tl.constexpr,
+    BACKWARD: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr,
 ):
     x_tok = X + b * sx_b + l * sx_l
     o_tok = O + b * so_b + l * so_l
@@ -48,8 +51,8 @@ def _rotate_heads(
         m = (heads < H)[:, None] & pair_ok[None, :]
         xh = x_tok + heads[:, None] * sx_h
         oh = o_tok + heads[:, None] * so_h
-        x1 = tl.load(xh + col1[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(xh + col2[None, :] * sx_d, mask=m, other=0.0).to(tl.float32)
+        x1 = tl.load(xh + col1[None, :] * sx_d, mask=m, other=0.0).to(ACC)
+        x2 = tl.load(xh + col2[None, :] * sx_d, mask=m, other=0.0).to(ACC)
         if BACKWARD:
             y1 = x1 * c1 + x2 * s2
             y2 = x2 * c2 - x1 * s1
@@ -75,6 +78,7 @@ def _rotary_fwd_kernel(
     sp_b, sp_l,                # position id strides (sp_b 0 for shared ids)
     HAS_POS: tl.constexpr, INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr,
     HAS_PASS: tl.constexpr,    # R < D: columns R..D are copied
+    ACC: tl.constexpr,         # fp32 (fp64 for fp64 q/k)
     BLOCK_H: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     # One program per token (b, l): its table row is read once and applied to every q and k head.
@@ -95,16 +99,16 @@ def _rotary_fwd_kernel(
     else:
         col1 = i
         col2 = i + R // 2
-    c1 = tl.load(COS + c_tok + col1 * sc_r, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(SIN + c_tok + col1 * sc_r, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(COS + c_tok + col2 * sc_r, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(SIN + c_tok + col2 * sc_r, mask=pair_ok, other=0.0).to(tl.float32)[None, :]
+    c1 = tl.load(COS + c_tok + col1 * sc_r, mask=pair_ok, other=0.0).to(ACC)[None, :]
+    s1 = tl.load(SIN + c_tok + col1 * sc_r, mask=pair_ok, other=0.0).to(ACC)[None, :]
+    c2 = tl.load(COS + c_tok + col2 * sc_r, mask=pair_ok, other=0.0).to(ACC)[None, :]
+    s2 = tl.load(SIN + c_tok + col2 * sc_r, mask=pair_ok, other=0.0).to(ACC)[None, :]
     cols_p = R + tl.arange(0, BLOCK_P)
     pass_ok = cols_p < D
     _rotate_heads(Q, QO, HQ, b, l, sq_b, sq_h, sq_l, sq_d, sqo_b, sqo_h, sqo_l, sqo_d,
-                  c1, s1, c2, s2, col1, col2, pair_ok, cols_p, pass_ok, BACKWARD, HAS_PASS, BLOCK_H)
+                  c1, s1, c2, s2, col1, col2, pair_ok, cols_p, pass_ok, BACKWARD, HAS_PASS, BLOCK_H, ACC)
     _rotate_heads(K, KO, HK, b, l, sk_b, sk_h, sk_l, sk_d, sko_b, sko_h, sko_l, sko_d,
-                  c1, s1, c2, s2, col1, col2, pair_ok, cols_p, pass_ok, BACKWARD, HAS_PASS, BLOCK_H)
+                  c1, s1, c2, s2, col1, col2, pair_ok, cols_p, pass_ok, BACKWARD, HAS_PASS, BLOCK_H, ACC)
 
 
 def _out_like(t: torch.Tensor) -> torch.Tensor:
@@ -140,7 +144,7 @@ def _launch(q, k, cos, sin, position_ids, interleaved, backward):
         L, HQ, HK, R, D, P,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *sc, *sp,
         HAS_POS=position_ids is not None, INTERLEAVED=interleaved, BACKWARD=backward,
-        HAS_PASS=R < D, BLOCK_H=block_h, BLOCK_R2=block_r2, BLOCK_P=block_p,
+        HAS_PASS=R < D, ACC=acc_dtype(q.dtype), BLOCK_H=block_h, BLOCK_R2=block_r2, BLOCK_P=block_p,
         num_warps=4,
     )
     return qo, ko
@@ -155,3 +159,21 @@ def rotary_forward(q, k, cos, sin, position_ids: Optional[torch.Tensor] = None, 
 def rotary_backward(dq, dk, cos, sin, position_ids: Optional[torch.Tensor] = None, interleaved=False):
     """(dq_in, dk_in): the transposed rotation of the output gradients (shapes as the forward)."""
     return _launch(dq, dk, cos, sin, position_ids, interleaved, backward=True)
+
+
+def compile_variants(quick: bool):
+    """Both layouts, full and partial rotary, with and without position ids, forward and backward,
+    per dtype (tools/gpu_compile_check.py compiles them for a GPU target)."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    for dt in dtypes:
+        for D, R in ((128, 128), (80, 32)) if quick else ((64, 64), (128, 128), (80, 32), (256, 64)):
+            q = torch.randn(2, 8, 16, D, dtype=dt)          # (B, H, L, D)
+            k = torch.randn(2, 16, 2, D, dtype=dt).transpose(1, 2)  # a (B, L, H, D) tensor's view
+            cos, sin = torch.randn(2, 16, R), torch.randn(2, 16, R)
+            for interleaved in (False, True):
+                rotary_forward(q, k, cos, sin, None, interleaved)
+                rotary_backward(q, k, cos, sin, None, interleaved)
+            ids = torch.randint(0, 64, (1, 16))
+            table = torch.randn(64, R)
+            rotary_forward(q, k, table, table, ids, False)
+            rotary_backward(q, k, table, table, ids, False)

@@ -114,6 +114,16 @@ def test_rotary_position_ids_select_table_rows(backend, device, ids_shape):
         FF.apply_rotary_emb(q, k, cos, sin, position_ids=torch.full((L,), P, device=device))
 
 
+def test_rotary_float64(backend, device):
+    torch.manual_seed(8)
+    q, k, dq, dk = (t.double() for t in _qk(2, 3, 1, 5, 10, torch.float32, device))
+    cos, sin = (t.double() for t in _tables(2, 5, 6, device))
+    ours, ref = _case(q, k, cos, sin, dq, dk, interleaved=True)
+    for o, r in zip(ours, ref):
+        assert o.dtype == F64
+        torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-12)
+
+
 def test_rotary_table_broadcast_shapes(backend, device):
     torch.manual_seed(3)
     q, k, dq, dk = _qk(3, 2, 2, 4, 8, torch.float32, device)

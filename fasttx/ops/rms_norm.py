@@ -24,6 +24,9 @@ from fasttx.kernels import layer_norm as K
 
 _Shape = Union[int, Sequence[int], torch.Size]
 CASTS = K.CASTS
+# torch's scalar type names, as its "not implemented for 'Int'" messages spell them
+_TORCH_TYPE_NAMES = {torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short", torch.int32: "Int",
+                     torch.int64: "Long", torch.bool: "Bool"}
 
 
 def _shape(normalized_shape: _Shape) -> tuple:
@@ -53,7 +56,7 @@ def check(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residu
     if cast not in CASTS:
         raise ValueError(f"{op}: cast must be one of {CASTS}, got {cast!r}")
     if not input.is_floating_point():
-        dtype = str(input.dtype).replace("torch.", "").capitalize()
+        dtype = _TORCH_TYPE_NAMES.get(input.dtype, str(input.dtype).replace("torch.", ""))
         raise NotImplementedError(f'"rms_norm" not implemented for \'{dtype}\'')
     shape = _shape(normalized_shape)
     if len(shape) == 0:
@@ -134,7 +137,8 @@ def _(dy, dh_out, h, N, weight, rstd, cast, store_dh, dx_dtype):
 
 def _setup(ctx, inputs, output):
     input, residual, ctx.N, weight, _, ctx.cast = inputs
-    _, h, rstd = output
+    y, h, rstd = output
+    ctx.y_dtype = y.dtype
     ctx.input_dtype = input.dtype
     ctx.residual_dtype = residual.dtype if residual is not None else None
     ctx.save_for_backward(h if residual is not None else input, weight, rstd)
@@ -143,6 +147,8 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy, dh_out, _drstd):
     h, weight, rstd = ctx.saved_tensors
     has_res = ctx.residual_dtype is not None
+    if dy is None:  # only h was used: the norm contributes nothing
+        dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
     dx, dres, dw = _add_rms_norm_backward(
         dy, dh_out if has_res else None, h, ctx.N, weight, rstd, ctx.cast, has_res, ctx.input_dtype
     )
