@@ -505,12 +505,6 @@ def apply_rotary_emb(
 # ----------------------------------------------------------------------------------------------
 # Losses
 # ----------------------------------------------------------------------------------------------
-def _lower(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    # (merge of branch ce into hf: ce's helper, kept until ce merges main itself)
-    ok = t is not None and t.is_floating_point() and t.dtype != torch.float64
-    return t.to(dtype) if ok else t
-
-
 @fasttx_op(autocast="fp32")
 def cross_entropy(
     input: Tensor,
@@ -534,9 +528,10 @@ def cross_entropy(
         reason = op.unsupported(input, target, weight)
         if reason is None:
             op.check(input, target, weight, ignore_index, reduction, label_smoothing)
-            out = op.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
-            # torch's CUDA autocast runs cross_entropy in fp32
-            return out.float() if autocast_to_fp32(input.device.type) else out
+            input, weight = autocast_inputs("cross_entropy", input, weight)
+            if target.is_floating_point():
+                (target,) = autocast_inputs("cross_entropy", target)
+            return op.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
         warn_fallback("cross_entropy", reason)
     return F.cross_entropy(input, target, weight, None, ignore_index, None, reduction, label_smoothing)
 
@@ -576,13 +571,16 @@ def linear_cross_entropy(
             warn_fallback("linear_cross_entropy", reason)
             triton = False
     if torch.is_autocast_enabled(input.device.type):
-        # as torch's composite under autocast: the linear in the autocast dtype
+        # as torch's composite under autocast: the linear in the autocast dtype (the loss math is
+        # fp32 inside either way; under CUDA autocast torch's loss comes out in fp32)
         low = torch.get_autocast_dtype(input.device.type)
-        input, linear_weight, linear_bias = (_lower(input, low), _lower(linear_weight, low),
-                                             _lower(linear_bias, low))
+        input, linear_weight, linear_bias = (
+            t.to(low) if t is not None and t.dtype != torch.float64 else t
+            for t in (input, linear_weight, linear_bias)
+        )
     out = op.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                   ignore_index, label_smoothing, use_triton=triton)
-    return out.float() if triton and autocast_to_fp32(input.device.type) else out
+    return out.float() if autocast_to_fp32(input.device.type) else out
 
 
 __all__ = list(OPS)
