@@ -63,25 +63,26 @@ def pretrained():
 
 
 @pytest.fixture
-def pair(pretrained):
-    """(tokenizer, unpatched, patched): identical weights; the copies have their own configs."""
+def pair(pretrained, device):
+    """(tokenizer, unpatched, patched) on the test device: identical weights; the copies have their
+    own configs. (On CPU the Triton path is the interpreter; on CUDA the compiled kernels.)"""
     tokenizer, model = pretrained
-    ref, ours = copy.deepcopy(model), apply_fasttx(copy.deepcopy(model))
+    ref, ours = copy.deepcopy(model).to(device), apply_fasttx(copy.deepcopy(model).to(device))
     assert ours.config._attn_implementation == "fasttx" and ref.config._attn_implementation == "sdpa"
     assert isinstance(ours.bert.embeddings.LayerNorm, fnn.LayerNorm)
     return tokenizer, ref, ours
 
 
-def _batch(tokenizer):
+def _batch(tokenizer, device):
     enc = tokenizer(SENTENCES, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
     mask = enc["attention_mask"]
     assert mask.shape[1] <= MAX_TOKENS and (mask == 0).any(dim=1).sum() == 3  # padded rows
-    return dict(enc)
+    return {k: v.to(device) for k, v in enc.items()}
 
 
 def _fasttx_ops(fn):
     """Run fn() under the profiler; the names of the fasttx custom ops (the Triton path) it ran."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # op calls are on the CPU side
         fn()
     return {e.name for e in prof.events() if e.name.startswith("fasttx::")}
 
@@ -92,9 +93,9 @@ def _tolerance(backend):
     return (0.0, 0.0) if backend != "triton" else (1e-4, 1e-4)
 
 
-def test_patched_minilm_forward_matches(pair, backend):
+def test_patched_minilm_forward_matches(pair, backend, device):
     tokenizer, ref, ours = pair
-    batch = _batch(tokenizer)
+    batch = _batch(tokenizer, device)
     ref.eval(), ours.eval()
     with torch.no_grad():
         expected = ref(**batch, output_hidden_states=True)
@@ -113,13 +114,13 @@ def test_patched_minilm_forward_matches(pair, backend):
     torch.testing.assert_close(out.logits, expected.logits, atol=atol, rtol=rtol)
 
 
-def test_patched_minilm_training_step_matches(pair, backend):
+def test_patched_minilm_training_step_matches(pair, backend, device):
     """Loss and every parameter gradient of one step. On the torch path in train mode (dropout on:
     the same torch RNG stream, so the same masks); the kernels draw dropout masks from their own
     Philox stream, so there the step runs in eval mode (dropout off)."""
     tokenizer, ref, ours = pair
-    batch = _batch(tokenizer)
-    labels = torch.tensor([1, 3, 2, 3])
+    batch = _batch(tokenizer, device)
+    labels = torch.tensor([1, 3, 2, 3], device=device)
     train = backend != "triton"
     ref.train(train), ours.train(train)
     torch.manual_seed(123)
