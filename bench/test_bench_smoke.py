@@ -69,7 +69,7 @@ def test_json_has_environment_ceilings_and_config(cpu_run):
     for key in ENV_FIELDS:
         assert key in doc["environment"], key
     assert doc["environment"]["torch"] == torch.__version__
-    assert doc["environment"]["fasttx_path"] == "reference"  # auto on CPU = the fallback
+    assert doc["environment"]["fasttx_path"] == "torch"  # auto on CPU = torch's ops
     assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"] > 0
     assert doc["config"]["size"] == "tiny" and doc["config"]["dtypes"] == ["fp32"]
 

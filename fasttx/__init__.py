@@ -1,9 +1,9 @@
 """fasttx: transformer building blocks whose hot paths are Triton kernels.
 
     import fasttx.nn as nn          # drop-in for the transformer parts of torch.nn
-    import fasttx.functional as F   # drop-in for the matching torch.nn.functional ops
+    import fasttx.functional as FF  # drop-in for torch.nn.functional (ours where we have an op)
     fasttx.convert(model)           # swap torch.nn modules of an existing model for ours
-    fasttx.use_backend("reference") # "auto" (default) | "triton" | "reference"
+    fasttx.use_backend("torch")     # "auto" (default) | "triton" | "torch"
 """
 from __future__ import annotations
 
@@ -43,14 +43,10 @@ def __getattr__(name):
         globals()["convert"] = convert
         return convert
     if name in ("functional", "nn", "reference", "models", "kernels", "integrations"):
-        return importlib_import(f"fasttx.{name}")
+        import importlib
+
+        return importlib.import_module(f"fasttx.{name}")
     raise AttributeError(f"module 'fasttx' has no attribute {name!r}")
-
-
-def importlib_import(name):
-    import importlib
-
-    return importlib.import_module(name)
 
 
 __all__ = ["BACKENDS", "get_backend", "use_backend", "convert", "__version__"]

@@ -1,24 +1,40 @@
 """Backend choice, in exactly one place.
 
-"auto"      -> the Triton kernels for CUDA tensors, the reference (PyTorch) path otherwise.
-"triton"    -> always the Triton kernels; on CPU tensors this needs TRITON_INTERPRET=1 set before
-               triton is imported (the Triton interpreter), otherwise a clear RuntimeError.
-"reference" -> always the PyTorch path.
+"auto"   -> the Triton kernels for CUDA tensors, torch's own ops otherwise (the default).
+"triton" -> always the Triton kernels; on CPU tensors this needs TRITON_INTERPRET=1 set before
+            triton is imported (the Triton interpreter, 100-1000x slower than torch's ops: for
+            testing the kernels, not for speed), otherwise a clear RuntimeError.
+"torch"  -> always torch's own ops (e.g. to compare, or to run a model exactly as torch.nn would).
+"reference" is accepted as a deprecated alias of "torch" (its old name).
 
 Set it with `fasttx.use_backend(name)` (also a context manager that restores the previous choice)
 or the environment variable FASTTX_BACKEND.
+
+Every fasttx.functional op asks `use_triton(*tensors)` whether this call takes the Triton path; an
+op whose kernel cannot serve a particular call (a dtype, a size past a kernel limit, a feature)
+runs torch's op instead and says so once through `warn_fallback`.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import warnings
 
 import torch
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "torch")
+_ALIASES = {"reference": "torch"}
 
 
 def _check(name) -> str:
+    if isinstance(name, str) and name in _ALIASES:
+        warnings.warn(
+            f"fasttx backend {name!r} is deprecated: it is now called {_ALIASES[name]!r}",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        name = _ALIASES[name]
     if name not in BACKENDS:
         raise ValueError(f"fasttx backend must be one of {BACKENDS}, got {name!r}")
     return name
@@ -28,7 +44,7 @@ _backend: str = _check(os.environ.get("FASTTX_BACKEND", "auto").strip().lower() 
 
 
 def get_backend() -> str:
-    """The backend in force: "auto", "triton" or "reference"."""
+    """The backend in force: "auto", "triton" or "torch"."""
     return _backend
 
 
@@ -36,7 +52,7 @@ class use_backend:
     """Select the backend. Takes effect at once; as a context manager it restores the previous
     choice on exit:
 
-        fasttx.use_backend("reference")          # from now on
+        fasttx.use_backend("torch")              # from now on
         with fasttx.use_backend("triton"): ...   # only inside the block
     """
 
@@ -73,30 +89,75 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def use_triton(*tensors) -> bool:
-    """Whether an op on these tensors runs the Triton kernels (True) or the reference path (False).
-    `None` entries are ignored."""
-    name = _backend
-    if name == "reference":
-        return False
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
-    if name == "auto":
-        return on_cuda and triton_available()
-    if not triton_available():
-        raise RuntimeError(
-            "fasttx backend 'triton' was requested but triton is not installed "
-            "(it is available on Linux only); use fasttx.use_backend('auto') or 'reference'"
-        )
-    if not on_cuda and not interpreting():
+_warned_slow = False
+
+
+def _check_cpu_triton(tensors) -> None:
+    """The forced Triton path on CPU tensors: only through the interpreter, and only if the
+    kernels were decorated under it (triton reads TRITON_INTERPRET when `@triton.jit` runs, i.e.
+    when fasttx.kernels is first imported; setting it later leaves GPU-only kernels behind)."""
+    global _warned_slow
+    if not interpreting():
         devices = sorted({str(t.device) for t in tensors if isinstance(t, torch.Tensor)})
         raise RuntimeError(
             f"fasttx backend 'triton' needs CUDA tensors, got tensors on {devices}; to run the "
             "kernels on CPU set TRITON_INTERPRET=1 before triton is imported, or use "
-            "fasttx.use_backend('auto') to fall back to the reference path"
+            "fasttx.use_backend('auto') to run torch's ops on CPU"
         )
+    kernels = sys.modules.get("fasttx.kernels._common")
+    if kernels is not None and not kernels.INTERPRETING:
+        raise RuntimeError(
+            "TRITON_INTERPRET=1 was set after fasttx's kernels had been imported, so they were "
+            "built for a GPU and cannot run on these CPU tensors; set TRITON_INTERPRET=1 in the "
+            "environment before the first import of triton or fasttx.kernels (at the top of the "
+            "script, or in conftest.py)"
+        )
+    if not _warned_slow:
+        _warned_slow = True
+        warnings.warn(
+            "fasttx backend 'triton' on CPU tensors runs the kernels through the Triton "
+            "interpreter, 100-1000x slower than torch's ops: use it to test the kernels, and "
+            "backend 'auto' or 'torch' for speed on CPU",
+            stacklevel=4,
+        )
+
+
+def use_triton(*tensors) -> bool:
+    """Whether an op on these tensors runs the Triton kernels (True) or torch's ops (False).
+    `None` entries are ignored; any other non-tensor sends the call to torch's op, which raises
+    torch's own TypeError for it."""
+    name = _backend
+    if name == "torch":
+        return False
+    on_cuda = True
+    for t in tensors:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            return False
+        on_cuda = on_cuda and t.is_cuda
+    if name == "auto":
+        return on_cuda and _TRITON_AVAILABLE
+    if not _TRITON_AVAILABLE:
+        raise RuntimeError(
+            "fasttx backend 'triton' was requested but triton is not installed "
+            "(it is available on Linux only); use fasttx.use_backend('auto') or 'torch'"
+        )
+    if not on_cuda:
+        _check_cpu_triton(tensors)
     return True
 
 
 def backend_for(*tensors) -> str:
-    """Name of the path `use_triton` picks for these tensors: "triton" or "reference"."""
-    return "triton" if use_triton(*tensors) else "reference"
+    """Name of the path `use_triton` picks for these tensors: "triton" or "torch"."""
+    return "triton" if use_triton(*tensors) else "torch"
+
+
+_warned: set = set()
+
+
+def warn_fallback(op: str, reason: str) -> None:
+    """Say once per (op, reason) that a call the Triton path cannot serve runs torch's op."""
+    if (op, reason) not in _warned:
+        _warned.add((op, reason))
+        warnings.warn(f"fasttx {op}: {reason}; running torch's implementation instead", stacklevel=3)

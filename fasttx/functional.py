@@ -1,15 +1,23 @@
 """fasttx.functional: drop-ins for torch.nn.functional ops, plus the fused sub-layer ops.
 
-Every public op here has torch.nn.functional's exact signature and semantics. Each picks its path in
-Python, from the tensors' device and `fasttx.use_backend` (see fasttx/_backend.py):
-  - Triton: a `torch.library.custom_op` in fasttx/ops/<op>.py (fake + autograd registered, so
-    `torch.compile(fullgraph=True)` sees one opaque op) that calls the launchers in fasttx.kernels;
-  - reference: torch's own native ops, the same semantics as the plain math in fasttx/reference.py
-    (the oracle the tests check both paths against), and as fast as torch.nn on CPU.
-The inline `input.is_cuda` test before `use_triton(...)` is use_triton's own answer for the common
-CPU case, without the call: microsecond-sized CPU ops stay as fast as torch.nn's. The
-`from .ops import ...` inside each op keeps triton unimported until a Triton path is taken (and,
-unlike importlib, torch.compile can trace it).
+Every public op here has torch.nn.functional's exact signature and semantics, and is declared
+once with `@fasttx_op` (fasttx/_registry.py: exports, autocast policy). Each one is the single
+place that picks its path, in the same shape:
+
+    if use_triton(<tensors>):                  # backend + device (fasttx/_backend.py)
+        from .ops import <op> as op            # inline: triton stays unimported until needed,
+                                               # and torch.compile traces it (importlib it cannot)
+        reason = op.unsupported(...)           # None when the kernel covers this call
+        if reason is None:
+            <check the arguments: torch's exception types and messages>
+            <apply the op's autocast policy>
+            return op.<op>(...)                # the torch.library custom op (fasttx/ops/<op>.py)
+        warn_fallback("<op>", reason)          # one warning per reason, then torch's op
+    return F.<op>(...)                         # torch's own op, which checks its own arguments
+
+so both paths accept the same inputs: a call the kernel cannot serve runs torch's op instead of
+failing, and a bad argument raises what torch raises. `F` is torch.nn.functional throughout.
+fasttx/reference.py is not a path: it is the fp64 oracle the tests check both paths against.
 """
 from __future__ import annotations
 
@@ -19,44 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _backend
-from ._backend import use_triton
-
-__all__ = [
-    "layer_norm",
-    "gelu",
-    "relu",
-    "dropout",
-    "softmax",
-    "scaled_dot_product_attention",
-    "bias_gelu",
-    "bias_relu",
-    "dropout_add_layer_norm",
-]
+from . import _checks
+from ._backend import use_triton, warn_fallback
+from ._registry import OPS, autocast_inputs, autocast_to_fp32, fasttx_op
 
 
-# ----------------------------------------------------------------------------------------------
-# torch.autocast. torch applies a per-op policy before its own kernels; our custom ops have none,
-# so the Triton branches apply torch's policy here: layer_norm and softmax run in fp32 under CUDA
-# autocast (torch's fp32 list; CPU autocast leaves them alone), scaled_dot_product_attention in
-# the autocast dtype (the lower-precision list, CUDA and CPU). fp64 tensors are never cast.
-# ----------------------------------------------------------------------------------------------
-_LOW = (torch.float16, torch.bfloat16)
-
-
-def _autocast_to_fp32(device_type: str) -> bool:
-    return device_type == "cuda" and torch.is_autocast_enabled("cuda")
-
-
-def _fp32(t: Optional[Tensor]) -> Optional[Tensor]:
-    return t.float() if t is not None and t.dtype in _LOW else t
-
-
-def _lower(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    ok = t is not None and t.is_floating_point() and t.dtype != torch.float64
-    return t.to(dtype) if ok else t
-
-
+@fasttx_op(autocast="fp32")
 def layer_norm(
     input: Tensor,
     normalized_shape: Union[int, List[int], torch.Size],
@@ -69,41 +45,51 @@ def layer_norm(
         raise TypeError(
             "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not int"
         )
-    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, weight, bias):
-        from .ops import layer_norm as ops
+    if use_triton(input, weight, bias):
+        from .ops import layer_norm as op
 
-        if _autocast_to_fp32(input.device.type):
-            input, weight, bias = _fp32(input), _fp32(weight), _fp32(bias)
-        return ops.layer_norm(input, normalized_shape, weight, bias, eps)
+        reason = op.unsupported(input, normalized_shape)
+        if reason is None:
+            eps = _checks.check_float("layer_norm", "eps", 5, eps)
+            shape = _checks.check_shape("layer_norm", "normalized_shape", 2, normalized_shape)
+            input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
+            return op.layer_norm(input, shape, weight, bias, eps)
+        warn_fallback("layer_norm", reason)
     return F.layer_norm(input, normalized_shape, weight, bias, eps)
 
 
+@fasttx_op()
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
     """torch.nn.functional.gelu: exact (erf) when approximate="none", else the tanh form."""
-    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input):
-        from .ops import activation as ops
+    if use_triton(input):
+        from .ops import activation as op
 
-        return ops.gelu(input, approximate)
+        _checks.check_str("gelu", "approximate", None, approximate)
+        return op.gelu(input, approximate)
     return F.gelu(input, approximate=approximate)
 
 
+@fasttx_op()
 def relu(input: Tensor, inplace: bool = False) -> Tensor:
     """torch.nn.functional.relu (torch's own kernel on every path: there is nothing to fuse)."""
     return F.relu(input, inplace=inplace)
 
 
+@fasttx_op()
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """torch.nn.functional.dropout. Triton path: Philox mask regenerated in the backward, never
     stored; seeds drawn from torch's generator so torch.manual_seed reproduces a run."""
-    if p < 0.0 or p > 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input):
-        from .ops import dropout as ops
+    if use_triton(input):
+        from .ops import dropout as op
 
-        return ops.dropout(input, p, training, inplace)
+        p = _checks.check_dropout_p(_checks.check_float("dropout", "p", 2, p))
+        _checks.check_bool("dropout", "train", 3, training)
+        _checks.check_bool("dropout", "inplace", 4, inplace)
+        return op.dropout(input, p, training, inplace)
     return F.dropout(input, p, training, inplace)
 
 
+@fasttx_op(autocast="fp32")
 def softmax(
     input: Tensor,
     dim: Optional[int] = None,
@@ -111,18 +97,19 @@ def softmax(
     dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
     """torch.nn.functional.softmax along `dim`, computed in `dtype` when given."""
-    if dim is None:
-        # torch's legacy implicit-dim rule (with its deprecation warning)
-        return F.softmax(input, dim=None, _stacklevel=_stacklevel + 1, dtype=dtype)
-    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input):
-        from .ops import softmax as ops
+    if dim is not None and use_triton(input):
+        from .ops import softmax as op
 
-        if dtype is None and input.dtype in _LOW and _autocast_to_fp32(input.device.type):
-            dtype = torch.float32
-        return ops.softmax(input, dim, dtype)
-    return F.softmax(input, dim=dim, dtype=dtype)
+        dim = _checks.check_int("softmax", "dim", 1, dim)
+        _checks.check_dtype("softmax", "dtype", None, dtype)
+        if dtype is None:
+            (input,) = autocast_inputs("softmax", input)
+        return op.softmax(input, dim, dtype)
+    # dim=None: torch's legacy implicit-dim rule (with its deprecation warning)
+    return F.softmax(input, dim=dim, _stacklevel=_stacklevel + 1, dtype=dtype)
 
 
+@fasttx_op(autocast="lower")
 def scaled_dot_product_attention(
     query: Tensor,
     key: Tensor,
@@ -139,15 +126,14 @@ def scaled_dot_product_attention(
     attn_mask: bool (True = attend) or float (added to the scores), broadcastable to (N, Hq, L, S).
     is_causal: top-left aligned causal mask. Fully masked rows give zeros.
     """
-    if (_backend._backend == "triton" or query.is_cuda) and use_triton(query, key, value, attn_mask):
-        from .ops import attention as ops
+    if use_triton(query, key, value, attn_mask):
+        from .ops import attention as op
 
         if torch.is_autocast_enabled(query.device.type):
-            low = torch.get_autocast_dtype(query.device.type)
-            query, key, value = _lower(query, low), _lower(key, low), _lower(value, low)
+            query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
             if attn_mask is not None and attn_mask.dtype != torch.bool:
-                attn_mask = _lower(attn_mask, low)
-        return ops.scaled_dot_product_attention(
+                (attn_mask,) = autocast_inputs("scaled_dot_product_attention", attn_mask)
+        return op.scaled_dot_product_attention(
             query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
         )
     # Positional where torch allows it: its argument parser is measurably slower per keyword.
@@ -159,24 +145,42 @@ def scaled_dot_product_attention(
 # ----------------------------------------------------------------------------------------------
 # Fused sub-layer ops (fasttx's own; no torch.nn.functional counterpart)
 # ----------------------------------------------------------------------------------------------
+def _bias_act(name: str, input: Tensor, bias: Tensor, act: str):
+    """The Triton op for act(input + bias), or None when the kernel cannot take this bias (it
+    takes one broadcast over input's last dim: (N,), or any shape of N elements that broadcasts
+    to input unchanged, e.g. (1, N))."""
+    from .ops import activation as op
+
+    shape = torch.broadcast_shapes(input.shape, bias.shape)  # torch's error when they don't
+    if input.dim() == 0 or shape != input.shape or bias.numel() != input.shape[-1]:
+        warn_fallback(name, f"a bias of shape {tuple(bias.shape)} for an input of shape "
+                      f"{tuple(input.shape)} is not a per-column bias")
+        return None
+    return op.bias_act(input, bias.reshape(-1), act, name)
+
+
+@fasttx_op()
 def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
     """gelu(input + bias) in one pass; bias (hidden,) broadcast over input's last dim."""
-    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, bias):
-        from .ops import activation as ops
-
-        return ops.bias_gelu(input, bias, approximate)
+    if use_triton(input, bias):
+        _checks.check_str("bias_gelu", "approximate", None, approximate)
+        y = _bias_act("bias_gelu", input, bias, approximate)
+        if y is not None:
+            return y
     return F.gelu(input + bias, approximate=approximate)
 
 
+@fasttx_op()
 def bias_relu(input: Tensor, bias: Tensor) -> Tensor:
     """relu(input + bias) in one pass; bias (hidden,) broadcast over input's last dim."""
-    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, bias):
-        from .ops import activation as ops
-
-        return ops.bias_relu(input, bias)
+    if use_triton(input, bias):
+        y = _bias_act("bias_relu", input, bias, "relu")
+        if y is not None:
+            return y
     return F.relu(input + bias)
 
 
+@fasttx_op(autocast="fp32")
 def dropout_add_layer_norm(
     input: Tensor,
     residual: Optional[Tensor],
@@ -192,23 +196,37 @@ def dropout_add_layer_norm(
     One kernel on the Triton path. The first output is the post-norm sub-layer `LN(x + drop(y))`;
     the second is the updated residual stream that a pre-norm block carries on.
     input, residual (*, hidden); `residual=None` means h = dropout(input).
+    Under CUDA autocast it gives the unfused sequence's dtypes: h in the promoted dtype of input
+    and residual, layer_norm(h) in fp32 (the norm's autocast policy applies to the norm only).
     """
-    if p < 0.0 or p > 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    p = _checks.check_dropout_p(p)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
-    if (_backend._backend == "triton" or input.is_cuda) and use_triton(input, residual, weight, bias):
-        from .ops import layer_norm as ops
+    if use_triton(input, residual, weight, bias):
+        from .ops import layer_norm as op
 
-        y, h = ops.dropout_add_layer_norm(
-            input, residual, normalized_shape, weight, bias, eps, p, training
-        )
-        # As the unfused torch sequence under CUDA autocast: h in the promoted dtype of input and
-        # residual, y = layer_norm(h) in fp32 (a cast only when both inputs are 16-bit).
-        if _autocast_to_fp32(input.device.type):
-            y = _fp32(y)
-        return y, h
+        reason = op.unsupported(input, normalized_shape)
+        if reason is None:
+            eps = _checks.check_float("dropout_add_layer_norm", "eps", 6, eps)
+            shape = _checks.check_shape("dropout_add_layer_norm", "normalized_shape", 3, normalized_shape)
+            y, h = op.dropout_add_layer_norm(input, residual, shape, weight, bias, eps, p, training)
+            if autocast_to_fp32(input.device.type) and y.dtype in (torch.float16, torch.bfloat16):
+                y = y.float()
+            return y, h
+        warn_fallback("dropout_add_layer_norm", reason)
     h = F.dropout(input, p, training)
     if residual is not None:
         h = residual + h
     return F.layer_norm(h, normalized_shape, weight, bias, eps), h
+
+
+__all__ = list(OPS)
+
+
+def __getattr__(name: str):
+    # Every other torch.nn.functional name is torch's own, so `import fasttx.functional as FF`
+    # can stand in for `import torch.nn.functional as F` (and fasttx.nn.functional is this module).
+    try:
+        return getattr(F, name)
+    except AttributeError:
+        raise AttributeError(f"module 'fasttx.functional' has no attribute {name!r}") from None

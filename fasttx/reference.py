@@ -1,6 +1,5 @@
-"""The reference path: plain, readable PyTorch math for every fasttx op.
-
-It is the correctness oracle of the tests and the CPU fallback's definition of the semantics.
+"""The oracle: plain, readable PyTorch math for every fasttx op, which the tests check both
+paths (the Triton kernels and torch's own ops) against. No library code calls it.
 It imports no kernel code: an oracle must not share code with what it checks.
 
 Every function takes an optional `upcast` dtype (torch.float32 or torch.float64): when given, the
@@ -49,14 +48,6 @@ def layer_norm(
     if b is not None:
         y = y + b
     return y
-
-
-def layer_norm_stats(input: torch.Tensor, eps: float = 1e-5):
-    """fp32 (mean, rstd) over the last dim, shapes (*,): what the kernel saves for the backward."""
-    x = input.float()
-    mean = x.mean(-1)
-    var = (x - mean.unsqueeze(-1)).pow(2).mean(-1)
-    return mean, torch.rsqrt(var + eps)
 
 
 def residual_dropout_layer_norm(

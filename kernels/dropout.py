@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._math import dropout_keep
-from ._rows import as_rows, elementwise_config
+from ._common import acc_dtype, as_rows, elementwise_config
 
 @triton.jit
 def _dropout_kernel(
@@ -23,7 +23,7 @@ def _dropout_kernel(
     MASK,  # (M, N) bool keep-mask, contiguous (written only if STORE_MASK: a test hook)
     M, N,
     stride_xm, stride_ym,
-    seed,  # Philox seed drawn by the caller
+    SEED,  # (1,) int64 Philox seed drawn by the caller, read on the device (CUDA-graph safe)
     p,  # drop probability
     scale,  # 1 / (1 - p), 0 when p == 1
     ROWS_PER_PROG,  # rows walked by one program along grid axis 1 (a multiple of BLOCK_M)
@@ -34,6 +34,7 @@ def _dropout_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    seed = tl.load(SEED)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     row0 = pid_m.to(tl.int64) * ROWS_PER_PROG  # int64: offsets and Philox indices can pass 2^31
@@ -50,9 +51,18 @@ def _dropout_kernel(
             tl.store(MASK + idx, keep, mask=mask)
 
 
-def _apply(x: torch.Tensor, p: float, seed: int, return_mask: bool):
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+def seed_tensor(seed, device) -> torch.Tensor:
+    """The (1,) int64 device tensor the kernels read their Philox seed from: `seed` itself when
+    it is one (the ops pass a seed drawn on the device, which a captured CUDA graph redraws on
+    every replay), else a Python int copied there (tests, direct launcher calls)."""
+    if isinstance(seed, torch.Tensor):
+        assert seed.dtype == torch.int64 and seed.numel() == 1 and seed.device == device, seed
+        return seed.reshape(1)
+    return torch.tensor([seed], dtype=torch.int64, device=device)
+
+
+def _apply(x: torch.Tensor, p: float, seed, return_mask: bool):
+    assert 0.0 <= p <= 1.0, p  # checked at the public entry (fasttx.functional)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     mask = torch.empty(x.shape, dtype=torch.bool, device=x.device) if return_mask else None
     if x.numel() == 0:
@@ -64,22 +74,32 @@ def _apply(x: torch.Tensor, p: float, seed: int, return_mask: bool):
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     _dropout_kernel[grid](
         x2, y2, mask if return_mask else y2, M, N, x2.stride(0), y2.stride(0),
-        seed, p, scale, rows_per_prog,
+        seed_tensor(seed, x.device), p, scale, rows_per_prog,
         STORE_MASK=return_mask,
-        ACC_DTYPE=tl.float64 if x.dtype == torch.float64 else tl.float32,
+        ACC_DTYPE=acc_dtype(x.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return y, mask
 
 
-def dropout_forward(x: torch.Tensor, p: float, seed: int, return_mask: bool = False):
-    """y = x * keep / (1 - p) for x (*), keep from (seed, element index). Returns y (contiguous,
+def dropout_forward(x: torch.Tensor, p: float, seed, return_mask: bool = False):
+    """y = x * keep / (1 - p) for x (*), keep from (seed, element index); seed an int or a (1,)
+    int64 tensor on x's device (see seed_tensor). Returns y (contiguous,
     x's dtype), or (y, keep) with keep a bool tensor like x when return_mask=True (a test hook:
     replay it through fasttx.reference.dropout(keep_mask=...))."""
     y, mask = _apply(x, p, seed, return_mask)
     return (y, mask) if return_mask else y
 
 
-def dropout_backward(dy: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def dropout_backward(dy: torch.Tensor, p: float, seed) -> torch.Tensor:
     """dx = dy * keep / (1 - p) with the forward's mask, regenerated from the same seed."""
     return _apply(dy, p, seed, False)[0]
+
+
+def compile_variants(quick: bool):
+    """The dropout kernel per dtype (forward and backward are one kernel)."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    for dt in dtypes:
+        x = torch.randn(64, 1000, dtype=dt)
+        dropout_forward(x, 0.1, 1)
+        dropout_backward(x, 0.1, 1)

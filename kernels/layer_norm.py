@@ -440,3 +440,22 @@ def layer_norm_bwd(
     dweight = dw_part.sum(0).to(weight.dtype).view(weight.shape) if weight is not None else None
     dbias = db_part.sum(0).to(bias.dtype).view(bias.shape) if bias is not None else None
     return dx, dh, dweight, dbias
+
+
+def compile_variants(quick: bool):
+    """One-block and chunked rows, affine on/off, and the fused residual+dropout, per dtype."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+
+    def r(*shape, dtype):
+        return torch.randn(*shape, dtype=dtype)
+
+    for dt in dtypes:
+        for n in ([1000, 65536] if quick else [7, 1000, 4096, 8192, 16384, 65536]):
+            x, w, b = r(4, n, dtype=dt), r(n, dtype=dt), r(n, dtype=dt)
+            for affine in ((w, b), (None, None)):
+                y, h, mean, rstd = layer_norm_fwd(x, n, *affine, 1e-5)
+                layer_norm_bwd(r(4, n, dtype=dt), x, n, *affine, mean, rstd)
+            y, h, mean, rstd = layer_norm_fwd(x, n, w, b, 1e-5, residual=r(4, n, dtype=dt),
+                                              p=0.1, seed=1, store_h=True)
+            layer_norm_bwd(r(4, n, dtype=dt), h, n, w, b, mean, rstd, dh_out=r(4, n, dtype=dt),
+                           p=0.1, seed=1, store_dh=True)

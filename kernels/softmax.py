@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._rows import as_rows
+from ._common import acc_dtype, as_rows
 
 SINGLE_BLOCK_MAX = 4096  # longest row held in one tile; longer rows loop over chunks
 _LOOP_BLOCK_N = 2048  # chunk size of the looped path
@@ -135,10 +135,6 @@ def softmax_config(M: int, N: int, single_block_max: int = None):
     return block_m, block_n, looped, (triton.cdiv(M, block_m),)
 
 
-def _acc(dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def softmax_forward(x: torch.Tensor, single_block_max: int = None) -> torch.Tensor:
     """Softmax over the last dim: x (*, N) -> y (*, N), contiguous, x's dtype."""
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -150,7 +146,7 @@ def softmax_forward(x: torch.Tensor, single_block_max: int = None) -> torch.Tens
     block_m, block_n, looped, grid = softmax_config(M, N, single_block_max)
     _softmax_fwd_kernel[grid](
         x2, y2, M, N, x2.stride(0), y2.stride(0),
-        ACC_DTYPE=_acc(x.dtype), LOOPED=looped, BLOCK_M=block_m, BLOCK_N=block_n,
+        ACC_DTYPE=acc_dtype(x.dtype), LOOPED=looped, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return y
 
@@ -158,8 +154,7 @@ def softmax_forward(x: torch.Tensor, single_block_max: int = None) -> torch.Tens
 def softmax_backward(dy: torch.Tensor, y: torch.Tensor, single_block_max: int = None) -> torch.Tensor:
     """dx = y * (dy - rowsum(dy * y)) over the last dim: dy, y (*, N) -> dx (*, N) in y's dtype.
     y (the forward's output) is only read."""
-    if dy.shape != y.shape:
-        raise RuntimeError(f"grad_output must have output's shape {tuple(y.shape)}, got {tuple(dy.shape)}")
+    assert dy.shape == y.shape, (dy.shape, y.shape)
     dx = torch.empty(y.shape, dtype=y.dtype, device=y.device)
     if y.numel() == 0:
         return dx
@@ -169,6 +164,15 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, single_block_max: int = 
     block_m, block_n, looped, grid = softmax_config(M, N, single_block_max)
     _softmax_bwd_kernel[grid](
         dy2, y2, dx2, M, N, dy2.stride(0), y2.stride(0), dx2.stride(0),
-        ACC_DTYPE=_acc(y.dtype), LOOPED=looped, BLOCK_M=block_m, BLOCK_N=block_n,
+        ACC_DTYPE=acc_dtype(y.dtype), LOOPED=looped, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return dx
+
+
+def compile_variants(quick: bool):
+    """One-block and looped rows, forward and backward, per dtype."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    for dt in dtypes:
+        for n in (1000, 9000):
+            y = softmax_forward(torch.randn(8, n, dtype=dt))
+            softmax_backward(torch.randn(8, n, dtype=dt), y)

@@ -37,7 +37,7 @@ def device():
     return DEVICE
 
 
-@pytest.fixture(params=["reference", "triton"])
+@pytest.fixture(params=["torch", "triton"])
 def backend(request):
     """Run a test once per path; the Triton path runs under the interpreter on CPU."""
     if request.param == "triton" and not triton_available():

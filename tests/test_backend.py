@@ -12,14 +12,23 @@ from fasttx import _backend
 
 def test_use_backend_sets_and_restores():
     assert fasttx.get_backend() == "auto"
-    with fasttx.use_backend("reference"):
-        assert fasttx.get_backend() == "reference"
+    with fasttx.use_backend("torch"):
+        assert fasttx.get_backend() == "torch"
         with fasttx.use_backend("triton"):
             assert fasttx.get_backend() == "triton"
-        assert fasttx.get_backend() == "reference"
+        assert fasttx.get_backend() == "torch"
     assert fasttx.get_backend() == "auto"
-    fasttx.use_backend("reference")
-    assert fasttx.get_backend() == "reference"
+    fasttx.use_backend("torch")
+    assert fasttx.get_backend() == "torch"
+
+
+def test_reference_is_a_deprecated_alias_of_torch():
+    with pytest.warns(DeprecationWarning, match="now called 'torch'"):
+        with fasttx.use_backend("reference"):
+            assert fasttx.get_backend() == "torch"
+    r = _run("import warnings; warnings.simplefilter('default')\nimport fasttx; print(fasttx.get_backend())",
+             FASTTX_BACKEND="reference")
+    assert r.returncode == 0 and r.stdout.strip() == "torch", r.stderr
 
 
 def test_unknown_backend_raises():
@@ -27,12 +36,12 @@ def test_unknown_backend_raises():
         fasttx.use_backend("cuda")
 
 
-def test_auto_picks_reference_on_cpu():
+def test_auto_picks_torch_on_cpu():
     x = torch.randn(3, device="cpu")
     with fasttx.use_backend("auto"):
-        assert _backend.backend_for(x) == "reference"
-    with fasttx.use_backend("reference"):
-        assert _backend.backend_for(x) == "reference"
+        assert _backend.backend_for(x) == "torch"
+    with fasttx.use_backend("torch"):
+        assert _backend.backend_for(x) == "torch"
 
 
 def test_forced_triton_on_cpu_without_interpreter_raises(monkeypatch):
@@ -56,15 +65,15 @@ def _run(code, **env):
 
 
 def test_env_variable_selects_backend():
-    r = _run("import fasttx; print(fasttx.get_backend())", FASTTX_BACKEND="reference")
+    r = _run("import fasttx; print(fasttx.get_backend())", FASTTX_BACKEND="torch")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "reference"
+    assert r.stdout.strip() == "torch"
     r = _run("import fasttx", FASTTX_BACKEND="bogus")
     assert r.returncode != 0 and "backend must be one of" in r.stderr
 
 
-def test_missing_triton_leaves_reference_path_working():
-    # Simulate macOS/Windows: make `import triton` fail, then use every reference op.
+def test_missing_triton_leaves_torch_path_working():
+    # Simulate macOS/Windows: make `import triton` fail, then use every op on torch's path.
     code = (
         "import sys; sys.modules['triton'] = None\n"
         "import importlib.util as u; orig = u.find_spec\n"

@@ -47,7 +47,7 @@ def _worker(rank, port, out_path):
     from fasttx.models import GPT
 
     torch.set_num_threads(1)
-    fasttx.use_backend("reference")
+    fasttx.use_backend("torch")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=TIMEOUT_S))
     try:
@@ -90,7 +90,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
                 p.terminate()
                 p.join(5)
 
-    with fasttx.use_backend("reference"):
+    with fasttx.use_backend("torch"):
         torch.manual_seed(0)
         model = GPT(_config())
         single = _train(model, _batch())

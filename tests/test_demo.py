@@ -42,7 +42,7 @@ def test_tiny_run_end_to_end(tmp_path, corpus, capsys):
     assert demo.main(TINY + ["--data", corpus, "--checkpoint", str(ckpt)]) == 0
     assert torch.get_num_threads() == threads  # restored
     out = capsys.readouterr().out
-    assert "device: cpu (fp32); fasttx backend: reference" in out
+    assert "device: cpu (fp32); fasttx backend: torch" in out
     assert "loaded back with weights_only=True" in out
     assert out.count("--- sample (prompt") == len(demo.PROMPTS)
     assert "fasttx step 4: loss" in out  # plain progress lines with loss and tokens/s

@@ -176,17 +176,21 @@ def test_bad_inputs(backend, device):
         FF.dropout(torch.arange(4, device=device), 0.5)  # torch: can't cast Float to Long
 
 
-def test_bad_p_in_op_and_launcher(device):
-    from fasttx.ops import dropout as D
-
+def test_bad_p_checked_once_at_the_public_entry(backend, device):
+    # torch's ValueError from fasttx.functional on both paths; below it the op and the launcher
+    # only assert (issue: one check per argument, at the entry).
     x = torch.randn(3, 4, device=device)
     for p in (-0.1, 1.5):
         with pytest.raises(ValueError, match="between 0 and 1"):
-            D.dropout(x, p)
-        with pytest.raises(ValueError, match="between 0 and 1"):
-            K.dropout_forward(x, p, seed=1)
-        with pytest.raises(ValueError, match="between 0 and 1"):
-            torch.ops.fasttx.dropout(x, p)
+            FF.dropout(x, p)
+    with pytest.raises(TypeError, match="train"):
+        FF.dropout(x, 0.5, training="yes")
+    with pytest.raises(TypeError, match="input"):
+        FF.dropout([1.0, 2.0], 0.5)
+    with pytest.raises(AssertionError):
+        K.dropout_forward(x, 1.5, seed=1)
+    from fasttx.ops import dropout as D
+
     with pytest.raises(RuntimeError, match="floating-point"):
         D.dropout(torch.arange(4, device=device), 0.5)
 
@@ -256,6 +260,61 @@ def test_cuda_graph_capture_is_refused_not_silently_repeated(monkeypatch):
         _common.draw_philox_seed()
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     assert isinstance(_common.draw_philox_seed(), int)
+
+
+def test_dropout_seed_is_read_on_the_device_so_graph_replays_draw_new_masks(device, monkeypatch):
+    # The CUDA-graph-safe design, checked on CPU: the op draws its seed as a device tensor from
+    # torch's generator (no host value to bake into a graph), the kernel reads it through a
+    # pointer, so rewriting the tensor in place (what a graph replay of torch.randint does) gives
+    # a new mask from the very same launch arguments; the backward replays the saved tensor.
+    from fasttx.ops import _common
+
+    torch.manual_seed(0)
+    s1 = _common.draw_seed(torch.device(device))
+    torch.manual_seed(0)
+    assert torch.equal(_common.draw_seed(torch.device(device)), s1)  # torch.manual_seed reproduces it
+    assert s1.shape == (1,) and s1.dtype == torch.int64 and s1.device.type == device
+    x = torch.randn(64, 33, device=device)
+    seed = s1.clone()
+    y1 = K.dropout_forward(x, 0.5, seed)
+    assert torch.equal(y1, K.dropout_forward(x, 0.5, int(seed)))  # same mask as the host int
+    seed.add_(1)  # a replay's new draw, in place
+    y2 = K.dropout_forward(x, 0.5, seed)
+    assert not torch.equal(y1 != 0, y2 != 0)
+    # Capturing no longer refuses the stand-alone dropout: no host seed is drawn.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with fasttx.use_backend("triton"):
+        xr = x.clone().requires_grad_()
+        y = FF.dropout(xr, 0.5)
+        y.backward(torch.ones_like(y))
+    assert torch.equal(xr.grad, (y != 0).float() * 2.0)
+
+
+@pytest.mark.gpu
+def test_dropout_cuda_graph_replay_draws_a_new_mask_each_time(device):
+    x = torch.randn(256, 512, device=device, requires_grad=True)
+    static_grad = torch.ones(256, 512, device=device)
+    with fasttx.use_backend("triton"):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up outside the graph
+            y = FF.dropout(x, 0.5)
+            y.backward(static_grad)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        x.grad = None
+        with torch.cuda.graph(graph):
+            y = FF.dropout(x, 0.5)
+            y.backward(static_grad)
+    masks = []
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        keep = y != 0
+        masks.append(keep.clone())
+        torch.testing.assert_close(x.grad, keep.float() * 2.0)  # backward used this replay's mask
+    assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
 
 
 def test_permuted_input_keeps_its_layout_like_torch(backend, device):

@@ -179,15 +179,34 @@ def test_bad_inputs(backend, device):
         FF.bias_gelu(x, torch.randn(4, device=device), approximate="foo")
     with pytest.raises(NotImplementedError):
         FF.gelu(torch.arange(4, device=device))
-    if backend == "triton":  # fasttx's own rule (torch's x + b would broadcast a (1,) bias)
-        for bad in (torch.randn(5, device=device), torch.randn(1, 4, device=device)):
-            with pytest.raises(RuntimeError, match="bias must have shape"):
-                FF.bias_gelu(x, bad)
-            with pytest.raises(RuntimeError, match="bias must have shape"):
-                FF.bias_relu(x, bad)
-    else:
-        with pytest.raises(RuntimeError, match="size of tensor"):
-            FF.bias_gelu(x, torch.randn(5, device=device))
+    # A bias that does not broadcast: torch's error on both paths.
+    with pytest.raises(RuntimeError, match="size of tensor|broadcast"):
+        FF.bias_gelu(x, torch.randn(5, device=device))
+    with pytest.raises(RuntimeError, match="size of tensor|broadcast"):
+        FF.bias_relu(x, torch.randn(5, device=device))
+    # torch's API rejects these; both paths must too.
+    with pytest.raises(TypeError, match="approximate"):
+        FF.gelu(x, approximate=None)
+    with pytest.raises(TypeError, match="input"):
+        FF.gelu([1.0, 2.0])
+
+
+@pytest.mark.parametrize("x_shape, b_shape", [((3, 4), (1, 4)), ((), (4,)), ((2, 3, 4), (1, 1, 4)),
+                                              ((3, 4), (1,)), ((3, 1), (4,))])
+def test_bias_ops_broadcast_like_torch(backend, device, x_shape, b_shape):
+    # Any bias torch's `input + bias` broadcasts works on both paths with torch's result: a
+    # per-column bias of another shape runs the kernel, the rest falls back to torch's ops.
+    import warnings
+
+    x = torch.randn(x_shape, device=device)
+    b = torch.randn(b_shape, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for ours, theirs in ((FF.bias_gelu(x, b), torch.nn.functional.gelu(x + b)),
+                             (FF.bias_relu(x, b), torch.relu(x + b))):
+            assert ours.shape == theirs.shape
+            torch.testing.assert_close(ours, theirs)
+
 
 
 def test_dbias_deterministic_and_inputs_untouched(device):

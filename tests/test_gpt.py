@@ -173,7 +173,7 @@ def test_forward_and_gradients(backend, dtype, pos_encoding, bias):
 def test_fasttx_and_torch_twins_agree_exactly_on_the_reference_path():
     # On the reference path fasttx's ops are torch's own: the two implementations must give
     # bit-identical results (a test of the fused-op plumbing: every LayerNorm in the right place).
-    with fasttx.use_backend("reference"):
+    with fasttx.use_backend("torch"):
         ours = make(tiny())
         pt = twin(ours)
         idx = torch.randint(0, V, (3, 16))
@@ -369,7 +369,7 @@ def test_training_loss_decreases_on_random_tokens(backend):
 
 
 def test_torch_compile_fullgraph():
-    with fasttx.use_backend("reference"):
+    with fasttx.use_backend("torch"):
         m = make(tiny(dropout=0.0))
         idx = torch.randint(0, V, (2, 10))
         eager_logits, eager_loss = m(idx, idx)

@@ -22,9 +22,15 @@ def _pair(torch_cls, fasttx_cls, *args, **kwargs):
 def test_reexports_torch_nn():
     # `import fasttx.nn as nn` must work in place of `import torch.nn as nn`.
     for name in ("Module", "Linear", "Embedding", "Parameter", "ModuleList", "Sequential",
-                 "ModuleDict", "Identity", "ReLU", "CrossEntropyLoss", "init", "utils",
-                 "functional", "parameter", "Buffer"):
+                 "ModuleDict", "Identity", "ReLU", "init", "utils", "parameter", "Buffer"):
         assert getattr(nn, name) is getattr(torch.nn, name), name
+    # nn.functional is fasttx's (ours where we have an op, torch's for every other name)
+    import fasttx.functional
+
+    assert nn.functional is fasttx.functional
+    assert nn.functional.linear is torch.nn.functional.linear
+    with pytest.raises(AttributeError, match="no attribute 'not_an_op'"):
+        nn.functional.not_an_op
     public = {n for n in dir(torch.nn) if not n.startswith("_")}
     assert public <= set(dir(nn)), sorted(public - set(dir(nn)))
     # fasttx.nn.attention is our module; torch.nn.attention's API stays reachable through it.

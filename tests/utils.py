@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-# (atol, rtol) per dtype for elementwise ops and norms (../shared/TESTING.md).
+# (atol, rtol) per dtype for elementwise ops and norms (tests/README.md).
 TOL = {
     torch.float32: (1e-5, 1e-5),
     torch.float16: (1e-2, 1e-2),

@@ -103,57 +103,19 @@ def install_compile_only_driver(arch: int, max_configs=None):
 
 
 def launch_all(quick: bool):
-    """Call every launcher over the variants that select different code (dtypes, flags, paths)."""
-    import torch
+    """Call `compile_variants(quick)` of every fasttx.kernels module that defines one: each kernel
+    file lists, next to its launchers, the launches that select different code (dtypes, flags,
+    paths), so a new kernel is covered by writing that function and nothing here."""
+    import importlib
+    import pkgutil
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a bare checkout
-    from fasttx.kernels import attention, dropout, gelu, layer_norm, softmax
+    import fasttx.kernels
 
-    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
-
-    def r(*shape, dtype):
-        return torch.randn(*shape, dtype=dtype)
-
-    for dt in dtypes:
-        # LayerNorm: one-block rows, chunked long rows; affine on/off; the fused residual+dropout.
-        for n in ([1000, 65536] if quick else [7, 1000, 4096, 8192, 16384, 65536]):
-            x, w, b = r(4, n, dtype=dt), r(n, dtype=dt), r(n, dtype=dt)
-            for affine in ((w, b), (None, None)):
-                y, h, mean, rstd = layer_norm.layer_norm_fwd(x, n, *affine, 1e-5)
-                layer_norm.layer_norm_bwd(r(4, n, dtype=dt), x, n, *affine, mean, rstd)
-            y, h, mean, rstd = layer_norm.layer_norm_fwd(x, n, w, b, 1e-5, residual=r(4, n, dtype=dt),
-                                                         p=0.1, seed=1, store_h=True)
-            layer_norm.layer_norm_bwd(r(4, n, dtype=dt), h, n, w, b, mean, rstd, dh_out=r(4, n, dtype=dt),
-                                      p=0.1, seed=1, store_dh=True)
-        # Bias + activation, dropout, softmax (one-block and looped rows).
-        x = r(64, 1000, dtype=dt)
-        for act in gelu.ACTIVATIONS:
-            for bias in (None, r(1000, dtype=dt)):
-                gelu.bias_act_forward(x, bias, act)
-                gelu.bias_act_backward(r(64, 1000, dtype=dt), x, bias, act)
-        dropout.dropout_forward(x, 0.1, 1)
-        dropout.dropout_backward(x, 0.1, 1)
-        for n in (1000, 9000):
-            y = softmax.softmax_forward(r(8, n, dtype=dt))
-            softmax.softmax_backward(r(8, n, dtype=dt), y)
-        # Attention: head dims (powers of two and not), causal, masks, dropout, GQA, decode.
-        head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
-        for e in head_dims:
-            q, k, v = r(1, 4, 128, e, dtype=dt), r(1, 2, 192, e, dtype=dt), r(1, 2, 192, e, dtype=dt)
-            variants = [dict(), dict(is_causal=True)]
-            if not quick or e == 64:
-                variants += [
-                    dict(mask=torch.rand(1, 1, 128, 192).expand(1, 4, 128, 192) > 0.5),
-                    dict(mask=r(1, 4, 128, 192, dtype=dt)),
-                    dict(dropout_p=0.1, seed=3),
-                ]
-            for kw in variants:
-                mask = kw.pop("mask", None)
-                out, lse = attention.attention_forward(q, k, v, mask, scale=e ** -0.5, **kw)
-                attention.attention_backward(r(1, 4, 128, e, dtype=dt), q, k, v, mask, out, lse,
-                                             scale=e ** -0.5, **kw)
-            kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
-            attention.attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True)
+    for info in pkgutil.iter_modules(fasttx.kernels.__path__):
+        module = importlib.import_module(f"fasttx.kernels.{info.name}")
+        if hasattr(module, "compile_variants"):
+            module.compile_variants(quick)
 
 
 def main(argv=None):

@@ -43,7 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "fasttx.integrations.huggingface needs transformers>=4.48: pip install 'fasttx[hf]'"
     ) from exc
 
-import fasttx.functional as F
+import fasttx.functional as FF
 import fasttx.nn as fnn
 from fasttx._convert import convert as _convert_torch_modules
 
@@ -54,9 +54,9 @@ logger = logging.getLogger(__name__)
 ATTN_IMPLEMENTATION = "fasttx"
 
 # transformers activation class name -> the torch `approximate` form it computes exactly.
-#   GELUActivation            F.gelu (or its erf formula with use_gelu_python)        -> "none"
+#   GELUActivation            FF.gelu (or its erf formula with use_gelu_python)        -> "none"
 #   NewGELUActivation         0.5x(1 + tanh(sqrt(2/pi)(x + 0.044715x^3)))  (GPT-2)    -> "tanh"
-#   GELUTanh / PytorchGELUTanh  F.gelu(approximate="tanh") or its formula             -> "tanh"
+#   GELUTanh / PytorchGELUTanh  FF.gelu(approximate="tanh") or its formula             -> "tanh"
 #   FastGELUActivation        the tanh form with sqrt(2/pi) rounded to 0.7978845608
 #                             (relative difference 3e-12, far below fp32 rounding)     -> "tanh"
 #   AccurateGELUActivation    the tanh form                                            -> "tanh"
@@ -143,7 +143,7 @@ def fasttx_attention_forward(
             query, key, value, attn_mask, dropout, scaling, use_is_causal, enable_gqa
         )
     else:
-        out = F.scaled_dot_product_attention(
+        out = FF.scaled_dot_product_attention(
             query, key, value, attn_mask=attn_mask, dropout_p=dropout, is_causal=use_is_causal,
             scale=scaling, enable_gqa=enable_gqa,
         )  # (B, Hq, L, Ev)
@@ -188,9 +188,9 @@ def _explicit_attention(q, k, v, mask, dropout, scaling, is_causal, enable_gqa):
             scores = scores.masked_fill(~mask, lowest)
         else:
             scores = (scores + mask.float()).clamp_min(lowest)
-    probs = F.softmax(scores, dim=-1).to(q.dtype)
+    probs = FF.softmax(scores, dim=-1).to(q.dtype)
     if dropout > 0.0:
-        probs = F.dropout(probs, p=dropout, training=True)
+        probs = FF.dropout(probs, p=dropout, training=True)
     return torch.matmul(probs, v), probs
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import functional as FF
 
 __all__ = ["GELU"]
 
@@ -14,4 +14,4 @@ class GELU(torch.nn.GELU):
     `isinstance(m, torch.nn.GELU)`. input (*) -> output (*), same dtype."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.gelu(input, approximate=self.approximate)
+        return FF.gelu(input, approximate=self.approximate)

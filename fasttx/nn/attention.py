@@ -11,11 +11,11 @@ import math
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as torch_F
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import *  # noqa: F401,F403
 
-from .. import functional as F  # attention and dropout; the projections are torch's linear
+from .. import functional as FF  # attention and dropout; the projections are torch's linear
 
 __all__ = ["MultiheadAttention"]
 
@@ -66,15 +66,15 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 "tensors with a key_padding_mask instead"
             )
         # torch's own checks, so that bad shapes raise exactly torch's errors.
-        is_batched = torch_F._mha_shape_check(
+        is_batched = F._mha_shape_check(
             query, key, value, key_padding_mask, attn_mask, self.num_heads
         )
         # Bool masks become float masks (-inf where True) in query's dtype, with torch's error for
         # other dtypes and its deprecation warning when the two masks' types differ.
-        key_padding_mask = torch_F._canonical_mask(
+        key_padding_mask = F._canonical_mask(
             mask=key_padding_mask,
             mask_name="key_padding_mask",
-            other_type=torch_F._none_or_dtype(attn_mask),
+            other_type=F._none_or_dtype(attn_mask),
             other_name="attn_mask",
             target_type=query.dtype,
         )
@@ -89,7 +89,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         if causal:
             attn_mask = None
         else:
-            attn_mask = torch_F._canonical_mask(
+            attn_mask = F._canonical_mask(
                 mask=attn_mask,
                 mask_name="attn_mask",
                 other_type=None,
@@ -133,7 +133,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 )
             w, b = self.in_proj_weight, self.in_proj_bias
             if query is key and key is value:  # self-attention: one GEMM for q, k and v
-                return torch_F.linear(query, w, b).chunk(3, dim=-1)
+                return F.linear(query, w, b).chunk(3, dim=-1)
             w_q, w_k, w_v = w.chunk(3)
         else:
             if key.shape[:2] != value.shape[:2]:
@@ -149,8 +149,8 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                     )
             b = self.in_proj_bias
         b_q, b_k, b_v = (None, None, None) if b is None else b.chunk(3)
-        return (torch_F.linear(query, w_q, b_q), torch_F.linear(key, w_k, b_k),
-                torch_F.linear(value, w_v, b_v))
+        return (F.linear(query, w_q, b_q), F.linear(key, w_k, b_k),
+                F.linear(value, w_v, b_v))
 
     def _attention(
         self,
@@ -225,19 +225,19 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
                 scores = scores + attn_mask
             weights = torch.softmax(scores, dim=-1)
             if dropout_p > 0.0:
-                weights = F.dropout(weights, dropout_p)  # torch returns the dropped weights too
+                weights = FF.dropout(weights, dropout_p)  # torch returns the dropped weights too
             out = weights @ v  # (N, H, L, D)
             if average_attn_weights:
                 weights = weights.mean(dim=1)  # (N, L, S)
         else:
-            out = F.scaled_dot_product_attention(
+            out = FF.scaled_dot_product_attention(
                 q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=causal
             )  # (N, H, L, D)
             weights = None
         out = out.transpose(1, 2).reshape(N, L, H * D)  # (N, L, E)
-        return torch_F.linear(out, self.out_proj.weight, self.out_proj.bias), weights
+        return F.linear(out, self.out_proj.weight, self.out_proj.bias), weights
 
 
 def _pad_last(mask: Optional[Tensor]) -> Optional[Tensor]:
     """One more (attendable, 0.0) key column on an additive mask."""
-    return None if mask is None else torch_F.pad(mask, (0, 1))
+    return None if mask is None else F.pad(mask, (0, 1))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import functional as FF
 
 __all__ = ["Dropout"]
 
@@ -17,4 +17,4 @@ class Dropout(torch.nn.Dropout):
     in the backward instead of being stored."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.dropout(input, self.p, self.training, self.inplace)
+        return FF.dropout(input, self.p, self.training, self.inplace)

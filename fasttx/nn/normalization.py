@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import functional as FF
 
 __all__ = ["LayerNorm"]
 
@@ -18,4 +18,4 @@ class LayerNorm(torch.nn.LayerNorm):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return FF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from .. import functional as F
+from .. import functional as FF
 
 __all__ = ["PositionalEncoding", "sinusoidal_table"]
 
@@ -89,7 +89,7 @@ class PositionalEncoding(torch.nn.Module):
         pe = self.encoding(x.shape[seq_dim], offset).to(x.dtype)  # (S, E)
         if x.dim() == 3 and seq_dim == 0:
             pe = pe.unsqueeze(1)  # (S, 1, E): broadcast over the batch
-        return F.dropout(x + pe, self.p, self.training)
+        return FF.dropout(x + pe, self.p, self.training)
 
     def extra_repr(self) -> str:
         return f"{self.d_model}, dropout={self.p}, max_len={self.max_len}, batch_first={self.batch_first}"

@@ -28,14 +28,10 @@ from __future__ import annotations
 from typing import Any, Callable, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as torch_F
+import torch.nn.functional as F
 from torch import Tensor
 
-from .. import functional as F
-from .activation import GELU
-from .attention import MultiheadAttention
-from .dropout import Dropout
-from .normalization import LayerNorm
+from .. import functional as FF
 
 __all__ = [
     "Transformer",
@@ -47,14 +43,33 @@ __all__ = [
 
 def _adopt(module: torch.nn.Module) -> torch.nn.Module:
     """Re-class, in place, every submodule of `module` (itself included) whose type is exactly one
-    of the torch.nn classes we override (table `_OURS` at the end of this file). Ours subclass
-    torch's and add no state, so each module keeps its parameters, buffers, hooks, device, dtype
-    and training mode as they are. Subclasses of torch's (user code) are left alone."""
+    of the torch.nn classes we override (fasttx.nn.TORCH_TO_FASTTX). Ours subclass torch's and
+    add no state, so each module keeps its parameters, buffers, hooks, device, dtype and training
+    mode as they are. Subclasses of torch's (user code) are left alone."""
+    from . import TORCH_TO_FASTTX  # the package, once all its modules are loaded
+
     for m in module.modules():
-        ours = _OURS.get(type(m))
+        ours = TORCH_TO_FASTTX.get(type(m))
         if ours is not None:
             m.__class__ = ours
     return module
+
+
+def _mark_converted(module: torch.nn.Module) -> torch.nn.Module:
+    """Make every fasttx.nn module inside `module` print as `fasttx.<Name>(...)` (what
+    fasttx.convert swapped shows in `print(model)`; a module built from fasttx.nn directly keeps
+    torch's repr, as a drop-in should)."""
+    from . import TORCH_TO_FASTTX
+
+    ours = tuple(TORCH_TO_FASTTX.values())
+    for m in module.modules():
+        if type(m) in ours:
+            m._get_name = _fasttx_name.__get__(m)
+    return module
+
+
+def _fasttx_name(self) -> str:
+    return f"fasttx.{type(self).__name__}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,21 +83,21 @@ def _drop(module: torch.nn.Module) -> Tuple[float, bool]:
 def _add_norm(y: Tensor, x: Tensor, dropout: torch.nn.Module, norm: torch.nn.LayerNorm):
     """(norm(x + dropout(y)), x + dropout(y)) in one fused kernel."""
     p, training = _drop(dropout)
-    return F.dropout_add_layer_norm(
+    return FF.dropout_add_layer_norm(
         y, x, norm.normalized_shape, norm.weight, norm.bias, norm.eps, p, training
     )
 
 
 def _norm(x: Tensor, norm: torch.nn.LayerNorm) -> Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return FF.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 def _activation_kind(activation) -> Optional[Tuple[str, str]]:
     """("relu", _) or ("gelu", approximate) when `activation` is one we fuse with linear1's bias,
     else None (a custom callable runs as given)."""
-    if activation in (torch_F.relu, F.relu) or isinstance(activation, torch.nn.ReLU):
+    if activation in (F.relu, FF.relu) or isinstance(activation, torch.nn.ReLU):
         return "relu", "none"
-    if activation in (torch_F.gelu, F.gelu):
+    if activation in (F.gelu, FF.gelu):
         return "gelu", "none"
     if isinstance(activation, torch.nn.GELU):
         return "gelu", activation.approximate
@@ -94,12 +109,12 @@ def _feed_forward(layer: torch.nn.Module, x: Tensor) -> Tensor:
     kind = _activation_kind(layer.activation)
     b1 = layer.linear1.bias
     if kind is not None and b1 is not None:
-        h = torch_F.linear(x, layer.linear1.weight)  # (*, dim_feedforward), bias not yet added
-        h = F.bias_relu(h, b1) if kind[0] == "relu" else F.bias_gelu(h, b1, kind[1])
+        h = F.linear(x, layer.linear1.weight)  # (*, dim_feedforward), bias not yet added
+        h = FF.bias_relu(h, b1) if kind[0] == "relu" else FF.bias_gelu(h, b1, kind[1])
     else:
         h = layer.activation(layer.linear1(x))
     p, training = _drop(layer.dropout)
-    return layer.linear2(F.dropout(h, p, training))
+    return layer.linear2(FF.dropout(h, p, training))
 
 
 def _self_attention(attn: torch.nn.Module, x: Tensor, mask, key_padding_mask, is_causal) -> Tensor:
@@ -129,7 +144,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         nhead: int,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: Union[str, Callable[[Tensor], Tensor]] = torch_F.relu,
+        activation: Union[str, Callable[[Tensor], Tensor]] = F.relu,
         layer_norm_eps: float = 1e-5,
         batch_first: bool = False,
         norm_first: bool = False,
@@ -151,14 +166,14 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
         is_causal: bool = False,
     ) -> Tensor:
         # torch's mask canonicalisation (bool -> -inf float, its errors and type-mismatch warning)
-        src_key_padding_mask = torch_F._canonical_mask(
+        src_key_padding_mask = F._canonical_mask(
             mask=src_key_padding_mask,
             mask_name="src_key_padding_mask",
-            other_type=torch_F._none_or_dtype(src_mask),
+            other_type=F._none_or_dtype(src_mask),
             other_name="src_mask",
             target_type=src.dtype,
         )
-        src_mask = torch_F._canonical_mask(
+        src_mask = F._canonical_mask(
             mask=src_mask,
             mask_name="src_mask",
             other_type=None,
@@ -172,7 +187,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
                                 src_key_padding_mask, is_causal)
             y, x = _add_norm(a, x, self.dropout1, self.norm2)  # y = LN2(x), x = x + drop(SA)
             p, training = _drop(self.dropout2)
-            return x + F.dropout(_feed_forward(self, y), p, training)
+            return x + FF.dropout(_feed_forward(self, y), p, training)
         a = _self_attention(self.self_attn, x, src_mask, src_key_padding_mask, is_causal)
         x = _add_norm(a, x, self.dropout1, self.norm1)[0]
         return _add_norm(_feed_forward(self, x), x, self.dropout2, self.norm2)[0]
@@ -194,7 +209,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
         nhead: int,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: Union[str, Callable[[Tensor], Tensor]] = torch_F.relu,
+        activation: Union[str, Callable[[Tensor], Tensor]] = F.relu,
         layer_norm_eps: float = 1e-5,
         batch_first: bool = False,
         norm_first: bool = False,
@@ -234,7 +249,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
             y, x = _add_norm(a, x, self.dropout1, self.norm2)  # y = LN2(x), x = x + drop(SA)
             y, x = _add_norm(cross_attention(y), x, self.dropout2, self.norm3)
             p, training = _drop(self.dropout3)
-            return x + F.dropout(_feed_forward(self, y), p, training)
+            return x + FF.dropout(_feed_forward(self, y), p, training)
         a = _self_attention(self.self_attn, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
         x = _add_norm(a, x, self.dropout1, self.norm1)[0]
         x = _add_norm(cross_attention(x), x, self.dropout2, self.norm2)[0]
@@ -290,14 +305,14 @@ class TransformerEncoder(torch.nn.TransformerEncoder):
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: Optional[bool] = None,
     ) -> Tensor:
-        src_key_padding_mask = torch_F._canonical_mask(
+        src_key_padding_mask = F._canonical_mask(
             mask=src_key_padding_mask,
             mask_name="src_key_padding_mask",
-            other_type=torch_F._none_or_dtype(mask),
+            other_type=F._none_or_dtype(mask),
             other_name="mask",
             target_type=src.dtype,
         )
-        mask = torch_F._canonical_mask(
+        mask = F._canonical_mask(
             mask=mask,
             mask_name="mask",
             other_type=None,
@@ -383,7 +398,7 @@ class Transformer(torch.nn.Transformer):
         num_decoder_layers: int = 6,
         dim_feedforward: int = 2048,
         dropout: float = 0.1,
-        activation: Union[str, Callable[[Tensor], Tensor]] = torch_F.relu,
+        activation: Union[str, Callable[[Tensor], Tensor]] = F.relu,
         custom_encoder: Optional[Any] = None,
         custom_decoder: Optional[Any] = None,
         layer_norm_eps: float = 1e-5,
@@ -402,17 +417,3 @@ class Transformer(torch.nn.Transformer):
             _adopt(self.encoder)
         if custom_decoder is None:
             _adopt(self.decoder)
-
-
-# torch.nn class -> ours, for `_adopt` (and fasttx.convert).
-_OURS = {
-    torch.nn.LayerNorm: LayerNorm,
-    torch.nn.GELU: GELU,
-    torch.nn.Dropout: Dropout,
-    torch.nn.MultiheadAttention: MultiheadAttention,
-    torch.nn.TransformerEncoderLayer: TransformerEncoderLayer,
-    torch.nn.TransformerDecoderLayer: TransformerDecoderLayer,
-    torch.nn.TransformerEncoder: TransformerEncoder,
-    torch.nn.TransformerDecoder: TransformerDecoder,
-    torch.nn.Transformer: Transformer,
-}

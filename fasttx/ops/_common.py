@@ -6,8 +6,18 @@ import torch
 _SEED_HIGH = 2**31 - 1
 
 
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """A Philox seed for one dropout call as a (1,) int64 tensor on `device`, drawn by torch's
+    generator of that device (torch.manual_seed reproduces a run). The kernel reads it on the
+    device, so it is CUDA-graph safe: torch's generator advances its offset on every replay of a
+    captured graph, so each replay draws a new seed and a new mask, as torch's own dropout does.
+    No host sync, and no `.item()` for torch.compile to trace."""
+    return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
+
+
 def draw_philox_seed() -> int:
-    """A Philox seed for one dropout call, drawn from torch's default (CPU) generator, so that
+    """A host Philox seed (the fused LayerNorm and attention kernels still take one), drawn from
+    torch's default (CPU) generator, so that
     `torch.manual_seed` reproduces a run. Drawn on the host: no device sync. Call it inside a
     custom op's implementation (not in traced Python) so torch.compile sees no `.item()`.
 
@@ -15,17 +25,12 @@ def draw_philox_seed() -> int:
     same elements: refused with a clear error rather than silently repeating one mask."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         raise RuntimeError(
-            "fasttx dropout (p > 0 in training) cannot be captured in a CUDA graph yet: its Philox "
+            "fasttx's fused dropout (p > 0 in training) cannot be captured in a CUDA graph yet: its Philox "
             "seed is drawn on the host, so every replay would reuse one dropout mask. Capture the "
-            "model in eval() mode or with dropout p=0, or use fasttx.use_backend('reference') "
+            "model in eval() mode or with dropout p=0, or use fasttx.use_backend('torch') "
             "for the captured region."
         )
     return int(torch.randint(0, _SEED_HIGH, (1,)).item())
-
-
-def check_dropout_p(p: float) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
 def keep_layout(fn, input: torch.Tensor) -> torch.Tensor:

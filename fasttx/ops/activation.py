@@ -71,43 +71,30 @@ def _check_input(x: Tensor, name: str) -> None:
         )
 
 
-def _check_bias(x: Tensor, bias: Tensor, name: str) -> None:
-    if x.dim() == 0 or bias.shape != (x.shape[-1],):
-        raise RuntimeError(
-            f"fasttx {name}: bias must have shape (input.shape[-1],), got bias {tuple(bias.shape)} "
-            f"for input {tuple(x.shape)}"
-        )
-    if bias.device != x.device:
-        raise RuntimeError(f"fasttx {name}: bias must be on input's device {x.device}, got {bias.device}")
-    _check_input(bias, name)
+_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh", "relu": "relu"}
 
 
 def _activation(approximate: str) -> str:
-    if approximate == "none":
-        return "gelu"
-    if approximate == "tanh":
-        return "gelu_tanh"
-    raise RuntimeError(f"approximate argument must be either none or tanh, got {approximate!r}")
+    if approximate not in ("none", "tanh"):
+        raise RuntimeError("approximate argument must be either none or tanh.")
+    return _ACTIVATION[approximate]
 
 
 def gelu(input: Tensor, approximate: str = "none") -> Tensor:
-    """torch.nn.functional.gelu. input (*) -> (*), input's dtype."""
+    """torch.nn.functional.gelu. input (*) -> (*), input's dtype and layout."""
     act = _activation(approximate)
     _check_input(input, "gelu")
     return keep_layout(lambda x: _bias_act(x, None, act), input)
 
 
-def bias_gelu(input: Tensor, bias: Tensor, approximate: str = "none") -> Tensor:
-    """gelu(input + bias) in one pass. input (*, N), bias (N,) -> (*, N); dbias is the fp32
-    column sum of the pre-activation gradient."""
-    act = _activation(approximate)
-    _check_input(input, "bias_gelu")
-    _check_bias(input, bias, "bias_gelu")
+def bias_act(input: Tensor, bias: Tensor, act: str, name: str) -> Tensor:
+    """act(input + bias) in one pass, act "none"/"tanh" (GELU) or "relu". input (*, N), bias (N,)
+    on input's device -> (*, N) in the promoted dtype; dbias is the fp32 column sum of the
+    pre-activation gradient."""
+    if act != "relu":
+        act = _activation(act)
+    _check_input(input, name)
+    _check_input(bias, name)
+    if bias.device != input.device:
+        raise RuntimeError(f"fasttx {name}: expected bias on input's device {input.device}, got {bias.device}")
     return _bias_act(input, bias, act)
-
-
-def bias_relu(input: Tensor, bias: Tensor) -> Tensor:
-    """relu(input + bias) in one pass. input (*, N), bias (N,) -> (*, N)."""
-    _check_input(input, "bias_relu")
-    _check_bias(input, bias, "bias_relu")
-    return _bias_act(input, bias, "relu")

@@ -23,7 +23,9 @@ from torch import Tensor
 
 from fasttx.kernels import attention as K
 
-from ._common import check_dropout_p, draw_philox_seed
+from fasttx._checks import check_dropout_p
+
+from ._common import draw_philox_seed
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned: set = set()

@@ -1,8 +1,9 @@
 """Triton path of dropout: a custom op pair around fasttx.kernels.dropout.
 
-The forward draws a Philox seed from torch's generator inside the op (torch.compile traces no
-`.item()`) and returns it as an int64 CPU tensor; setup_context saves it and the backward
-regenerates the forward's mask from it. The mask itself is never stored.
+The forward draws a Philox seed inside the op, as a (1,) int64 tensor on the input's device from
+that device's torch generator (torch.compile traces no `.item()`; a captured CUDA graph redraws it
+on every replay), and returns it; setup_context saves it and the backward regenerates the
+forward's mask from it. The mask itself is never stored.
 """
 from __future__ import annotations
 
@@ -12,26 +13,25 @@ import torch
 from torch import Tensor
 
 from ..kernels import dropout as _k
-from ._common import check_dropout_p, draw_philox_seed, keep_layout
+from ._common import draw_seed, keep_layout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @torch.library.custom_op("fasttx::dropout", mutates_args=())
 def _dropout(x: Tensor, p: float) -> Tuple[Tensor, Tensor]:
-    seed = draw_philox_seed()
-    # the seed stays on the host: the backward reads it without a device sync
-    return _k.dropout_forward(x, p, seed), torch.tensor(seed, dtype=torch.int64)
+    seed = draw_seed(x.device)  # (1,) on x's device: graph-safe, no host sync
+    return _k.dropout_forward(x, p, seed), seed
 
 
 @_dropout.register_fake
 def _(x, p):
-    return x.new_empty(x.shape), torch.empty((), dtype=torch.int64)
+    return x.new_empty(x.shape), x.new_empty((1,), dtype=torch.int64)
 
 
 @torch.library.custom_op("fasttx::dropout_backward", mutates_args=())
 def _dropout_backward(grad: Tensor, seed: Tensor, p: float) -> Tensor:
-    return _k.dropout_backward(grad, p, int(seed.item()))
+    return _k.dropout_backward(grad, p, seed)
 
 
 @_dropout_backward.register_fake
@@ -62,7 +62,6 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     grad), since it is a `copy_` into input. The output has input's layout as torch's does: a
     permuted-but-dense input runs in its storage order (the mask follows that order), any other
     input in its logical row-major order."""
-    check_dropout_p(p)
     if not training or p == 0.0:
         return input
     if input.dtype not in _FLOAT_DTYPES:

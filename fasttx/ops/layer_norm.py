@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fasttx.kernels import layer_norm as K
 
-from ._common import check_dropout_p, draw_philox_seed
+from ._common import draw_philox_seed
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -77,9 +77,17 @@ def _check(op: str, input: Tensor, normalized_shape, weight, bias, dtype=None) -
             f"{op}: weight and bias must have the input's dtype ({dtype}), or all be "
             f"torch.float32 for a float16/bfloat16 input; got {got}"
         )
-    N = math.prod(shape)
-    K.calc_settings(N)  # ValueError past the supported hidden size
-    return N
+    return math.prod(shape)
+
+
+def unsupported(input: Tensor, normalized_shape) -> Optional[str]:
+    """Why the kernels cannot serve this call (None when they can): rows longer than the
+    largest hidden size they are tested at."""
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
+    n = math.prod(shape) if all(isinstance(s, int) for s in shape) else 0
+    if n > K.MAX_HIDDEN:
+        return f"rows of {n} elements exceed the kernel's limit of {K.MAX_HIDDEN}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +204,6 @@ def dropout_add_layer_norm(
     normalized_shape or None. Both outputs in torch.result_type(input, residual); both take
     gradients. The keep-mask is Philox(seed, flat element index of input), seed drawn from
     torch's generator (torch.manual_seed reproduces it) and regenerated in the backward."""
-    check_dropout_p(p)
     if residual is not None:
         if residual.shape != input.shape:
             raise RuntimeError(

@@ -1,0 +1,81 @@
+"""Host-side helpers every kernel file shares: the interpreter flag, the accumulator dtype, the SM
+count, the (rows, N) view, and the tile/grid choosers for row-wise and elementwise kernels.
+
+`row_config` is the one block-size/warps chooser for kernels that reduce over a row (norms,
+softmax, cross-entropy): a row fits one block up to `block_n_cap` columns, longer rows loop over
+chunks, and past `max_n` it raises (the caller's `unsupported()` turns that limit into a fallback
+before any launch)."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Read once, like triton itself reads it when @triton.jit decorates a kernel: the kernels in this
+# process are interpreted (CPU, numpy) or compiled for a GPU, whatever the variable says later.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Elements per (BLOCK_M, BLOCK_N) tile. Under the interpreter every program is a Python call, so
+# large (numpy-vectorised) tiles are far faster there.
+TILE = 65536 if INTERPRETING else 4096
+ELEMENTWISE_MAX_BLOCK_N = 1024
+MAX_ROW_PROGRAMS = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+def acc_dtype(dtype: torch.dtype):
+    """Accumulator (tl) dtype: fp64 for fp64 inputs (torch computes them in fp64), else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """torch dtype of saved statistics (mean, rstd, logsumexp): fp64 for fp64 inputs, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device. Under the interpreter programs run one after
+    another, so a few long programs are fastest: 4."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def as_rows(t: torch.Tensor, N: int = None) -> torch.Tensor:
+    """t (*, N) -> (M, N) view with a unit column stride (a copy only when no such view exists).
+    N defaults to the last dim (1 for a 0-d tensor)."""
+    if N is None:
+        N = t.shape[-1] if t.dim() > 0 else 1
+    t2 = t.reshape(-1, N)  # (M, N): a view whenever the leading dims merge into one stride
+    if N > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def row_config(N: int, *, max_n: int, block_n_cap: int, name: str, max_block_m: int = 128):
+    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for a kernel reducing rows of N elements.
+
+    BLOCK_N = next_power_of_2(N) up to `block_n_cap` (SINGLE_BLOCK: the row is one block) and
+    BLOCK_M rows per tile; longer rows loop over `block_n_cap`-column chunks, one row per tile.
+    Raises ValueError past `max_n`, the largest size the kernel is tested at."""
+    if N > max_n:
+        raise ValueError(f"fasttx {name} supports rows of at most {max_n} elements, got {N}")
+    block_n = triton.next_power_of_2(max(N, 1))
+    single = block_n <= block_n_cap
+    block_n = min(block_n, block_n_cap)
+    block_m = min(max(TILE // block_n, 1), max_block_m) if single else 1
+    # ~8 elements per thread per live array at the largest tile; at least one warp, at most 16.
+    num_warps = min(max(block_m * block_n // 256, 1), 16)
+    return block_m, block_n, num_warps, single
+
+
+def elementwise_config(M: int, N: int, max_row_programs: int = MAX_ROW_PROGRAMS):
+    """Tile shape and grid for an (M, N) elementwise pass: (BLOCK_M, BLOCK_N, rows per program,
+    grid). The row programs each walk ROWS_PER_PROG rows, a multiple of BLOCK_M."""
+    block_n = min(triton.next_power_of_2(N), ELEMENTWISE_MAX_BLOCK_N)
+    block_m = min(triton.next_power_of_2(M), max(1, 4096 // block_n))
+    m_blocks = triton.cdiv(M, block_m)
+    row_programs = min(m_blocks, max_row_programs)
+    rows_per_prog = triton.cdiv(m_blocks, row_programs) * block_m
+    row_programs = triton.cdiv(M, rows_per_prog)
+    grid = (triton.cdiv(N, block_n), row_programs)
+    return block_m, block_n, rows_per_prog, grid
