@@ -283,7 +283,7 @@ def parse_args(argv=None):
     p.add_argument("--from-scratch", action="store_true",
                    help="train a small BERT from random weights with a word-level vocabulary instead")
     p.add_argument("--no-fasttx", action="store_true", help="plain transformers, for comparison")
-    p.add_argument("--epochs", type=int, default=None, help="default 4 pretrained, 20 from scratch")
+    p.add_argument("--epochs", type=int, default=None, help="default 3 pretrained, 20 from scratch")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=None, help="default 1e-4 pretrained, 1e-3 from scratch")
@@ -307,7 +307,7 @@ def parse_args(argv=None):
     if args.no_save and args.predict and not args.retrain:
         args.retrain = True  # nothing saved to load from: train in this run
     if args.epochs is None:
-        args.epochs = 20 if args.from_scratch else 4
+        args.epochs = 20 if args.from_scratch else 3
     if args.output_dir is None:
         run = "scratch-bert" if args.from_scratch else (Path(args.model_dir).name if args.model_dir else "minilm")
         args.output_dir = DEFAULT_OUTPUT / f"{run}-tickets"
