@@ -9,7 +9,7 @@ EXTRAS ?= test,hf,demo,bench,examples
 # Test workers: the Triton interpreter is single-threaded, so spread the suite over the cores.
 WORKERS ?= auto
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench gpu-check clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,19 @@ test: install
 demo: install
 	$(PY) -m fasttx.demo
 
+# The bench extra is part of EXTRAS, so the install stamp covers it (no reinstall per call).
+# Results go to ./bench-results; `make bench ARGS="--ops attention --quick"` narrows the sweep.
 bench: install
-	$(PY) -m pip install -e ".[bench]"
-	$(PY) -m bench
+	$(PY) -m bench $(ARGS)
+
+# The one-window GPU verification: tests on the compiled kernels, determinism, compute-sanitizer
+# and a budgeted bench, into OUT (tools/gpu_check.py). It uses the machine's own python (a GPU box
+# installs nothing from a registry; GPU_PY=... to choose). Without CUDA: a CPU rehearsal.
+GPU_PY ?= python3
+OUT ?= gpu-check-out
+BUDGET ?= 480
+gpu-check:
+	$(GPU_PY) tools/gpu_check.py --out $(OUT) --budget-s $(BUDGET)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -8,6 +8,9 @@ FLOPs (B batch, H heads, L queries, S keys, E head dim; two matmuls of 2*B*H*L*S
   bwd = 2.5 * fwd (five matmuls against the forward's two); fwd+bwd = 3.5 * fwd.
 Decode (one query against S cached keys, inference, not causal: the query sees the whole cache) is
 memory-bound, so its metric is GB/s: q, K, V read once, out written once, (2*S + 2) * B*H*E * e.
+The "fasttx-16bit-delta" provider is an ablation, not a peer: fasttx's own op with the fp32 copy
+of the output switched off (16-bit inputs; the backward's delta then comes from the rounded output,
+inaccurate on sharp attention), so fasttx vs it is the time and memory the fp32 copy costs.
 Training cases keep B*S = 16k tokens and H*E = 2048 (flash-attention's benchmark setting).
 """
 from __future__ import annotations
@@ -63,6 +66,20 @@ def _fasttx(case, cfg):
     return Work(lambda: ff.scaled_dot_product_attention(q, k, v, is_causal=causal), leaves=(q, k, v))
 
 
+def _fasttx_16bit_delta(case, cfg):
+    import math
+
+    from fasttx.ops import attention as op
+
+    q, k, v = _qkv(case, cfg)
+    causal, scale = case.params["causal"], 1.0 / math.sqrt(case.params["E"])
+    return Work(lambda: op._sdpa_fwd(q, k, v, None, 0.0, causal, scale, False)[0], leaves=(q, k, v))
+
+
+def _cuda_only(cfg):
+    return None if cfg.cuda else "an ablation of the Triton path (CUDA only)"
+
+
 def _sdpa(backend_name):
     def build(case, cfg):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -108,6 +125,7 @@ def _flash_attn(case, cfg):
 def _providers(cfg: Config) -> List[Provider]:
     return [
         Provider("fasttx", _fasttx, kind="fasttx"),
+        Provider("fasttx-16bit-delta", _fasttx_16bit_delta, _cuda_only, kind="fasttx", errors_are_skips=True),
         Provider("sdpa", _sdpa(None), kind="torch"),
         *[Provider(name, _sdpa(member), kind="torch", errors_are_skips=True)
           for name, member in SDPA_BACKENDS.items()],

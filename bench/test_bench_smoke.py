@@ -3,7 +3,6 @@ rot: every bench module's setups go through the harness, and the JSON and markdo
 hold the expected rows and fields. Speed itself is never asserted here (TESTING.md)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -15,29 +14,16 @@ from bench import harness
 from bench.__main__ import main
 from bench.harness import OPS, Case, Config, Provider, Suite, Work
 
-OP_SUITES = {  # bench module -> the suites it defines
-    "layer_norm": ("layer_norm", "dropout_add_layer_norm"),
-    "gelu": ("gelu", "bias_gelu"),
-    "dropout": ("dropout",),
-    "softmax": ("softmax",),
-    "attention": ("attention", "attention_decode"),
-    "gpt": ("gpt_train", "gpt_generate"),
-}
-# The fasttx.ops module behind each suite's Triton path.
-OPS_MODULE = {
-    "layer_norm": "layer_norm", "dropout_add_layer_norm": "layer_norm", "gelu": "activation",
-    "bias_gelu": "activation", "dropout": "dropout", "softmax": "softmax", "attention": "attention",
-    "attention_decode": "attention",
-}
+CUDA = torch.cuda.is_available()
 ENV_FIELDS = ("device", "device_name", "torch", "triton", "cuda", "python", "fasttx", "fasttx_path")
 ROW_FIELDS = ("op", "series", "case", "x", "dtype", "mode", "provider", "metric", "status", "reason",
-              "ms", "ms_q20", "ms_q80", "ms_min", "GBps", "TFLOPs", "tokens_per_s", "value",
+              "ms", "ms_q20", "ms_q80", "ms_min", "noise", "fallback", "GBps", "TFLOPs", "tokens_per_s", "value",
               "frac_ceiling", "speedup", "baseline", "peak_MB", "peak_total_MB", "saved_MB", "params")
 
 
 def smoke_config(**kw) -> Config:
     base = dict(device="cpu", dtypes=(torch.float32,), size="tiny", rounds=1,
-                max_seconds_per_row=0.0, compile=False, verbose=False)
+                max_seconds_per_row=0.0, compile=False, verbose=False, smoke=True)
     base.update(kw)
     return Config(**base)
 
@@ -70,6 +56,8 @@ def test_json_has_environment_ceilings_and_config(cpu_run):
         assert key in doc["environment"], key
     assert doc["environment"]["torch"] == torch.__version__
     assert doc["environment"]["fasttx_path"] == "torch"  # auto on CPU = torch's ops
+    assert doc["environment"]["cpu_threads"] == 1  # the default: stable CPU timings
+    assert doc["measurement"] is False and doc["config"]["smoke"] is True
     assert doc["ceilings"]["copy_GBps"] > 0 and doc["ceilings"]["matmul_TFLOPs"] > 0
     assert doc["config"]["size"] == "tiny" and doc["config"]["dtypes"] == ["fp32"]
 
@@ -81,25 +69,25 @@ def test_every_setup_ran_for_fasttx_and_baseline(cpu_run):
     errors = [(r["op"], r["provider"], r["mode"], r["reason"]) for r in rows if r["status"] == "error"]
     assert not errors, errors
     suites = {s["name"]: s for s in doc["suites"]}
-    for op in ops:
-        for name in OP_SUITES[op]:
-            assert name in suites, name
-            srows = [r for r in rows if r["op"] == name]
-            assert srows, f"{name}: no rows"
-            cases = {r["case"] for r in srows}
-            modes = {r["mode"] for r in srows}
-            for provider in ("fasttx", suites[name]["baseline"]):
-                for case in cases:
-                    for mode in modes:
-                        ok = [r for r in srows if (r["provider"], r["case"], r["mode"]) == (provider, case, mode)
-                              and r["status"] == "ok"]
-                        assert ok, f"{name} {provider} {case} {mode}: no ok row"
-                        r = ok[0]
-                        assert r["ms"] > 0 and r["ms_q20"] <= r["ms"] <= r["ms_q80"], r
-                        assert r["value"] > 0 and math.isfinite(r["value"]), r
-                        assert r["speedup"] is not None, r
-                        if r["metric"] != "tokens/s":
-                            assert 0 < r["frac_ceiling"], r
+    loaded = harness.load_suites(ops, smoke_config())
+    assert {s.name for s in loaded} == set(suites)
+    for name in (s.name for s in loaded if not s.unavailable):
+        srows = [r for r in rows if r["op"] == name]
+        assert srows, f"{name}: no rows"
+        cases = {r["case"] for r in srows}
+        modes = {r["mode"] for r in srows}
+        for provider in ("fasttx", suites[name]["baseline"]):
+            for case in cases:
+                for mode in modes:
+                    ok = [r for r in srows if (r["provider"], r["case"], r["mode"]) == (provider, case, mode)
+                          and r["status"] == "ok"]
+                    assert ok, f"{name} {provider} {case} {mode}: no ok row"
+                    r = ok[0]
+                    assert r["ms"] > 0 and r["ms_q20"] <= r["ms"] <= r["ms_q80"], r
+                    assert r["value"] > 0 and math.isfinite(r["value"]), r
+                    assert r["speedup"] is not None, r
+                    if r["metric"] != "tokens/s":
+                        assert 0 < r["frac_ceiling"], r
 
 
 def test_expected_row_count_and_skip_reasons(cpu_run):
@@ -121,6 +109,7 @@ def test_expected_row_count_and_skip_reasons(cpu_run):
 def test_markdown_lists_every_suite(cpu_run):
     _, doc, md, _ = cpu_run
     assert md.startswith("# fasttx benchmarks: ")
+    assert "SMOKE RUN" in md.split("##")[0]  # a one-round run says it is not a measurement
     assert f"torch {torch.__version__}" in md
     for s in doc["suites"]:
         assert f"## {s['name']} ({s['metric']}" in md
@@ -219,7 +208,12 @@ def test_cli_help_list_and_smoke(tmp_path, capsys):
     assert main(["--list", "--ops", "softmax,attention"]) == 0
     out = capsys.readouterr().out
     assert "softmax (GB/s, baseline torch)" in out and "attention_decode (GB/s" in out
-    assert main(["--smoke", "--ops", "softmax", "--out-dir", str(tmp_path), "--no-plots", "-q"]) == 0
+    assert main(["--smoke", "--ops", "softmax", "--out-dir", str(tmp_path), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "SMOKE RUN" in out and "not a measurement" in out
+    # skipped rows are not printed row by row: one grouped line per (provider, reason)
+    assert not [ln for ln in out.splitlines() if " skipped: " in ln]
+    assert "Not measured (grouped" in out and "liger" in out
     files = sorted(os.listdir(tmp_path))
     assert len(files) == 2 and files[0].startswith("cpu-") and files[0].endswith(".json")
     with pytest.raises(SystemExit) as e:
@@ -251,23 +245,44 @@ def test_compile_baseline_path(tmp_path):
     assert comp and all(r["status"] == "ok" for r in comp), comp
 
 
-@pytest.mark.parametrize("suite_name", list(OPS_MODULE))
-def test_triton_path_under_interpreter(suite_name):
-    """The fasttx provider on the Triton path (interpreter on CPU): the bench calls the op with
-    the arguments the custom op accepts, forward and backward (first tiny case only)."""
-    mod = f"fasttx.ops.{OPS_MODULE[suite_name]}"
-    if importlib.util.find_spec(mod) is None:
-        pytest.skip(f"{mod} does not exist yet: no Triton path to benchmark")
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+def _triton_suites():
+    """(op, suite) of every suite with a fasttx provider and a per-op mode (not a whole "call"
+    step), derived from the bench modules: a new bench_<op>.py is covered with nothing added here."""
+    out = []
+    for op in OPS:
+        for s in harness.load_suites([op], smoke_config()):
+            if not s.unavailable and any(p.name == "fasttx" for p in s.providers) and "call" not in s.modes:
+                out.append(pytest.param(op, s.name, id=s.name))
+    return out
+
+
+def test_ops_are_discovered_from_the_bench_files():
+    here = os.path.dirname(os.path.abspath(harness.__file__))
+    files = {f[len("bench_"):-3] for f in os.listdir(here) if f.startswith("bench_") and f.endswith(".py")}
+    assert set(OPS) == files and OPS[-1] == "gpt"  # ORDER = 90 puts the model last
+    assert {"attention", "layer_norm", "softmax"} <= {op for op, _ in (p.values for p in _triton_suites())}
+
+
+@pytest.mark.parametrize("op,suite_name", _triton_suites())
+def test_triton_path_under_interpreter(op, suite_name):
+    """The fasttx provider on the Triton path (interpreter on CPU, the compiled kernels on a GPU):
+    the bench calls the op with the arguments the custom op accepts, forward and backward (first
+    tiny case only), and the call does not fall back to torch's implementation."""
+    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("the Triton path on CPU needs TRITON_INTERPRET=1 (set by bench/conftest.py)")
+    cfg0 = smoke_config()
+    suite0 = next(s for s in harness.load_suites([op], cfg0) if s.name == suite_name)
     # fwd+bwd runs both directions in the fewest interpreted calls; dropout's fwd also shows saved_MB
-    modes = {"dropout": ("fwd", "fwd+bwd"), "attention_decode": ("fwd",)}.get(suite_name, ("fwd+bwd",))
-    cfg = smoke_config(fasttx_backend="triton", providers=["fasttx"], modes=modes)
-    op = next(op for op, names in OP_SUITES.items() if suite_name in names)
+    modes = ("fwd+bwd",) if "fwd+bwd" in suite0.modes else tuple(suite0.modes)
+    if suite_name == "dropout":
+        modes = ("fwd", "fwd+bwd")
+    cfg = smoke_config(fasttx_backend="triton", providers=["fasttx"], modes=modes,
+                       **(dict(device="cuda", dtypes=(torch.bfloat16,)) if CUDA else {}))
     suite = next(s for s in harness.load_suites([op], cfg) if s.name == suite_name)
     suite.cases = suite.cases[:1]
     rows = harness.run_suite(suite, cfg)
     assert rows and all(r["status"] == "ok" for r in rows), [(r["mode"], r["reason"]) for r in rows]
+    assert not [r["fallback"] for r in rows if r["fallback"]], "the Triton path fell back to torch"
     if suite_name == "dropout":
         fwd = next(r for r in rows if r["mode"] == "fwd")
         assert fwd["saved_MB"] < 1e-3, "fasttx dropout saved more than its seed for the backward"
@@ -283,3 +298,64 @@ def test_gpu_smoke_records_memory(tmp_path):
     assert ok and all(r["peak_MB"] is not None for r in ok)
     saved = {r["provider"]: r["saved_MB"] for r in ok if r["op"] == "dropout" and r["mode"] == "fwd"}
     assert saved["fasttx"] < saved["torch"]
+
+
+def test_where_suites_and_budget_narrow_the_run():
+    from bench.__main__ import parse_where
+
+    assert parse_where("S=64,128;causal=true;name=x") == {"S": [64, 128], "causal": [True], "name": ["x"]}
+    cfg = smoke_config(suites=["attention"], where={"S": [128], "causal": [False]})
+    (suite,) = harness.load_suites(["attention"], cfg)  # attention_decode dropped by name
+    assert suite.name == "attention" and suite.cases
+    assert all(c.params["S"] == 128 and not c.params["causal"] for c in suite.cases)
+    # a deadline already past: every row is recorded as cut, none is run
+    rows = harness.run_suite(suite, smoke_config(providers=["fasttx", "sdpa"]), deadline=0.0)
+    assert rows and {r["status"] for r in rows} == {"cut"}
+    assert all(r["reason"] == "time budget spent" for r in rows)
+
+
+def test_cpu_timing_uses_the_configured_threads():
+    seen = []
+    suite = Suite("threads", "GB/s", [Case("n=4", 4, torch.float32, bytes={"fwd": 32.0})],
+                  [Provider("torch", lambda c, cfg: Work(lambda: seen.append(torch.get_num_threads())))],
+                  modes=("fwd",))
+    before = torch.get_num_threads()
+    harness.run_suite(suite, smoke_config(threads=1))
+    assert seen and set(seen) == {1} and torch.get_num_threads() == before
+
+
+def test_runs_from_any_directory(tmp_path):
+    """`python <repo>/bench` works outside the repository and writes into the current directory."""
+    import subprocess
+    import sys
+
+    bench_dir = os.path.dirname(os.path.abspath(harness.__file__))
+    r = subprocess.run([sys.executable, bench_dir, "--list", "--ops", "dropout"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "dropout (GB/s, baseline torch)" in r.stdout
+    from bench.__main__ import DEFAULT_OUT, parser
+
+    assert not os.path.isabs(DEFAULT_OUT) and parser().parse_args([]).out_dir == DEFAULT_OUT
+
+
+def test_a_fasttx_fallback_is_flagged_on_every_row(monkeypatch):
+    """A fasttx call that ran torch's implementation is marked, on every row, not only the first."""
+    from fasttx._backend import warn_fallback
+
+    def build(case, cfg):
+        x = torch.ones(4, requires_grad=True)
+
+        def fn():
+            warn_fallback("demo_op", "this case is outside the kernel")
+            return x * 2
+
+        return Work(fn, leaves=(x,))
+
+    suite = Suite("demo", "GB/s", [Case(f"n={n}", n, torch.float32, bytes={m: 32.0 for m in harness.MODES})
+                                   for n in (4, 8)],
+                  [Provider("fasttx", build, kind="fasttx"), Provider("torch", build)])
+    rows = harness.run_suite(suite, smoke_config())
+    fasttx_rows = [r for r in rows if r["provider"] == "fasttx"]
+    assert len(fasttx_rows) == 6 and all("outside the kernel" in (r["fallback"] or "") for r in fasttx_rows)
+    assert not [r for r in rows if r["provider"] == "torch" and r["fallback"]]

@@ -133,9 +133,12 @@ def scaled_dot_product_attention(
             query, key, value = autocast_inputs("scaled_dot_product_attention", query, key, value)
             if attn_mask is not None and attn_mask.dtype != torch.bool:
                 (attn_mask,) = autocast_inputs("scaled_dot_product_attention", attn_mask)
-        return op.scaled_dot_product_attention(
-            query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
-        )
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        reason = op.unsupported(*args)
+        if reason is None:
+            op.check(*args)
+            return op.scaled_dot_product_attention(*args)
+        warn_fallback("scaled_dot_product_attention", reason)
     # Positional where torch allows it: its argument parser is measurably slower per keyword.
     return F.scaled_dot_product_attention(
         query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa

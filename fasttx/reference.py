@@ -196,3 +196,57 @@ def scaled_dot_product_attention(
     if dropout_p > 0.0:
         probs = dropout(probs, dropout_p, keep_mask=dropout_mask)
     return probs @ v  # (N, Hq, L, Ev)
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size=(-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
+    upcast: Optional[torch.dtype] = None,
+):
+    """flash-attn 2's semantics in plain math: q (B, Lq, H, D), k, v (B, Lk, Hk, D), H % Hk == 0.
+    Returns (out (B, Lq, H, D), lse (B, H, Lq)).
+
+    Query i and key j are aligned at the bottom-right corner: with d = i + Lk - Lq - j, key j is
+    visible when d <= left (if left >= 0) and -d <= right (if right >= 0); causal sets right = 0. Scores: s = scale q.k, then softcap * tanh(s / softcap)
+    if softcap > 0, then - slope_h |d| with ALiBi slopes (H,) or (B, H). A row without a visible key
+    gives zeros (and lse -inf). dropout_mask (B, H, Lq, Lk) bool replays a keep-mask."""
+    q, k, v = _up(q, upcast), _up(k, upcast), _up(v, upcast)
+    B, Lq, H, D = q.shape
+    Lk, Hk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else softmax_scale
+    qh = q.transpose(1, 2)  # (B, H, Lq, D)
+    kh = k.transpose(1, 2).repeat_interleave(H // Hk, dim=1)  # (B, H, Lk, D)
+    vh = v.transpose(1, 2).repeat_interleave(H // Hk, dim=1)
+    s = (qh @ kh.transpose(-2, -1)) * scale  # (B, H, Lq, Lk)
+    if softcap > 0.0:
+        s = softcap * torch.tanh(s / softcap)
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    d = i + Lk - Lq - j  # (Lq, Lk)
+    if alibi_slopes is not None:
+        slopes = alibi_slopes.to(s.dtype)
+        slopes = slopes[None, :, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * d.abs().to(s.dtype)
+    left, right = window_size
+    if causal:
+        right = 0
+    visible = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+    if left >= 0:
+        visible &= d <= left
+    if right >= 0:
+        visible &= -d <= right
+    s = s.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq); -inf for rows without a visible key
+    empty = ~visible.any(-1)[:, None]  # (Lq, 1)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        p = dropout(p, dropout_p, keep_mask=dropout_mask)
+    return (p @ vh).transpose(1, 2), lse  # (B, Lq, H, D), (B, H, Lq)

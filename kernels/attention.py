@@ -12,13 +12,14 @@ Semantics are torch.nn.functional.scaled_dot_product_attention's:
 bias: -inf above the diagonal when causal (top-left aligned: query i sees keys j <= i, also when
 L != S), -inf where a bool mask is False, the float mask's value otherwise. A row with every score
 -inf gives O = 0, lse = -inf and zero gradients (never NaN); a NaN score in an unmasked position
-gives a NaN row.
+gives a NaN row. All three kernels (forward, dK/dV, dQ) compute a tile's scores through one helper,
+`_scores`, so the mask and causal rules exist once.
 
 Numerics: scores, softmax statistics and accumulators in fp32; the output is cast at the store.
 tl.dot precision: fp16/bf16 operands on GPU (fp32 accumulate); fp32 inputs use
-input_precision="ieee" (exact fp32, no TF32), matching torch's default for fp32 SDPA. Under the
-Triton interpreter 16-bit operands are upcast to fp32 before tl.dot (the interpreter's bf16 dot
-returns garbage); the interpreter's dot is exact fp32.
+input_precision="ieee" (exact fp32, no TF32), matching torch's default for fp32 SDPA. For 16-bit
+inputs the forward can also write the fp32 output (`return_fp32_out`): the backward's
+delta = rowsum(dO * O) then comes from it, not from the rounded output (see the backward's notes).
 
 Dropout: Philox keep-mask kernels._math.dropout_keep(seed, 0, idx, p) with idx the flattened
 int64 index b*H*L*S + h*L*S + i*S + j of the (B, H, L, S) probability matrix; the backward
@@ -30,18 +31,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import INTERPRETING, num_sms
 from ._math import dropout_keep
 
-# Set when the kernels run through the Triton interpreter (TRITON_INTERPRET=1, read once, like
-# triton itself does at import): a single config (autotune with several fails there) and 16-bit
-# tl.dot operands upcast to fp32.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
 # ------------------------------------------------------------------------------------------------
-# GPU configuration. Autotuned per (head-dim block, causal, mask, split, L bucket, S bucket) and
-# per input dtype (the autotuner adds every tensor argument's dtype to the key).
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). Every BLOCK_N divides _SPLIT_ALIGN, so a flash-decoding
-# split of a multiple of _SPLIT_ALIGN keys is a whole number of key blocks whatever config wins.
+# Configuration. (BLOCK_M, BLOCK_N, num_warps, num_stages); autotuned per (head-dim block, causal,
+# mask, dropout, split, L bucket, S bucket) and per input dtype (the autotuner adds every tensor
+# argument's dtype to the key). The first config of a table that survives pruning is the fixed
+# choice when autotuning is off. Every BLOCK_N divides _SPLIT_ALIGN, so a flash-decoding split of
+# a multiple of _SPLIT_ALIGN keys is a whole number of key blocks whatever config wins.
 # ------------------------------------------------------------------------------------------------
 _FWD_GPU = [
     (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
@@ -49,11 +47,30 @@ _FWD_GPU = [
     (16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 4), (16, 64, 4, 2),
 ]
 _BWD_GPU = [  # dK/dV kernel: BLOCK_N key rows resident, BLOCK_M query rows streamed (dQ: swapped)
-    (64, 128, 8, 2), (64, 64, 4, 3), (32, 128, 4, 2), (32, 64, 4, 3),
+    (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 3),
     (64, 64, 8, 2), (32, 32, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2),
 ]
-_INTERP = [(32, 32, 4, 1)]  # one config; 32 keeps several blocks per test shape (loops, diagonals)
-_SPLIT_ALIGN = 32 if _INTERPRET else 128
+_SPLIT_ALIGN_GPU = 128
+
+# FASTTX_AUTOTUNE=0 (read once, at import): one fixed config per shape class (the first the pruning
+# keeps) instead of benchmarking every config; bounds compile time, e.g. for `make gpu-check`.
+AUTOTUNE = os.environ.get("FASTTX_AUTOTUNE", "1").strip() not in ("0", "false", "False", "")
+
+# Interpreter-only overrides, all of them (INTERPRETING: TRITON_INTERPRET=1, read once at import):
+#   one config (autotune with several fails there; 32 keeps several blocks per test shape, so the
+#   loops and diagonals are exercised), a split alignment to match, and 16-bit tl.dot operands
+#   upcast to fp32 (the interpreter's bf16 dot returns garbage; its fp32 dot is exact).
+if INTERPRETING:
+    _FWD_TABLE = _BWD_TABLE = [(32, 32, 4, 1)]
+    _SPLIT_ALIGN = 32
+else:
+    _FWD_TABLE, _BWD_TABLE = _FWD_GPU, _BWD_GPU
+    _SPLIT_ALIGN = _SPLIT_ALIGN_GPU
+
+
+def _upcast_dots(dtype) -> bool:
+    return INTERPRETING and dtype != torch.float32
+
 
 # Flash-decoding (split the keys across programs, combine partials) is used when the queries are
 # few and the keys many: L <= _DECODE_MAX_L and S >= _DECODE_MIN_S, without dropout (inference).
@@ -62,8 +79,11 @@ _DECODE_MIN_S = 512
 
 
 def _configs(table):
-    rows = _INTERP if _INTERPRET else table
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+
+
+def _fixed(kept):
+    return kept if AUTOTUNE else kept[:1]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -87,7 +107,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         kept.append(c)
     # Nothing fits (e.g. fp32 with d=256): small tiles without pipelining always do.
-    return kept or [triton.Config({"BLOCK_M": 16 if short_l else 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return _fixed(kept) or [triton.Config({"BLOCK_M": 16 if short_l else 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
 
 def _mask_bytes(args) -> int:
@@ -107,7 +127,7 @@ def _prune_bwd(configs, named_args, **kwargs):
             if c.num_stages * ((2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * wide
                                + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * mask_bytes) <= 200 * 1024
             and not (wide >= 512 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 64)]
-    return kept or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return _fixed(kept) or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
 
 _KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
@@ -124,46 +144,67 @@ def _block_and_head(n_rows, BLOCK: tl.constexpr):
 
 
 # ------------------------------------------------------------------------------------------------
+# The scores of one tile, shared by the forward and both backward kernels
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _scores(
+    qk,                                  # raw q.k dot products of the tile, fp32
+    qi, kj,                              # query / key index of each element, broadcastable to qk
+    L, k_end,                            # queries < L and keys < k_end exist
+    mask_base, stride_mm, stride_mn,     # the (L, S) mask of this (batch, head)
+    scale, causal_off,                   # causal: query i sees keys j <= i + causal_off
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """scale * q.k + bias with -inf wherever query qi may not see key kj. The tile may be in either
+    orientation: (queries, keys) with qi = offs_m[:, None], kj = offs_n[None, :], or transposed
+    (keys, queries, as the dK/dV kernel works) with qi = offs_m[None, :], kj = offs_n[:, None].
+    CAUSAL applies the diagonal (j <= i + causal_off: 0 is SDPA's top-left alignment, S - L
+    flash-attn's bottom-right); callers pass it only for blocks that cross it."""
+    s = qk * scale
+    valid = (qi < L) & (kj < k_end)
+    if HAS_MASK:
+        bias = tl.load(mask_base + qi.to(tl.int64) * stride_mm + kj.to(tl.int64) * stride_mn, mask=valid, other=0)
+        if MASK_BOOL:
+            valid = valid & (bias != 0)
+        else:
+            s = s + bias.to(tl.float32)
+    if CAUSAL:
+        valid = valid & (kj <= qi + causal_off)
+    return tl.where(valid, s, float("-inf"))
+
+
+# ------------------------------------------------------------------------------------------------
 # Forward
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_block_loop(
-    acc, l_i, m_i, q,                    # running (BLOCK_M, BLOCK_D) output, row sum, row max; q tile
-    k_base, v_base, mask_base,           # pointers at this (batch, head)
-    stride_kn, stride_vn, stride_mm, stride_mn,
-    offs_m, offs_d, lo, hi,              # rows of this block; keys [lo, hi) (lo a multiple of BLOCK_N)
-    L, E, scale, drop_p, drop_scale, seed, drop_row,  # drop_row: (BLOCK_M,) int64 index of (i, j=0)
-    CAUSAL_DIAG: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    acc, l_i, m_i,                       # running (BLOCK_M, BLOCK_D) output, row sum, row max (fp32)
+    q, offs_m, offs_d,                   # this block's query tile, its rows, the head-dim columns
+    lo, hi, k_end,                       # key blocks [lo, hi) (lo a multiple of BLOCK_N); keys < k_end exist
+    k_base, v_base, stride_kn, stride_vn,
+    mask_base, stride_mm, stride_mn,
+    L, E, scale, causal_off,
+    drop_row, drop_p, drop_scale, seed,  # drop_row: (BLOCK_M,) int64 dropout index of (i, j=0)
+    DIAG: tl.constexpr,                  # these blocks cross the causal diagonal
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Online softmax: with m the running max and l = sum exp(s - m), a new block with max m' gives
     # l' = l exp(m - m') + sum exp(s_new - m'), acc' = acc exp(m - m') + exp(s_new - m') V_new.
     # While every score so far is -inf, m' = -inf; exponentiating against 0 instead keeps p and the
     # rescale factor at exactly 0 (exp(-inf - -inf) would be NaN).
-    m_ok = offs_m < L
     d_ok = offs_d < E
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
+        kv_ok = (offs_n < k_end)[:, None] & d_ok[None, :]
         kv_off = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + kv_off * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + kv_off * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale  # (BLOCK_M, BLOCK_N) fp32
-        valid = m_ok[:, None] & n_ok[None, :]
-        if HAS_MASK:
-            mval = tl.load(mask_base + offs_m[:, None].to(tl.int64) * stride_mm
-                           + offs_n[None, :].to(tl.int64) * stride_mn, mask=valid, other=0)
-            if MASK_BOOL:
-                valid = valid & (mval != 0)
-            else:
-                s = s + mval.to(tl.float32)
-        if CAUSAL_DIAG:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
+        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+                    L, k_end, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -177,22 +218,26 @@ def _fwd_block_loop(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_GPU), key=_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(_FWD_TABLE), key=_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_fwd(
     Q, K, V, Mask,                       # inputs (see the module docstring for layouts)
-    Out, Lse,                            # (B, H, L, E) input dtype, (B, H, L) fp32; unused when SPLIT
+    Out, Lse, Out32,                     # (B, H, L, E) input dtype, (B, H, L) fp32, (B, H, L, E) fp32 if STORE_O32
     PartAcc, PartM, PartL,               # SPLIT: (B*H, n_splits, L, E), (B*H, n_splits, L) x2, fp32
-    stride_qb, stride_qh, stride_qm,
+    stride_qb, stride_qh, stride_qm,     # element strides (the last dim has stride 1)
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, GROUPS, L, S, E,                  # query heads, query heads per kv head, sizes
     scale, drop_p, drop_scale, seed,     # softmax scale; dropout p, 1/(1-p) (0 when p == 1), Philox seed
+    causal_off,                          # IS_CAUSAL: query i sees keys j <= i + causal_off
     split_size, n_splits,                # SPLIT: keys per program (a multiple of BLOCK_N), programs per row
     L_BUCKET, S_BUCKET,                  # autotune key only
-    BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr,               # head dim rounded up to a power of two (>= 16)
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    SPLIT: tl.constexpr,                 # flash-decoding: write unnormalised partials per key split
+    STORE_O32: tl.constexpr,             # also write the fp32 output (16-bit inputs, for the backward)
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,  # interpreter: fp32 dot operands; "ieee" for fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m, pid_bh = _block_and_head(L, BLOCK_M)
@@ -203,51 +248,48 @@ def _attn_fwd(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < L
-    d_ok = offs_d < E
+    ok = (offs_m < L)[:, None] & (offs_d < E)[None, :]
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+                mask=ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
-    drop_row = ((b * H + h) * L + offs_m.to(tl.int64)) * S
 
+    # Keys [lo, hi) of this program; [lo, mid) lie wholly at or below the causal diagonal
+    # (n0 + BLOCK_N - 1 <= m0 + causal_off) and need no positional mask, [mid, hi) cross it (none
+    # past the block's last row's diagonal are visited). Clamped at 0 first: the integer division
+    # of a negative offset (L > S, bottom-right) would round towards zero.
     lo = 0
     hi = S
     if SPLIT:
         lo = pid_s * split_size
         hi = tl.minimum(S, lo + split_size)
+    k_end = hi
+    mid = hi
+    if IS_CAUSAL:
+        hi = tl.maximum(lo, tl.minimum(hi, m0 + BLOCK_M + causal_off))
+        mid = tl.maximum(lo, tl.minimum(hi, (tl.maximum(m0 + 1 + causal_off, 0) // BLOCK_N) * BLOCK_N))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if IS_CAUSAL:
-        # Keys j <= i only: nothing past the block's last row; key blocks wholly at or below the
-        # diagonal (n0 + BLOCK_N - 1 <= m0) need no causal mask, the rest (the diagonal) do.
-        hi = tl.minimum(hi, m0 + BLOCK_M)
-        full_end = tl.maximum(lo, tl.minimum(hi, ((m0 + 1) // BLOCK_N) * BLOCK_N))
+    for diag in tl.static_range(2 if IS_CAUSAL else 1):
         acc, l_i, m_i = _fwd_block_loop(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
-            offs_m, offs_d, lo, full_end, L, E, scale, drop_p, drop_scale, seed, drop_row,
-            False, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
-        acc, l_i, m_i = _fwd_block_loop(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
-            offs_m, offs_d, full_end, hi, L, E, scale, drop_p, drop_scale, seed, drop_row,
-            True, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
-    else:
-        acc, l_i, m_i = _fwd_block_loop(
-            acc, l_i, m_i, q, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
-            offs_m, offs_d, lo, hi, L, E, scale, drop_p, drop_scale, seed, drop_row,
-            False, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+            acc, l_i, m_i, q, offs_m, offs_d,
+            lo=lo if diag == 0 else mid, hi=mid if diag == 0 else hi, k_end=k_end,
+            k_base=K + b * stride_kb + hk * stride_kh, v_base=V + b * stride_vb + hk * stride_vh,
+            stride_kn=stride_kn, stride_vn=stride_vn,
+            mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
+            L=L, E=E, scale=scale, causal_off=causal_off,
+            drop_row=((b * H + h) * L + offs_m.to(tl.int64)) * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
+            DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N)
 
     if SPLIT:
         # Unnormalised partials; _attn_decode_combine merges the n_splits of each row.
         part = (pid_bh.to(tl.int64) * n_splits + pid_s) * L + offs_m
-        tl.store(PartAcc + part[:, None] * E + offs_d[None, :], acc, mask=m_ok[:, None] & d_ok[None, :])
-        tl.store(PartM + part, m_i, mask=m_ok)
-        tl.store(PartL + part, l_i, mask=m_ok)
+        tl.store(PartAcc + part[:, None] * E + offs_d[None, :], acc, mask=ok)
+        tl.store(PartM + part, m_i, mask=offs_m < L)
+        tl.store(PartL + part, l_i, mask=offs_m < L)
     else:
         # A fully masked row has l = 0 and acc = 0: output 0, lse = log 0 = -inf.
         empty = l_i == 0.0
@@ -255,9 +297,11 @@ def _attn_fwd(
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
         row = pid_bh.to(tl.int64) * L + offs_m
-        tl.store(Out + row[:, None] * E + offs_d[None, :], out.to(Out.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok[None, :])
-        tl.store(Lse + row, lse, mask=m_ok)
+        tl.store(Out + row[:, None] * E + offs_d[None, :], out.to(Out.dtype.element_ty), mask=ok)
+        if STORE_O32:
+            tl.store(Out32 + row[:, None] * E + offs_d[None, :], out, mask=ok)
+        tl.store(Lse + row, lse, mask=offs_m < L)
+
 
 
 @triton.jit
@@ -298,6 +342,7 @@ def _attn_decode_combine(
     tl.store(Lse + row, lse, mask=m_ok)
 
 
+
 # ------------------------------------------------------------------------------------------------
 # Backward
 #
@@ -310,13 +355,19 @@ def _attn_decode_combine(
 #   dQ   = scale dS K,   dK = scale dS^T Q
 # P is recomputed as exp(S - lse) from the saved fp32 row logsumexp. A fully masked row has
 # lse = -inf; it is read as +inf so that every P_ij = exp(S_ij - inf) = 0 there (zero gradients).
+#
+# delta needs O in fp32. On sharp attention (one P_ij close to 1, common in trained models)
+# dP_ij and delta_i nearly cancel in dS_ij; a delta from the 16-bit rounded O carries an error
+# ~2^-8 |dO_i| |O_i| (bf16) that survives the cancellation and dominated dQ and dK (errors ~1000x
+# torch's). So for 16-bit inputs the forward also writes its fp32 O and the preprocess reads that.
+#
 # dK/dV: one program per (key block, kv head) loops over the query blocks of every query head of
 # its group; dQ: one program per (query block, head) loops over key blocks. Each gradient element
 # is summed by exactly one program in a fixed order: no atomics, bit-identical reruns.
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_preprocess(
-    Out, DO, Delta,                      # (B, H, L, E) contiguous; dO strided; (B, H, L) fp32 out
+    Out, DO, Delta,                      # (B, H, L, E) contiguous (any float dtype); dO strided; (B, H, L) fp32 out
     stride_dob, stride_doh, stride_dom,
     H, L, E,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -337,17 +388,19 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_block_loop(
-    dk, dv, k, v,                        # (BLOCK_N, BLOCK_D) fp32 accumulators; this block's k, v
-    q_base, do_base, lse_ptr, delta_ptr, mask_base,
-    stride_qm, stride_dom, stride_mm, stride_mn,
-    offs_n, offs_d, lo, hi,              # keys of this block; query rows [lo, hi)
-    L, S, E, scale, drop_p, drop_scale, seed, drop_base,  # drop_base: int64 index of (b, h, 0, 0)
-    CAUSAL_DIAG: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    dk, dv,                              # (BLOCK_N, BLOCK_D) fp32 accumulators
+    k, v, offs_n, offs_d,                # this block's key and value tiles, its keys, the head-dim columns
+    lo, hi,                              # query blocks [lo, hi), lo a multiple of BLOCK_M
+    q_base, do_base, stride_qm, stride_dom,
+    lse_ptr, delta_ptr,                  # this (batch, head)'s rows of lse and delta
+    mask_base, stride_mm, stride_mn,
+    L, S, E, scale, causal_off,
+    drop_base, drop_p, drop_scale, seed,  # drop_base: int64 dropout index of (b, h, 0, 0)
+    DIAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate without transposes.
-    n_ok = offs_n < S
     d_ok = offs_d < E
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -361,18 +414,8 @@ def _dkdv_block_loop(
         lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
-        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale  # (BLOCK_N, BLOCK_M)
-        valid = n_ok[:, None] & m_ok[None, :]
-        if HAS_MASK:
-            mval = tl.load(mask_base + offs_m[None, :].to(tl.int64) * stride_mm
-                           + offs_n[:, None].to(tl.int64) * stride_mn, mask=valid, other=0)
-            if MASK_BOOL:
-                valid = valid & (mval != 0)
-            else:
-                sT = sT + mval.to(tl.float32)
-        if CAUSAL_DIAG:
-            valid = valid & (offs_n[:, None] <= offs_m[None, :])
-        sT = tl.where(valid, sT, float("-inf"))
+        sT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None],
+                     L, S, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
         pT = tl.exp(sT - lse[None, :])
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dZ^T
         if HAS_DROPOUT:
@@ -388,7 +431,7 @@ def _dkdv_block_loop(
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_BWD_GPU), key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(configs=_configs(_BWD_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta,       # Lse, Delta (B, H, L) fp32 contiguous
@@ -399,7 +442,7 @@ def _attn_bwd_dkdv(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     H, HKV, GROUPS, L, S, E,
-    scale, drop_p, drop_scale, seed,
+    scale, drop_p, drop_scale, seed, causal_off,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -418,37 +461,29 @@ def _attn_bwd_dkdv(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
+    # Query blocks that see these keys: [mid, L) see every key of the block (from the first with
+    # m0 >= n0 + BLOCK_N - 1 on), [lo, mid) cross the causal diagonal; rows i < n0 see none.
+    lo = 0
+    mid = 0
+    if IS_CAUSAL:  # row i sees key j when i >= j - causal_off
+        lo = tl.minimum(L, (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M)
+        mid = tl.maximum(lo, tl.minimum(L, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M))
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_ptr = Lse + (b * H + h) * L
-        delta_ptr = Delta + (b * H + h) * L
-        mask_base = Mask + b * stride_mb + h * stride_mh
-        drop_base = (b * H + h) * L * S
-        if IS_CAUSAL:
-            # Query rows i < n0 see none of these keys; query blocks from the first with
-            # m0 >= n0 + BLOCK_N - 1 see all of them (no causal mask); in between, the diagonal.
-            lo = (n0 // BLOCK_M) * BLOCK_M
-            full_start = tl.maximum(lo, tl.minimum(L, tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M))
+        for diag in tl.static_range(2 if IS_CAUSAL else 1):  # the full blocks first, then the diagonal
             dk, dv = _dkdv_block_loop(
-                dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, mask_base,
-                stride_qm, stride_dom, stride_mm, stride_mn, offs_n, offs_d, lo, full_start,
-                L, S, E, scale, drop_p, drop_scale, seed, drop_base,
-                True, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
-            dk, dv = _dkdv_block_loop(
-                dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, mask_base,
-                stride_qm, stride_dom, stride_mm, stride_mn, offs_n, offs_d, full_start, L,
-                L, S, E, scale, drop_p, drop_scale, seed, drop_base,
-                False, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
-        else:
-            dk, dv = _dkdv_block_loop(
-                dk, dv, k, v, q_base, do_base, lse_ptr, delta_ptr, mask_base,
-                stride_qm, stride_dom, stride_mm, stride_mn, offs_n, offs_d, 0, L,
-                L, S, E, scale, drop_p, drop_scale, seed, drop_base,
-                False, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_M)
+                dk, dv, k, v, offs_n, offs_d,
+                lo=mid if diag == 0 else lo, hi=L if diag == 0 else mid,
+                q_base=Q + b * stride_qb + h * stride_qh, do_base=DO + b * stride_dob + h * stride_doh,
+                stride_qm=stride_qm, stride_dom=stride_dom,
+                lse_ptr=Lse + (b * H + h) * L, delta_ptr=Delta + (b * H + h) * L,
+                mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
+                L=L, S=S, E=E, scale=scale, causal_off=causal_off,
+                drop_base=(b * H + h) * L * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
+                DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+                UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_M=BLOCK_M)
     out = ((b * HKV + hk) * S + offs_n)[:, None] * E + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
@@ -456,38 +491,29 @@ def _attn_bwd_dkdv(
 
 @triton.jit
 def _dq_block_loop(
-    dq, q, do, lse, delta,               # (BLOCK_M, BLOCK_D) fp32 accumulator; this block's tiles
-    k_base, v_base, mask_base,
-    stride_kn, stride_vn, stride_mm, stride_mn,
-    offs_m, offs_d, lo, hi,              # rows of this block; keys [lo, hi)
-    L, S, E, scale, drop_p, drop_scale, seed, drop_row,
-    CAUSAL_DIAG: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    dq,                                  # (BLOCK_M, BLOCK_D) fp32 accumulator
+    q, do, lse, delta, offs_m, offs_d,   # this block's tiles and statistics, its rows, the columns
+    lo, hi,                              # key blocks [lo, hi), lo a multiple of BLOCK_N
+    k_base, v_base, stride_kn, stride_vn,
+    mask_base, stride_mm, stride_mn,
+    L, S, E, scale, causal_off,
+    drop_row, drop_p, drop_scale, seed,
+    DIAG: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    m_ok = offs_m < L
     d_ok = offs_d < E
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < S
+        kv_ok = (offs_n < S)[:, None] & d_ok[None, :]
         kv_off = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + kv_off * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(v_base + kv_off * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale
-        valid = m_ok[:, None] & n_ok[None, :]
-        if HAS_MASK:
-            mval = tl.load(mask_base + offs_m[:, None].to(tl.int64) * stride_mm
-                           + offs_n[None, :].to(tl.int64) * stride_mn, mask=valid, other=0)
-            if MASK_BOOL:
-                valid = valid & (mval != 0)
-            else:
-                s = s + mval.to(tl.float32)
-        if CAUSAL_DIAG:
-            valid = valid & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(valid, s, float("-inf"))
+        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+                    L, S, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if HAS_DROPOUT:
@@ -498,7 +524,7 @@ def _dq_block_loop(
     return dq
 
 
-@triton.autotune(configs=_configs(_BWD_GPU), key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(configs=_configs(_BWD_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, Mask, DO, Lse, Delta,
@@ -508,8 +534,8 @@ def _attn_bwd_dq(
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
-    H, GROUPS, L, S, E,
-    scale, drop_p, drop_scale, seed,
+    H, HKV, GROUPS, L, S, E,
+    scale, drop_p, drop_scale, seed, causal_off,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -535,27 +561,24 @@ def _attn_bwd_dq(
     lse = tl.load(Lse + row, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + row, mask=m_ok, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
-    mask_base = Mask + b * stride_mb + h * stride_mh
-    drop_row = row * S
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # Key blocks as in the forward: [0, mid) below the diagonal, [mid, hi) crossing it.
+    hi = S
+    mid = S
     if IS_CAUSAL:
-        hi = tl.minimum(S, m0 + BLOCK_M)
-        full_end = tl.minimum(hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.maximum(0, tl.minimum(S, m0 + BLOCK_M + causal_off))
+        mid = tl.minimum(hi, (tl.maximum(m0 + 1 + causal_off, 0) // BLOCK_N) * BLOCK_N)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for diag in tl.static_range(2 if IS_CAUSAL else 1):
         dq = _dq_block_loop(
-            dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
-            offs_m, offs_d, 0, full_end, L, S, E, scale, drop_p, drop_scale, seed, drop_row,
-            False, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
-        dq = _dq_block_loop(
-            dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
-            offs_m, offs_d, full_end, hi, L, S, E, scale, drop_p, drop_scale, seed, drop_row,
-            True, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
-    else:
-        dq = _dq_block_loop(
-            dq, q, do, lse, delta, k_base, v_base, mask_base, stride_kn, stride_vn, stride_mm, stride_mn,
-            offs_m, offs_d, 0, S, L, S, E, scale, drop_p, drop_scale, seed, drop_row,
-            False, HAS_MASK, MASK_BOOL, HAS_DROPOUT, UPCAST, DOT_PREC, BLOCK_N)
+            dq, q, do, lse, delta, offs_m, offs_d,
+            lo=0 if diag == 0 else mid, hi=mid if diag == 0 else hi,
+            k_base=K + b * stride_kb + hk * stride_kh, v_base=V + b * stride_vb + hk * stride_vh,
+            stride_kn=stride_kn, stride_vn=stride_vn,
+            mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
+            L=L, S=S, E=E, scale=scale, causal_off=causal_off,
+            drop_row=row * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
+            DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N)
     tl.store(DQ + row[:, None] * E + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=ok)
 
 
@@ -572,54 +595,53 @@ def _dropout_mask_kernel(Keep, n, seed, drop_p, BLOCK: tl.constexpr):
 MAX_HEAD_DIM = 256
 
 
-def _common(q, k, v, mask, dropout_p):
-    """Checks and the constexpr flags shared by the forward and backward launchers."""
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError("attention launchers take q (B, H, L, E), k and v (B, Hkv, S, E)")
+def _strides(name, t, dims="bhm"):
+    """{"stride_<name>b": ..., "stride_<name>h": ..., "stride_<name>m": ...}: the kernels' keyword
+    arguments for a (B, H, rows, E) tensor (its last dim has stride 1)."""
+    return {f"stride_{name}{d}": t.stride(i) for i, d in enumerate(dims)}
+
+
+def _launch_args(q, k, v, mask, dropout_p):
+    """Checks (asserts: the op wrapper has checked with torch's rules) and the keyword arguments
+    shared by the forward and both backward kernels: strides, sizes, constexpr flags."""
+    assert q.dim() == k.dim() == v.dim() == 4, "attention launchers take q (B, H, L, E), k and v (B, Hkv, S, E)"
     B, H, L, E = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != E or H % Hkv != 0:
-        raise ValueError(f"bad attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError("q, k, v must share one dtype among float16, bfloat16, float32; "
-                         f"got {q.dtype}, {k.dtype}, {v.dtype}")
-    if E > MAX_HEAD_DIM:
-        raise ValueError(f"head dim E={E} exceeds the kernel's limit of {MAX_HEAD_DIM}")
-    if any(t.stride(-1) != 1 for t in (q, k, v)):
-        raise ValueError("q, k, v need a contiguous last dim (stride 1)")
-    if not 0.0 <= dropout_p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
+    assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == E and Hkv > 0 and H % Hkv == 0, \
+        f"bad attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32), \
+        f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+    assert E <= MAX_HEAD_DIM, f"head dim E={E} exceeds the kernel's limit of {MAX_HEAD_DIM}"
+    assert all(t.stride(-1) == 1 for t in (q, k, v)), "q, k, v need a contiguous last dim (stride 1)"
+    assert 0.0 <= dropout_p <= 1.0, f"dropout probability has to be between 0 and 1, but got {dropout_p}"
     if mask is not None:
-        if mask.shape != (B, H, L, S):
-            raise ValueError(f"mask must be expanded to (B, H, L, S) = {(B, H, L, S)}, got {tuple(mask.shape)}")
+        assert mask.shape == (B, H, L, S), f"mask must be expanded to (B, H, L, S) = {(B, H, L, S)}, got {tuple(mask.shape)}"
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # same bytes; keeps stride-0 dims
-    flags = dict(
+    lb, sb = _buckets(L, S)
+    args = dict(
+        Mask=mask if mask is not None else q,  # never read when HAS_MASK is False
+        **_strides("q", q), **_strides("k", k, "bhn"), **_strides("v", v, "bhn"),
+        **(_strides("m", mask, "bhmn") if mask is not None else dict(stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0)),
+        H=H, GROUPS=H // Hkv, L=L, S=S, E=E,
+        drop_p=dropout_p, drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,  # p == 1 drops everything
+        L_BUCKET=lb, S_BUCKET=sb,
         BLOCK_D=max(16, triton.next_power_of_2(E)),
         HAS_MASK=mask is not None,
         MASK_BOOL=mask is not None and mask.dtype == torch.uint8,
         HAS_DROPOUT=dropout_p > 0.0,
-        UPCAST=_INTERPRET and q.dtype != torch.float32,
+        UPCAST=_upcast_dots(q.dtype),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit operands
     )
-    mstrides = mask.stride() if mask is not None else (0, 0, 0, 0)
-    mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
-    drop_scale = 1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0  # p == 1 drops everything
-    return B, H, Hkv, L, S, E, mask_arg, mstrides, flags, drop_scale
+    return (B, H, Hkv, L, S, E), args
 
 
 def _buckets(L, S):
     return triton.next_power_of_2(max(L, 1)), triton.next_power_of_2(max(S, 1))
 
 
-def _n_sms(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 8
-
-
 def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0.0, seed=0,
-                      decode=None, split_size=None, return_mask=False):
+                      decode=None, split_size=None, return_mask=False, return_fp32_out=False, causal_offset=0):
     """Fused attention forward.
 
     q (B, H, L, E), k, v (B, Hkv, S, E) with a contiguous last dim, H % Hkv == 0; mask None or
@@ -630,61 +652,64 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
     decode: None picks flash-decoding when L <= 16, S >= 512 and no dropout; True/False forces it
     (dropout must be 0). split_size: keys per program in decode mode, a multiple of _SPLIT_ALIGN
     (default: enough splits to fill the GPU twice over).
+    return_fp32_out: also return the output in fp32 (B, H, L, E) before the cast (what
+    attention_backward wants as `out` for 16-bit inputs); not with decode.
+    causal_offset: with is_causal, query i sees keys j <= i + causal_offset (0: SDPA's top-left
+    alignment; S - L: flash-attn's bottom-right). Rows that see no key give 0 and lse -inf.
     return_mask: test hook, also return the dropout keep-mask (B, H, L, S) bool that was applied.
     """
     if return_mask:
-        out, lse = attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
-                                     seed=seed, decode=decode, split_size=split_size)
+        res = attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
+                                seed=seed, decode=decode, split_size=split_size, return_fp32_out=return_fp32_out,
+                                causal_offset=causal_offset)
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        return out, lse, dropout_mask(shape, seed, dropout_p, q.device)
-    B, H, Hkv, L, S, E, mask_arg, ms, flags, drop_scale = _common(q, k, v, mask, dropout_p)
+        return (*res, dropout_mask(shape, seed, dropout_p, q.device))
+    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p)
     out = torch.empty((B, H, L, E), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    out32 = torch.empty((B, H, L, E) if return_fp32_out else (0,), dtype=torch.float32, device=q.device)
+    res = (out, lse, out32) if return_fp32_out else (out, lse)
     if out.numel() == 0:
-        return out, lse
+        return res
     if decode is None:
-        decode = L <= _DECODE_MAX_L and S >= _DECODE_MIN_S and dropout_p == 0.0
-    if decode and dropout_p > 0.0:
-        raise ValueError("the decode (flash-decoding) path is for inference: dropout_p must be 0")
-    lb, sb = _buckets(L, S)
-    common = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *ms,
-        H, H // Hkv, L, S, E,
-        scale, dropout_p, drop_scale, seed,
-    )
+        decode = L <= _DECODE_MAX_L and S >= _DECODE_MIN_S and dropout_p == 0.0 and not return_fp32_out
+    assert not (decode and dropout_p > 0.0), "the decode (flash-decoding) path is for inference: dropout_p must be 0"
+    assert not (decode and return_fp32_out), "the decode (flash-decoding) path does not write an fp32 output"
+    launch = dict(args, scale=scale, seed=seed, causal_off=causal_offset, IS_CAUSAL=is_causal, STORE_O32=return_fp32_out)
     if not decode:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, 1)  # noqa: E731
-        _attn_fwd[grid](q, k, v, mask_arg, out, lse, lse, lse, lse, *common, 0, 1, lb, sb,
-                        IS_CAUSAL=is_causal, SPLIT=False, **flags)
-        return out, lse
+        _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=out32 if return_fp32_out else lse,
+                        PartAcc=lse, PartM=lse, PartL=lse, split_size=0, n_splits=1, SPLIT=False, **launch)
+        return res
     if split_size is None:
         # Enough splits for ~2 programs per SM; each at least 256 keys so the combine stays cheap.
-        want = max(1, (2 * _n_sms(q.device)) // (B * H * triton.cdiv(L, 16)))
+        want = max(1, (2 * num_sms(q.device)) // (B * H * triton.cdiv(L, 16)))
         split_size = max(256, triton.cdiv(triton.cdiv(S, want), _SPLIT_ALIGN) * _SPLIT_ALIGN)
-    if split_size <= 0 or split_size % _SPLIT_ALIGN:
-        raise ValueError(f"split_size must be a positive multiple of {_SPLIT_ALIGN}, got {split_size}")
+    assert split_size > 0 and split_size % _SPLIT_ALIGN == 0, \
+        f"split_size must be a positive multiple of {_SPLIT_ALIGN}, got {split_size}"
     n_splits = max(1, triton.cdiv(S, split_size))
     part_acc = torch.empty((B * H, n_splits, L, E), dtype=torch.float32, device=q.device)
     part_m = torch.empty((B * H, n_splits, L), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, n_splits)  # noqa: E731
-    _attn_fwd[grid](q, k, v, mask_arg, out, lse, part_acc, part_m, part_l, *common, split_size, n_splits,
-                    lb, sb, IS_CAUSAL=is_causal, SPLIT=True, **flags)
+    _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=lse, PartAcc=part_acc, PartM=part_m, PartL=part_l,
+                    split_size=split_size, n_splits=n_splits, SPLIT=True, **launch)
     _attn_decode_combine[(triton.cdiv(L, 16) * B * H,)](
-        part_acc, part_m, part_l, out, lse, L, E, n_splits, BLOCK_M=16, BLOCK_D=flags["BLOCK_D"])
-    return out, lse
+        part_acc, part_m, part_l, out, lse, L, E, n_splits, BLOCK_M=16, BLOCK_D=args["BLOCK_D"])
+    return res
 
 
-def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, dropout_p=0.0, seed=0):
+def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, dropout_p=0.0, seed=0,
+                       causal_offset=0):
     """Gradients of attention_forward. do (B, H, L, E) (contiguous last dim), out and lse the
-    forward's outputs. Returns (dq (B, H, L, E), dk, dv (B, Hkv, S, E)), contiguous, input dtype.
+    forward's outputs: for 16-bit inputs pass its fp32 output (return_fp32_out=True), from which
+    delta = rowsum(dO * O) is accurate (the 16-bit one works, less accurately on sharp attention).
+    Returns (dq (B, H, L, E), dk, dv (B, Hkv, S, E)), contiguous, input dtype.
     Reads its inputs only (nothing saved is overwritten); deterministic (no atomics)."""
-    B, H, Hkv, L, S, E, mask_arg, ms, flags, drop_scale = _common(q, k, v, mask, dropout_p)
+    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p)
     if do.stride(-1) != 1:
         do = do.contiguous()
+    out = out.contiguous()
     dq = torch.empty((B, H, L, E), dtype=q.dtype, device=q.device)
     dk = torch.empty((B, Hkv, S, E), dtype=k.dtype, device=k.device)
     dv = torch.empty((B, Hkv, S, E), dtype=v.dtype, device=v.device)
@@ -693,26 +718,17 @@ def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, d
     if L == 0 or E == 0:  # no query rows (or an empty head dim): every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
     delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    pre_m = 64 if flags["BLOCK_D"] <= 128 else 32
+    pre_m = 64 if args["BLOCK_D"] <= 128 else 32
     _attn_bwd_preprocess[(triton.cdiv(L, pre_m) * B * H,)](
         out, do, delta, do.stride(0), do.stride(1), do.stride(2), H, L, E,
-        BLOCK_M=pre_m, BLOCK_D=flags["BLOCK_D"])
-    lb, sb = _buckets(L, S)
-    strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *ms,
-        do.stride(0), do.stride(1), do.stride(2),
-    )
-    tail = (scale, dropout_p, drop_scale, seed, lb, sb)
+        BLOCK_M=pre_m, BLOCK_D=args["BLOCK_D"])
+    launch = dict(args, **_strides("do", do), HKV=Hkv, scale=scale, seed=seed, causal_off=causal_offset,
+                  IS_CAUSAL=is_causal)
     if dk.numel():
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
-        _attn_bwd_dkdv[grid](q, k, v, mask_arg, do, lse, delta, dk, dv, *strides,
-                             H, Hkv, H // Hkv, L, S, E, *tail, IS_CAUSAL=is_causal, **flags)
+        _attn_bwd_dkdv[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DK=dk, DV=dv, **launch)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-    _attn_bwd_dq[grid](q, k, v, mask_arg, do, lse, delta, dq, *strides,
-                       H, H // Hkv, L, S, E, *tail, IS_CAUSAL=is_causal, **flags)
+    _attn_bwd_dq[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DQ=dq, **launch)
     return dq, dk, dv
 
 
@@ -727,4 +743,33 @@ def dropout_mask(shape, seed, dropout_p, device):
     return keep.bool()
 
 
-__all__ = ["attention_forward", "attention_backward", "dropout_mask", "MAX_HEAD_DIM"]
+def compile_variants(quick: bool):
+    """Call the launchers over every variant that selects different code (dtypes, head dims, causal,
+    masks, dropout, GQA, the fp32-output store, decode); tools/gpu_compile_check.py compiles them."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
+
+    def r(*shape, dtype):
+        return torch.randn(*shape, dtype=dtype)
+
+    for dt in dtypes:
+        for e in head_dims:
+            q, k, v = r(1, 4, 128, e, dtype=dt), r(1, 2, 192, e, dtype=dt), r(1, 2, 192, e, dtype=dt)
+            variants = [dict(), dict(is_causal=True), dict(is_causal=True, causal_offset=64)]
+            if not quick or e == 64:
+                variants += [
+                    dict(mask=torch.rand(1, 1, 128, 192).expand(1, 4, 128, 192) > 0.5),
+                    dict(mask=r(1, 4, 128, 192, dtype=dt)),
+                    dict(dropout_p=0.1, seed=3),
+                ]
+            for kw in variants:
+                mask = kw.pop("mask", None)
+                fp32_out = dt != torch.float32
+                out, lse, *out32 = attention_forward(q, k, v, mask, scale=e ** -0.5, return_fp32_out=fp32_out, **kw)
+                attention_backward(r(1, 4, 128, e, dtype=dt), q, k, v, mask, out32[0] if fp32_out else out, lse,
+                                   scale=e ** -0.5, **kw)
+            kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
+            attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True)
+
+
+__all__ = ["attention_forward", "attention_backward", "dropout_mask", "compile_variants", "MAX_HEAD_DIM"]

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..kernels import gelu as _k
+from fasttx.kernels import gelu as K
 from ._common import keep_layout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -25,7 +25,7 @@ def _out_dtype(x: Tensor, bias: Optional[Tensor]) -> torch.dtype:
 
 @torch.library.custom_op("fasttx::bias_act", mutates_args=())
 def _bias_act(x: Tensor, bias: Optional[Tensor], activation: str) -> Tensor:
-    return _k.bias_act_forward(x, bias, activation, _out_dtype(x, bias))
+    return K.bias_act_forward(x, bias, activation, _out_dtype(x, bias))
 
 
 @_bias_act.register_fake
@@ -37,7 +37,7 @@ def _(x, bias, activation):
 def _bias_act_backward(
     grad: Tensor, x: Tensor, bias: Optional[Tensor], activation: str
 ) -> Tuple[Tensor, Tensor]:
-    dx, db = _k.bias_act_backward(grad, x, bias, activation)
+    dx, db = K.bias_act_backward(grad, x, bias, activation)
     # custom ops cannot return None: an empty dbias stands for "no bias"
     return dx, (db if db is not None else x.new_empty(0))
 

@@ -1,42 +1,33 @@
 """Triton path of fasttx.functional.scaled_dot_product_attention.
 
-The public function checks the arguments with torch's rules, normalises them to the kernels'
-layout (q (B, Hq, L, E), k/v (B, Hkv, S, E) with a contiguous last dim, the mask expand()ed to
+fasttx.functional asks `unsupported(...)` whether the kernels cover a call (None: they do; else the
+reason, and functional runs torch's own op with one warning), then `check(...)` (torch's argument
+rules and exception types, raised here rather than inside a kernel), then calls
+`scaled_dot_product_attention`, which normalises the arguments to the kernels' layout
+(q (B, Hq, L, E), k/v (B, Hkv, S, E) with a contiguous last dim, the mask expand()ed to
 (B, Hq, L, S) without copying) and calls the custom op `fasttx::sdpa_fwd`, whose autograd calls
 `fasttx::sdpa_bwd`. Broadcasting and reshapes happen outside the custom op, so autograd sums the
 gradients of broadcast (stride-0) batch and head dims by itself.
 
-Cases the kernels do not cover go to torch's own F.scaled_dot_product_attention (same semantics)
-with a one-time warning: E != Ev, head dims above 256, float64 inputs, and a float mask that
-requires grad (torch differentiates the mask; the fused kernels never materialise the L x S
-gradient it would need).
+Not covered by the kernels: E != Ev, head dims above 256, dtypes other than fp16/bf16/fp32, and a
+float mask that requires grad (torch differentiates the mask; the fused kernels never materialise
+the L x S gradient it would need).
 """
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.kernels import attention as K
 
-from fasttx._checks import check_dropout_p
+from fasttx import _checks
 
 from ._common import draw_philox_seed
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_warned: set = set()
-
-
-def _fallback(reason: str, *args, **kwargs) -> Tensor:
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"fasttx scaled_dot_product_attention: {reason}; using torch's "
-                      "F.scaled_dot_product_attention instead of the fused kernel", stacklevel=3)
-    return F.scaled_dot_product_attention(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -44,127 +35,164 @@ def _fallback(reason: str, *args, **kwargs) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 @torch.library.custom_op("fasttx::sdpa_fwd", mutates_args=())
 def _sdpa_fwd(
-    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float
-) -> Tuple[Tensor, Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
+    fp32_out: bool, causal_offset: int = 0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """q (B, Hq, L, E), k/v (B, Hkv, S, E), mask (B, Hq, L, S) or None ->
-    (out (B, Hq, L, E), lse fp32 (B, Hq, L), seed int64 () on the CPU)."""
+    (out (B, Hq, L, E), lse fp32 (B, Hq, L), seed int64 () on the CPU, out32): out32 is the fp32
+    output (B, Hq, L, E) when fp32_out (16-bit inputs that will be differentiated: the backward's
+    delta comes from it), else an empty fp32 tensor. causal_offset: query i sees keys
+    j <= i + causal_offset when is_causal (0 for SDPA, S - L for fasttx.flash)."""
     seed = draw_philox_seed() if dropout_p > 0.0 else 0  # drawn here: torch.compile traces no .item()
-    out, lse = K.attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed)
-    return out, lse, torch.tensor(seed, dtype=torch.int64)
+    res = K.attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
+                              return_fp32_out=fp32_out, causal_offset=causal_offset)
+    out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
+    return res[0], res[1], torch.tensor(seed, dtype=torch.int64), out32
 
 
 @_sdpa_fwd.register_fake
-def _(q, k, v, mask, dropout_p, is_causal, scale):
+def _(q, k, v, mask, dropout_p, is_causal, scale, fp32_out, causal_offset=0):
     B, H, L, E = q.shape
     return (q.new_empty((B, H, L, E)), q.new_empty((B, H, L), dtype=torch.float32),
-            torch.empty((), dtype=torch.int64, device="cpu"))
+            torch.empty((), dtype=torch.int64, device="cpu"),
+            q.new_empty((B, H, L, E) if fp32_out else (0,), dtype=torch.float32))
 
 
 @torch.library.custom_op("fasttx::sdpa_bwd", mutates_args=())
 def _sdpa_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
-    seed: Tensor, dropout_p: float, is_causal: bool, scale: float,
+    seed: Tensor, dropout_p: float, is_causal: bool, scale: float, causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients (dq like q, dk and dv like k) from the forward's out, lse and dropout seed."""
+    """Gradients (dq like q, dk and dv like k) from the forward's output (fp32 for 16-bit inputs),
+    lse and dropout seed."""
     return K.attention_backward(dout, q, k, v, mask, out, lse, scale=scale, is_causal=is_causal,
-                                dropout_p=dropout_p, seed=int(seed.item()))
+                                dropout_p=dropout_p, seed=int(seed.item()), causal_offset=causal_offset)
 
 
 @_sdpa_bwd.register_fake
-def _(dout, q, k, v, mask, out, lse, seed, dropout_p, is_causal, scale):
+def _(dout, q, k, v, mask, out, lse, seed, dropout_p, is_causal, scale, causal_offset=0):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mask, dropout_p, is_causal, scale = inputs
-    out, lse, seed = output
-    ctx.save_for_backward(q, k, v, mask, out, lse, seed)
-    ctx.opts = (dropout_p, is_causal, scale)
+    q, k, v, mask, dropout_p, is_causal, scale, fp32_out, causal_offset = inputs
+    out, lse, seed, out32 = output
+    ctx.save_for_backward(q, k, v, mask, out32 if fp32_out else out, lse, seed)
+    ctx.opts = (dropout_p, is_causal, scale, causal_offset)
 
 
-def _backward(ctx, dout, _dlse, _dseed):
+def _backward(ctx, dout, _dlse, _dseed, _dout32):
     q, k, v, mask, out, lse, seed = ctx.saved_tensors
     dq, dk, dv = _sdpa_bwd(dout, q, k, v, mask, out, lse, seed, *ctx.opts)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _sdpa_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------------------------------
-# Public entry (called by fasttx.functional on the Triton path)
+# The contract with fasttx.functional: unsupported, check, the public-shaped function
 # ------------------------------------------------------------------------------------------------
+_NAME = "scaled_dot_product_attention"
+
+
+def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False) -> Optional[str]:
+    """None when the fused kernels cover this call, else why not (functional then runs torch's own
+    op). Arguments that `check` would reject are not reasons: they return None so that check raises."""
+    if not all(isinstance(t, Tensor) and t.dim() >= 2 for t in (query, key, value)):
+        return None
+    if query.size(-1) != key.size(-1):  # bad input, not a limit
+        return None
+    if query.dtype not in _KERNEL_DTYPES:
+        return f"dtype {query.dtype} is not supported by the kernel (float16, bfloat16, float32)"
+    if query.size(-1) != value.size(-1):
+        return "value's head dim Ev differs from E (the kernel needs E == Ev)"
+    if query.size(-1) > K.MAX_HEAD_DIM:
+        return f"head dim above {K.MAX_HEAD_DIM}"
+    if isinstance(attn_mask, Tensor) and attn_mask.requires_grad and torch.is_grad_enabled():
+        return "attn_mask requires grad (the fused kernel does not differentiate the mask)"
+    return None
+
+
 def _broadcast(name: str, *shapes) -> torch.Size:
     try:
         return torch.broadcast_shapes(*shapes)
     except RuntimeError as e:
-        raise RuntimeError(f"scaled_dot_product_attention: {name} of query, key and value "
+        raise RuntimeError(f"{_NAME}: {name} of query, key and value "
                            f"{[tuple(s) for s in shapes]} are not broadcastable ({e})") from None
 
 
-def _check(query, key, value, attn_mask, dropout_p, enable_gqa):
+def check(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False) -> None:
+    """torch's argument rules, with torch's exception types (TypeError for a wrong argument type,
+    RuntimeError for a wrong value or shape), each message naming the argument and the rule."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{_NAME}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"{_NAME}(): argument 'attn_mask' must be Tensor, not {type(attn_mask).__name__}")
+    dropout_p = _checks.check_float(_NAME, "dropout_p", None, dropout_p)
+    _checks.check_bool(_NAME, "is_causal", None, is_causal)
+    _checks.check_bool(_NAME, "enable_gqa", None, enable_gqa)
+    if scale is not None:
+        _checks.check_float(_NAME, "scale", None, scale)
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
-        raise RuntimeError("scaled_dot_product_attention: expected query, key and value to be at least "
-                           f"2 dimensional, got query.dim()={query.dim()}, key.dim()={key.dim()}, "
-                           f"value.dim()={value.dim()}")
+        raise RuntimeError(f"{_NAME}: expected query, key and value to be at least 2 dimensional, got "
+                           f"query.dim()={query.dim()}, key.dim()={key.dim()}, value.dim()={value.dim()}")
     if not (query.dtype == key.dtype == value.dtype):
-        raise RuntimeError("scaled_dot_product_attention: expected query, key and value to have the same "
-                           f"dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+        raise RuntimeError(f"{_NAME}: expected query, key and value to have the same dtype, got "
+                           f"{query.dtype}, {key.dtype}, {value.dtype}")
     if not (query.device == key.device == value.device):
-        raise RuntimeError("scaled_dot_product_attention: expected query, key and value on the same device, "
-                           f"got {query.device}, {key.device}, {value.device}")
+        raise RuntimeError(f"{_NAME}: expected query, key and value on the same device, got "
+                           f"{query.device}, {key.device}, {value.device}")
     if not query.is_floating_point():
-        raise RuntimeError(f"scaled_dot_product_attention: query must be floating point, got {query.dtype}")
-    check_dropout_p(dropout_p)
+        raise RuntimeError(f"{_NAME}: query must be floating point, got {query.dtype}")
+    # torch raises RuntimeError above 1 and (for its fused CPU kernel, with another message) below 0;
+    # NaN is rejected too (torch's math path would turn every output into NaN or zeros).
+    if not 0.0 <= dropout_p <= 1.0:
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
     if query.size(-1) != key.size(-1):
-        raise RuntimeError("scaled_dot_product_attention: query and key must have the same head dim E, got "
+        raise RuntimeError(f"{_NAME}: query and key must have the same head dim E, got "
                            f"{query.size(-1)} and {key.size(-1)}")
     if key.size(-2) != value.size(-2):
-        raise RuntimeError("scaled_dot_product_attention: key and value must have the same sequence length S, "
+        raise RuntimeError(f"{_NAME}: key and value must have the same sequence length S, "
                            f"got {key.size(-2)} and {value.size(-2)}")
     if attn_mask is not None:
         if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
-            raise RuntimeError("scaled_dot_product_attention: attn_mask must be bool, float32 or query's "
-                               f"dtype {query.dtype}, got {attn_mask.dtype}")
+            raise RuntimeError(f"{_NAME}: attn_mask must be bool, float32 or query's dtype {query.dtype}, "
+                               f"got {attn_mask.dtype}")
         if attn_mask.device != query.device:
-            raise RuntimeError("scaled_dot_product_attention: attn_mask must be on query's device "
-                               f"{query.device}, got {attn_mask.device}")
+            raise RuntimeError(f"{_NAME}: attn_mask must be on query's device {query.device}, got {attn_mask.device}")
     if enable_gqa:
         if min(query.dim(), key.dim(), value.dim()) < 3:
-            raise IndexError("scaled_dot_product_attention: enable_gqa needs query, key and value with a "
-                             "heads dim (-3), i.e. at least 3 dimensions")
+            raise IndexError(f"{_NAME}: enable_gqa needs query, key and value with a heads dim (-3), "
+                             "i.e. at least 3 dimensions")
         hq, hk, hv = query.size(-3), key.size(-3), value.size(-3)
+        # torch returns a tensor for Hk == 0 (what it holds is undefined): rejected here
         if hk == 0 or hv == 0 or hq % hk or hq % hv:
-            raise RuntimeError("scaled_dot_product_attention: with enable_gqa the number of heads in key and "
-                               f"value must divide the number of heads in query, got Hq={hq}, "
-                               f"Hk={hk}, Hv={hv}")
+            raise RuntimeError(f"{_NAME}: with enable_gqa the number of heads in key and value must divide "
+                               f"the number of heads in query (and be > 0), got Hq={hq}, Hk={hk}, Hv={hv}")
+        _broadcast("batch dims", query.shape[:-3], key.shape[:-3], value.shape[:-3])
+    else:
+        _broadcast("leading dims", query.shape[:-2], key.shape[:-2], value.shape[:-2])
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False) -> Tensor:
-    """torch.nn.functional.scaled_dot_product_attention through the fused Triton kernels.
+    """torch.nn.functional.scaled_dot_product_attention through the fused Triton kernels (after
+    `check`, for calls `unsupported` lets through).
 
-    query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, Ev) -> (N, ..., Hq, L, Ev);
+    query (N, ..., Hq, L, E), key (N, ..., H, S, E), value (N, ..., H, S, E) -> (N, ..., Hq, L, E);
     leading dims broadcast like torch's. attn_mask bool (True = attend) or float (added), broadcastable
     to (N, ..., Hq, L, S); given together with is_causal both apply (torch's CPU and fused kernels
     behave so). is_causal: query i sees keys j <= i (top-left aligned). scale defaults to 1/sqrt(E).
     enable_gqa: Hq % H == 0, query head h uses kv head h // (Hq // H) (no copy).
     """
-    _check(query, key, value, attn_mask, dropout_p, enable_gqa)
-    args = (query, key, value)
-    kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    if query.size(-1) != value.size(-1):
-        return _fallback("value's head dim Ev differs from E (the kernel needs E == Ev)", *args, **kwargs)
-    if query.dtype not in _KERNEL_DTYPES:
-        return _fallback(f"dtype {query.dtype} is not supported by the kernel", *args, **kwargs)
-    if query.size(-1) > K.MAX_HEAD_DIM:
-        return _fallback(f"head dim above {K.MAX_HEAD_DIM}", *args, **kwargs)
-    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-        return _fallback("attn_mask requires grad", *args, **kwargs)
-
     L, S, E = query.size(-2), key.size(-2), query.size(-1)
-    scale = 1.0 / math.sqrt(E) if scale is None else float(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(E) if E > 0 else math.inf  # E == 0: the output is empty anyway
+    scale = float(scale)
     if enable_gqa:
         batch = _broadcast("batch dims", query.shape[:-3], key.shape[:-3], value.shape[:-3])
         hq, hk, hv = query.size(-3), key.size(-3), value.size(-3)
@@ -191,8 +219,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         try:
             mask = attn_mask.expand(*batch, hq, L, S)
         except RuntimeError:
-            raise RuntimeError(f"scaled_dot_product_attention: attn_mask of shape {tuple(attn_mask.shape)} is "
+            raise RuntimeError(f"{_NAME}: attn_mask of shape {tuple(attn_mask.shape)} is "
                                f"not broadcastable to (N, ..., Hq, L, S) = {(*batch, hq, L, S)}") from None
         mask = mask.reshape(B, hq, L, S)  # (B, Hq, L, S), stride-0 dims stay stride 0
-    out, _, _ = _sdpa_fwd(q, k, v, mask, float(dropout_p), bool(is_causal), scale)
+    # 16-bit inputs that will be differentiated: keep the fp32 output for the backward's delta.
+    fp32_out = (q.dtype != torch.float32 and torch.is_grad_enabled()
+                and (query.requires_grad or key.requires_grad or value.requires_grad))
+    out = _sdpa_fwd(q, k, v, mask, float(dropout_p), bool(is_causal), scale, bool(fp32_out))[0]
     return out.reshape(*out_lead, L, E)  # (N, ..., Hq, L, E)

@@ -12,7 +12,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..kernels import dropout as _k
+from fasttx.kernels import dropout as K
 from ._common import draw_seed, keep_layout
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -21,7 +21,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 @torch.library.custom_op("fasttx::dropout", mutates_args=())
 def _dropout(x: Tensor, p: float) -> Tuple[Tensor, Tensor]:
     seed = draw_seed(x.device)  # (1,) on x's device: graph-safe, no host sync
-    return _k.dropout_forward(x, p, seed), seed
+    return K.dropout_forward(x, p, seed), seed
 
 
 @_dropout.register_fake
@@ -31,7 +31,7 @@ def _(x, p):
 
 @torch.library.custom_op("fasttx::dropout_backward", mutates_args=())
 def _dropout_backward(grad: Tensor, seed: Tensor, p: float) -> Tensor:
-    return _k.dropout_backward(grad, p, seed)
+    return K.dropout_backward(grad, p, seed)
 
 
 @_dropout_backward.register_fake

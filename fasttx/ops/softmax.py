@@ -8,14 +8,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..kernels import softmax as _k
+from fasttx.kernels import softmax as K
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @torch.library.custom_op("fasttx::softmax", mutates_args=())
 def _softmax_lastdim(x: Tensor) -> Tensor:
-    return _k.softmax_forward(x)
+    return K.softmax_forward(x)
 
 
 @_softmax_lastdim.register_fake
@@ -25,7 +25,7 @@ def _(x):
 
 @torch.library.custom_op("fasttx::softmax_backward", mutates_args=())
 def _softmax_lastdim_backward(grad: Tensor, y: Tensor) -> Tensor:
-    return _k.softmax_backward(grad, y)
+    return K.softmax_backward(grad, y)
 
 
 @_softmax_lastdim_backward.register_fake

@@ -1,0 +1,157 @@
+"""fasttx.flash.flash_attn_func against a plain fp64 oracle with flash-attn's semantics
+(fasttx.reference.flash_attention), on both backends: forward and dq, dk, dv.
+
+fp32 is held to 1e-4 of the fp64 oracle; 16-bit inputs to the 2x rule (tests/README.md) with the
+oracle's own result in that dtype as the yardstick (3x for the gradients)."""
+import warnings
+
+import pytest
+import torch
+
+import fasttx
+from fasttx import reference as R
+from fasttx.flash import flash_attn_func
+
+from utils import ATOL_FLOOR, assert_2x_rule
+
+fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _qkv(B, Lq, Lk, H, Hk, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(B, Lq, H, D), mk(B, Lk, Hk, D), mk(B, Lk, Hk, D), mk(B, Lq, H, D)
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return out.detach(), torch.autograd.grad(out, (q, k, v), do)
+
+
+def check_flash(q, k, v, do, **kw):
+    ours, g = _grads(lambda *t: flash_attn_func(*t, **kw), q, k, v, do)
+    ref_kw = {n: kw[n] for n in ("causal", "window_size", "softcap", "alibi_slopes", "softmax_scale") if n in kw}
+    ref, gr = _grads(lambda *t: R.flash_attention(*t, **ref_kw)[0], q.double(), k.double(), v.double(), do.double())
+    assert ours.shape == q.shape and ours.dtype == q.dtype and ours.is_contiguous()
+    if q.dtype == fp32:
+        for a, b in zip((ours, *g), (ref, *gr)):
+            torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+    else:
+        low, gl = _grads(lambda *t: R.flash_attention(*t, **ref_kw)[0], q, k, v, do)
+        # bf16 stores under the interpreter truncate (1 ulp); outputs here stay below 4
+        atol = ATOL_FLOOR[q.dtype] * (2 if q.dtype == bf16 else 1)
+        assert_2x_rule(ours, low, ref, atol=atol)
+        for name, a, b, c in zip("qkv", g, gl, gr):
+            assert_2x_rule(a, b, c, mult=3.0, atol=atol, name=f"d{name}")
+    return ours, g
+
+
+@pytest.mark.parametrize("Lq,Lk", [(13, 13), (7, 29), (29, 7), (1, 40)], ids=["square", "q<k", "q>k", "decode"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_causal_bottom_right(backend, device, Lq, Lk, causal):
+    check_flash(*_qkv(2, Lq, Lk, 2, 2, 16, fp32, device), causal=causal)
+
+
+def test_bottom_right_alignment_is_flash_attns(backend, device):
+    # Lq < Lk: the last query sees every key (top-left alignment would hide the last Lk - Lq);
+    # Lq > Lk: the first Lq - Lk queries see no key and give exactly zero.
+    q, k, v, _ = _qkv(1, 3, 8, 1, 1, 16, fp32, device)
+    out = flash_attn_func(q, k, v, causal=True)
+    full = flash_attn_func(q[:, -1:], k, v)  # one query, no mask
+    torch.testing.assert_close(out[:, -1], full[:, 0], atol=1e-6, rtol=1e-6)
+    q, k, v, _ = _qkv(1, 8, 3, 1, 1, 16, fp32, device)
+    out = flash_attn_func(q, k, v, causal=True)
+    assert (out[:, :5] == 0).all() and (out[:, 5:] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [fp16, bf16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_16bit(backend, device, dtype, causal):
+    check_flash(*_qkv(1, 21, 37, 2, 2, 32, dtype, device), causal=causal)
+
+
+@pytest.mark.parametrize("hk", [2, 1], ids=["gqa", "mqa"])
+def test_gqa(backend, device, hk):
+    _, g = check_flash(*_qkv(2, 11, 19, 4, hk, 16, fp32, device), causal=True)
+    assert g[1].shape == (2, 19, hk, 16)
+
+
+def test_scale_and_lse(backend, device):
+    q, k, v, do = _qkv(2, 9, 14, 2, 1, 16, fp32, device)
+    check_flash(q, k, v, do, causal=True, softmax_scale=0.3)
+    out, lse, probs = flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, return_attn_probs=True)
+    ref_lse = R.flash_attention(q.double(), k.double(), v.double(), softmax_scale=0.3, causal=True)[1]
+    assert lse.shape == (2, 2, 9) and lse.dtype == fp32 and probs is None
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+# Features that run the torch path on both backends for now (the Triton backend warns once).
+FEATURES = {
+    "window_left": dict(window_size=(3, -1)),
+    "window_right": dict(window_size=(-1, 2)),
+    "window_both": dict(window_size=(4, 1)),
+    "window_zero": dict(window_size=(0, 0)),
+    "window_causal": dict(window_size=(3, -1), causal=True),
+    "softcap": dict(softcap=2.0),
+    "alibi_heads": dict(alibi_slopes=torch.tensor([0.5, 0.25])),
+    "alibi_batch_heads": dict(alibi_slopes=torch.tensor([[0.5, 0.25], [0.125, 1.0]]), causal=True),
+}
+
+
+@pytest.mark.parametrize("feature", list(FEATURES))
+@pytest.mark.parametrize("Lq,Lk", [(9, 17), (17, 9)], ids=["q<k", "q>k"])
+def test_window_softcap_alibi(backend, device, feature, Lq, Lk):
+    kw = {n: (a.to(device) if isinstance(a, torch.Tensor) else a) for n, a in FEATURES[feature].items()}
+    q, k, v, do = _qkv(2, Lq, Lk, 2, 2, 16, fp32, device)
+    q = q * 3  # larger scores, so softcap and ALiBi matter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Triton backend's fallback warning
+        check_flash(q, k, v, do, **kw)
+
+
+def test_unsupported_feature_warns_once_on_triton(device):
+    if not fasttx._backend.triton_available():
+        pytest.skip("triton is not installed")
+    fasttx._backend._warned.clear()
+    q, k, v, _ = _qkv(1, 5, 6, 1, 1, 16, fp32, device)
+    with fasttx.use_backend("triton"), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        flash_attn_func(q, k, v, softcap=1.0)
+        flash_attn_func(q, k, v, softcap=1.0)
+    assert len([x for x in w if "softcap" in str(x.message)]) == 1
+
+
+def test_dropout_reproducible(backend, device):
+    q, k, v, do = _qkv(1, 16, 24, 2, 2, 16, fp32, device)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return _grads(lambda *t: flash_attn_func(*t, dropout_p=0.3, causal=True), q, k, v, do)
+
+    (o1, g1), (o2, g2), (o3, _) = run(0), run(0), run(1)
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert not torch.equal(o1, o3)
+    assert (flash_attn_func(q, k, v, dropout_p=1.0) == 0).all()
+
+
+@pytest.mark.parametrize("case", ["heads", "rank", "dtype", "kv_shape", "window", "alibi", "dropout"])
+def test_bad_inputs(backend, device, case):
+    q, k, v, _ = _qkv(1, 5, 6, 4, 2, 16, fp32, device)
+    args, kw, match = (q, k, v), {}, None
+    if case == "heads":
+        args, match = (q[:, :, :3], k, v), "divisible by the number of key/value heads"
+    elif case == "rank":
+        args, match = (q[0], k, v), "4-D tensor"
+    elif case == "dtype":
+        args, match = (q.half(), k, v), "share one dtype"
+    elif case == "kv_shape":
+        args, match = (q, k, v[:, :5]), "k and v must be"
+    elif case == "window":
+        kw, match = dict(window_size=(-2, 0)), "window_size"
+    elif case == "alibi":
+        kw, match = dict(alibi_slopes=torch.ones(3, device=device)), "alibi_slopes"
+    elif case == "dropout":
+        kw, match = dict(dropout_p=1.5), "dropout_p"
+    with pytest.raises(ValueError, match=match):
+        flash_attn_func(*args, **kw)
