@@ -63,6 +63,37 @@ def _num_programs(rows: int, block_m: int, device: torch.device) -> int:
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# Sums of squares that cannot overflow. fp32 squares overflow past |v| ~ 1.8e19 (a row of +-1e20
+# has a finite, exact answer: +-1), so each lane keeps its sum as acc * s^2 with s = 1 unless a
+# value above _SQ_SAFE was seen, then s = the largest |value| so far (acc rescaled as s grows,
+# online). For ordinary rows s stays 1 and every operation below is exact (x / 1, x * 1): the
+# results are bit-identical to the plain sum of squares. N * _SQ_SAFE^2 stays far below fp32's max.
+# ----------------------------------------------------------------------------------------------
+_SQ_SAFE = tl.constexpr(1e16)
+
+
+@triton.jit
+def _add_squares(acc, s, v):
+    """Per-lane (acc, s) after adding v^2 to the running sum of squares acc * s^2."""
+    a = tl.abs(v)
+    s_new = tl.maximum(s, tl.where(a > _SQ_SAFE, a, 1.0))
+    r = s / s_new
+    vs = v / s_new
+    return acc * r * r + vs * vs, s_new
+
+
+@triton.jit
+def _rstd(acc, s, N, eps, shift):
+    """1 / sqrt(mean(v^2) - shift^2 + eps) per row from the lanes' (acc, s) (BLOCK_M, BLOCK_N);
+    shift is the centring correction d = mean(h - m) of the two-pass variance (0 for none)."""
+    S = tl.max(s, axis=1)  # (BLOCK_M,) the row's scale
+    r = s / S[:, None]
+    ms = tl.sum(acc * r * r, axis=1) / N  # mean square / S^2
+    ds = shift / S
+    return 1.0 / (S * tl.sqrt(ms - ds * ds + eps / (S * S)))
+
+
 @triton.jit
 def _load_h(
     X, R, KEEP,                # input, residual, keep-mask output (test hook)
@@ -147,8 +178,11 @@ def _layer_norm_fwd_kernel(
                     HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)  # (BLOCK_M, BLOCK_N)
         if STORE_H:
             tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H_DTYPE), mask=mask)
+        ones = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
+        zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
         if IS_RMS_NORM:
-            rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / N + eps)  # h is 0 outside the row
+            sq, sc = _add_squares(zeros, ones, h)  # h is 0 outside the row
+            rstd = _rstd(sq, sc, N, eps, 0.0)
             y = h * rstd[:, None]
         else:
             mean = tl.sum(h, axis=1) / N  # (BLOCK_M,)
@@ -157,8 +191,8 @@ def _layer_norm_fwd_kernel(
             # spread's precision; y = (h - mean) * rstd would carry the first mean's error * rstd.
             mean += tl.sum(tl.where(mask, h - mean[:, None], 0.0), axis=1) / N
             hc = tl.where(mask, h - mean[:, None], 0.0)
-            var = tl.sum(hc * hc, axis=1) / N
-            rstd = 1.0 / tl.sqrt(var + eps)
+            sq, sc = _add_squares(zeros, ones, hc)  # var = mean(hc^2), overflow-safe
+            rstd = _rstd(sq, sc, N, eps, 0.0)
             y = hc * rstd[:, None]
         y = _affine(y, W, B, cols, N, HAS_WEIGHT, HAS_BIAS, CAST_XHAT, XHAT_DTYPE, WEIGHT_PLUS_ONE)
         tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -168,6 +202,7 @@ def _layer_norm_fwd_kernel(
         # stores), 2) variance from centred values, 3) normalize and store. RMSNorm: 1) mean(h^2)
         # (and the stores), 3) normalize and store.
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+        sc = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             h = _load_h(X, R, KEEP, rows, c, M, N, stride_x, stride_r, seed, p, scale,
@@ -176,12 +211,12 @@ def _layer_norm_fwd_kernel(
                 tl.store(H + rows[:, None] * stride_h + c[None, :], h.to(H_DTYPE),
                          mask=row_ok[:, None] & (c < N)[None, :])
             if IS_RMS_NORM:
-                acc += h * h
+                acc, sc = _add_squares(acc, sc, h)
             else:
                 acc += h
         if IS_RMS_NORM:
             mean = tl.zeros([BLOCK_M], dtype=ACC)
-            rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / N + eps)
+            rstd = _rstd(acc, sc, N, eps, 0.0)
         else:
             mean = tl.sum(acc, axis=1) / N
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
@@ -192,13 +227,12 @@ def _layer_norm_fwd_kernel(
                             HAS_RESIDUAL, HAS_DROPOUT, False, ACC, ROUND_H, H_DTYPE)
                 hc = tl.where(row_ok[:, None] & (c < N)[None, :], h - mean[:, None], 0.0)
                 acc += hc
-                acc2 += hc * hc
+                acc2, sc = _add_squares(acc2, sc, hc)
             # The corrected two-pass formula: with d = mean(h - m) for the first estimate m,
             # mean = m + d and var = mean((h - m)^2) - d^2 (the single-block path's correction).
             d = tl.sum(acc, axis=1) / N
             mean += d
-            var = tl.sum(acc2, axis=1) / N - d * d
-            rstd = 1.0 / tl.sqrt(var + eps)
+            rstd = _rstd(acc2, sc, N, eps, d)
         for start in range(0, N, BLOCK_N):
             c = start + cols
             m = row_ok[:, None] & (c < N)[None, :]

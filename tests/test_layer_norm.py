@@ -554,3 +554,33 @@ def test_compile_fullgraph(backend, device):
     keep = _kernel_mask(pytest.importorskip("fasttx.kernels.layer_norm"), x, 0.3, seed=77)
     ref = _fused_ref(x, res, w, b, dy, dh, p=0.3, keep=keep)
     _check_all((y, h, xs.grad, rs.grad, ws.grad, bs.grad), ref, torch.float32, NAMES)
+
+
+@pytest.mark.parametrize("hidden", [64, 9000])  # one block, and chunked rows
+def test_huge_rows_normalize_exactly_instead_of_overflowing(device, hidden):
+    # Rows of +-1e20 (and 3e19, past fp32's sqrt(max)): the variance's squares overflow fp32, which
+    # torch turns into NaN; the exact answer is +-1 (and the fp64 oracle gives it). The Triton
+    # path scales before squaring, so it gives the exact answer, forward and backward; ordinary
+    # rows are bit-identical to the unscaled formula (the other tests hold them to the oracle).
+    import fasttx
+    import fasttx.reference as R
+
+    sign = torch.where(torch.arange(hidden, device=device) % 2 == 0, 1.0, -1.0)
+    x = torch.stack([sign * 1e20, sign * 3e19 + 5e18, torch.randn(hidden, device=device)])
+    x.requires_grad_(True)
+    w = torch.randn(hidden, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    with fasttx.use_backend("triton"):
+        y = FF.layer_norm(x, (hidden,), w)
+        y2, _ = FF.add_rms_norm(x, None, (hidden,), w)  # RMSNorm's mean(h^2) likewise
+    y.backward(dy)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = R.layer_norm(xr, (hidden,), wr, None, 1e-5)
+    ref.backward(dy.double())
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad[:2].double(), xr.grad[:2], atol=1e-24, rtol=1e-4)  # dx ~ rstd ~ 1e-20
+    torch.testing.assert_close(x.grad[2].double(), xr.grad[2], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(w.grad.double(), wr.grad, atol=1e-5, rtol=1e-5)
+    rms_ref = xr.detach() * torch.rsqrt(xr.detach().pow(2).mean(-1, keepdim=True) + torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(y2.double(), rms_ref * wr.detach(), atol=1e-5, rtol=1e-5)
