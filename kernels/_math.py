@@ -29,9 +29,11 @@ def gelu(x, APPROX_TANH: tl.constexpr):
     Tanh form: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
     if APPROX_TANH:
         inner = _SQRT_2_PI * (x + 0.044715 * x * x * x)
-        return 0.5 * x * (1.0 + tanh(inner))
+        y = 0.5 * x * (1.0 + tanh(inner))
     else:
-        return 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_1_2))
+        y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT_1_2))
+    # the limit at -inf is 0 (-0.0, as for every x below ~-14), not -inf * 0 = NaN
+    return tl.where(x == float("-inf"), -0.0, y)
 
 
 @triton.jit
@@ -42,11 +44,13 @@ def gelu_grad(x, APPROX_TANH: tl.constexpr):
     if APPROX_TANH:
         inner = _SQRT_2_PI * (x + 0.044715 * x * x * x)
         t = tanh(inner)
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_PI * (1.0 + 0.134145 * x * x)
+        g = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_PI * (1.0 + 0.134145 * x * x)
+        return tl.where(x == float("-inf"), 0.0, tl.where(x == float("inf"), 1.0, g))
     else:
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT_1_2))
         pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
-        return cdf + x * pdf
+        g = cdf + x * pdf  # the limits at +-inf are 1 and 0, not inf * 0 = NaN
+        return tl.where(x == float("-inf"), 0.0, tl.where(x == float("inf"), 1.0, g))
 
 
 @triton.jit
