@@ -21,6 +21,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 test: install
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n $(WORKERS) tests bench
 
 demo: install

@@ -258,7 +258,8 @@ def markdown(doc, plot_dir: Optional[str] = None) -> str:
                 if not any(r["status"] == "ok" for r in sel):
                     continue
                 lines += [f"**{dtype}, {mode}**", ""]
-                lines.append("| series | case | " + " | ".join(providers) + " | peak MB / saved MB (fasttx, baseline) |")
+                lines.append("| series | case | " + " | ".join(providers)
+                             + " | peak MB / saved MB (fasttx, baseline) |")
                 lines.append("|---|---|" + "---|" * len(providers) + "---|")
                 for key in dict.fromkeys((r["series"], r["case"]) for r in sel):
                     cells = []
@@ -377,7 +378,8 @@ _fmt_value = fmt_value
 
 
 def fmt_row(r) -> str:
-    head = f"{r['op']:<22} {r['series'][:18]:<18} {r['case'][:26]:<26} {r['dtype']:<4} {r['mode']:<7} {r['provider']:<16}"
+    head = (f"{r['op']:<22} {r['series'][:18]:<18} {r['case'][:26]:<26} {r['dtype']:<4} {r['mode']:<7} "
+            f"{r['provider']:<16}")
     if r["status"] != "ok":
         return f"{head} {r['status']}: {r['reason']}"
     extra = f" x{r['speedup']:.2f}" if r["speedup"] else ""

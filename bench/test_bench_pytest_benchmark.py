@@ -5,9 +5,9 @@
 
 Each test times one (suite, case, provider, mode) with CUDA synchronisation inside the timed
 call. On a GPU the "quick" sizes are used (FASTTX_BENCH_SIZE=full|quick|tiny overrides); on CPU the
-tiny ones, one round, fasttx against the suite's baseline only, the last mode (fwd+bwd) only: a smoke that runs under plain
-pytest, and with --benchmark-disable or xdist (where pytest-benchmark switches itself off) each
-function just runs once.
+tiny ones, one round, fasttx against the suite's baseline only, the last mode (fwd+bwd) only: a
+smoke that runs under plain pytest, and with --benchmark-disable or xdist (where pytest-benchmark
+switches itself off) each function just runs once.
 """
 from __future__ import annotations
 

@@ -35,8 +35,8 @@ MAX_HEAD_DIM = 1024  # one program holds (BLOCK_H, next_pow2(D)) of one token
 
 @triton.jit
 def _rotate_heads(
-    X, O, H,                   # input, output (logical (B, H, L, D)); heads of this tensor
-    b, l,                      # this program's token
+    X, OUT, H,                 # input, output (logical (B, H, L, D)); heads of this tensor
+    b, t,                      # this program's token
     sx_b, sx_h, sx_l, sx_d,    # input strides
     so_b, so_h, so_l, so_d,    # output strides
     c1, s1, c2, s2,            # (1, BLOCK_R2) table values (in ACC) of the pairs' two columns
@@ -44,8 +44,8 @@ def _rotate_heads(
     cols_p, pass_ok,           # (BLOCK_P,) pass-through columns R..D, mask
     BACKWARD: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr,
 ):
-    x_tok = X + b * sx_b + l * sx_l
-    o_tok = O + b * so_b + l * so_l
+    x_tok = X + b * sx_b + t * sx_l
+    o_tok = OUT + b * so_b + t * so_l
     for h0 in range(0, H, BLOCK_H):
         heads = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)
         m = (heads < H)[:, None] & pair_ok[None, :]
@@ -59,8 +59,8 @@ def _rotate_heads(
         else:
             y1 = x1 * c1 - x2 * s1
             y2 = x2 * c2 + x1 * s2
-        tl.store(oh + col1[None, :] * so_d, y1.to(O.dtype.element_ty), mask=m)
-        tl.store(oh + col2[None, :] * so_d, y2.to(O.dtype.element_ty), mask=m)
+        tl.store(oh + col1[None, :] * so_d, y1.to(OUT.dtype.element_ty), mask=m)
+        tl.store(oh + col2[None, :] * so_d, y2.to(OUT.dtype.element_ty), mask=m)
         if HAS_PASS:
             mp = (heads < H)[:, None] & pass_ok[None, :]
             xp = tl.load(xh + cols_p[None, :] * sx_d, mask=mp, other=0.0)
@@ -81,16 +81,16 @@ def _rotary_fwd_kernel(
     ACC: tl.constexpr,         # fp32 (fp64 for fp64 q/k)
     BLOCK_H: tl.constexpr, BLOCK_R2: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    # One program per token (b, l): its table row is read once and applied to every q and k head.
+    # One program per token (b, t): its table row is read once and applied to every q and k head.
     tok = tl.program_id(0).to(tl.int64)
     b = tok // L
-    l = tok % L
+    t = tok % L
     if HAS_POS:
-        row = tl.load(POS + b * sp_b + l * sp_l).to(tl.int64)
+        row = tl.load(POS + b * sp_b + t * sp_l).to(tl.int64)
         row = tl.minimum(tl.maximum(row, 0), P - 1)  # ids were checked on the host; never read OOB
         c_tok = row * sc_l
     else:
-        c_tok = b * sc_b + l * sc_l
+        c_tok = b * sc_b + t * sc_l
     i = tl.arange(0, BLOCK_R2)
     pair_ok = i < R // 2
     if INTERLEAVED:
@@ -105,9 +105,9 @@ def _rotary_fwd_kernel(
     s2 = tl.load(SIN + c_tok + col2 * sc_r, mask=pair_ok, other=0.0).to(ACC)[None, :]
     cols_p = R + tl.arange(0, BLOCK_P)
     pass_ok = cols_p < D
-    _rotate_heads(Q, QO, HQ, b, l, sq_b, sq_h, sq_l, sq_d, sqo_b, sqo_h, sqo_l, sqo_d,
+    _rotate_heads(Q, QO, HQ, b, t, sq_b, sq_h, sq_l, sq_d, sqo_b, sqo_h, sqo_l, sqo_d,
                   c1, s1, c2, s2, col1, col2, pair_ok, cols_p, pass_ok, BACKWARD, HAS_PASS, BLOCK_H, ACC)
-    _rotate_heads(K, KO, HK, b, l, sk_b, sk_h, sk_l, sk_d, sko_b, sko_h, sko_l, sko_d,
+    _rotate_heads(K, KO, HK, b, t, sk_b, sk_h, sk_l, sk_d, sko_b, sko_h, sko_l, sko_d,
                   c1, s1, c2, s2, col1, col2, pair_ok, cols_p, pass_ok, BACKWARD, HAS_PASS, BLOCK_H, ACC)
 
 

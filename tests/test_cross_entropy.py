@@ -73,7 +73,8 @@ CE_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CE_CASES, ids=lambda c: f"{c[0]}-{'prob' if c[1] else 'idx'}-w{int(c[2])}-{c[4]}-ls{c[5]}")
+@pytest.mark.parametrize("case", CE_CASES,
+                         ids=lambda c: f"{c[0]}-{'prob' if c[1] else 'idx'}-w{int(c[2])}-{c[4]}-ls{c[5]}")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy(backend, device, dtype, case):
     shape, prob, has_w, ii, reduction, ls = case
@@ -206,7 +207,8 @@ def _lce_inputs(case, dtype, device, seed=0, n=N, h=H, c=C):
     return x, W, b, t, kw
 
 
-@pytest.mark.parametrize("case", LCE_CASES, ids=lambda c: f"{'prob' if c[0] else 'idx'}-b{int(c[1])}-w{int(c[2])}-{c[4]}-ls{c[5]}-K{len(c[6])}")
+@pytest.mark.parametrize("case", LCE_CASES, ids=lambda c: (f"{'prob' if c[0] else 'idx'}-b{int(c[1])}-w{int(c[2])}"
+                                                         f"-{c[4]}-ls{c[5]}-K{len(c[6])}"))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_cross_entropy(backend, device, dtype, case):
     x, W, b, t, kw = _lce_inputs(case, dtype, device, seed=LCE_CASES.index(case), n=K_ROWS if case[6] else N)

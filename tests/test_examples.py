@@ -50,8 +50,10 @@ def test_dataset_is_shipped_labelled_and_held_out_split_is_a_real_test(finetune)
         assert overlap < 0.6, f"held-out ticket {text!r} is close to a training ticket ({overlap:.2f})"
     # ... and the confusable cases the labels are defined by are in it.
     held_out = dict(test)
-    assert held_out['After I updated my card details the login page just shows "Something went wrong (code 502)".'] == "technical"
-    assert held_out["The courier lost my package and I was promised a refund two weeks ago, still nothing."] == "billing"
+    login = 'After I updated my card details the login page just shows "Something went wrong (code 502)".'
+    parcel = "The courier lost my package and I was promised a refund two weeks ago, still nothing."
+    assert held_out[login] == "technical"
+    assert held_out[parcel] == "billing"
 
 
 def test_split_without_split_column_holds_out_every_fifth_row(finetune):

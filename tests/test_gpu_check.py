@@ -97,7 +97,8 @@ def test_junit_parsing(tmp_path):
     gc = _tool()
     (tmp_path / "j.xml").write_text(
         '<testsuites><testsuite><testcase classname="t.a" name="ok" time="0.5"/>'
-        '<testcase classname="t.a" name="bad" time="2.0"><failure message="assert 1 == 2&#10;more">tb</failure></testcase>'
+        '<testcase classname="t.a" name="bad" time="2.0">'
+        '<failure message="assert 1 == 2&#10;more">tb</failure></testcase>'
         '<testcase classname="t.b" name="sk" time="0.0"><skipped message="needs a GPU"/></testcase>'
         '<testcase classname="t.b" name="err" time="0.1"><error message="fixture broke"/></testcase>'
         '</testsuite></testsuites>')

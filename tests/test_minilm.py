@@ -81,7 +81,8 @@ def _batch(tokenizer, device):
 
 def _fasttx_ops(fn):
     """Run fn() under the profiler; the names of the fasttx custom ops (the Triton path) it ran."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:  # op calls are on the CPU side
+    # op calls are on the CPU side
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
     return {e.name for e in prof.events() if e.name.startswith("fasttx::")}
 

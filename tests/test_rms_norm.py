@@ -117,7 +117,8 @@ def test_rms_norm_default_eps_is_float32s(backend, device):
 
 def test_rms_norm_noncontiguous(backend, device):
     torch.manual_seed(3)
-    x, dy, w = torch.randn(3, 5, 48, device=device), torch.randn(3, 5, 48, device=device), torch.randn(48, device=device)
+    x, dy = torch.randn(3, 5, 48, device=device), torch.randn(3, 5, 48, device=device)
+    w = torch.randn(48, device=device)
     for xx, gg, ww in ((noncontig(x), noncontig(dy), w), (x.transpose(0, 1), dy.transpose(0, 1), noncontig(w)),
                        (torch.randn(7, 100, device=device)[:, :48], noncontig(torch.randn(7, 48, device=device)), w)):
         ours, ref = _rms_case(xx, (48,), ww, gg)

@@ -304,7 +304,8 @@ def stage_sanitizer(check: Check, holder: Dict[str, Any]):
         cmd = worker_command("launches", check.rehearsal, result)
         env = child_env(check.rehearsal, autotune=False)
         if check.rehearsal or tool is None:
-            why = "no CUDA (rehearsal)" if check.rehearsal else "compute-sanitizer not found (PATH, /usr/local/cuda*/bin)"
+            why = ("no CUDA (rehearsal)" if check.rehearsal
+                   else "compute-sanitizer not found (PATH, /usr/local/cuda*/bin)")
             rc, _, _ = check.run(cmd, cap, env)  # the launch script itself still runs, so it cannot rot
             holder["sanitizer"] = {"skipped": why, "launches_rc": rc}
             if rc != 0:
@@ -386,7 +387,8 @@ def worker(kind: str, size: str, device: str, out_json: str) -> int:
                 else:
                     rec["status"] = "ran"
             except Exception as e:  # noqa: BLE001 - recorded
-                rec["status"], rec["detail"] = "error", f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                rec["status"], rec["detail"] = "error", f"{type(e).__name__}: {first}"
             print(f"{kind} {s.name} {case.label}: {rec['status']} {rec.get('detail', '')}", flush=True)
             results.append(rec)
             if device == "cuda":
@@ -522,8 +524,10 @@ def write_summary(check: Check, info, holder, doc, path: str, failed: List[str])
     t = holder.get("tests")
     lines = []
     verdict = "FAIL" if failed else "PASS"
-    where = "REHEARSAL on CPU (Triton interpreter, tiny sizes: no GPU numbers)" if check.rehearsal else info.get("device")
-    lines.append(f"fasttx gpu-check: {verdict} - {where}; {check.elapsed():.0f} s of the {check.budget_s:.0f} s budget.")
+    where = ("REHEARSAL on CPU (Triton interpreter, tiny sizes: no GPU numbers)" if check.rehearsal
+             else info.get("device"))
+    lines.append(f"fasttx gpu-check: {verdict} - {where}; {check.elapsed():.0f} s of the "
+                 f"{check.budget_s:.0f} s budget.")
     if failed:
         lines.append("FAILED: " + "; ".join(failed))
     if t:
@@ -639,8 +643,9 @@ def main(argv=None) -> int:
 
         def env_stage(cap):
             info.update(environment_info())
-            return "ok", f"{info.get('device')}; SMs {info.get('sm_count')}; torch {info['torch']}, " \
-                         f"triton {info.get('triton')}, CUDA {info.get('cuda')}, driver {info.get('driver_version', '-')}"
+            return "ok", (f"{info.get('device')}; SMs {info.get('sm_count')}; torch {info['torch']}, "
+                          f"triton {info.get('triton')}, CUDA {info.get('cuda')}, "
+                          f"driver {info.get('driver_version', '-')}")
 
         check.stage("environment", 0.02, env_stage)
         if not info:

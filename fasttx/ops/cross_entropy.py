@@ -417,8 +417,8 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
         w, b = w3[:, p], (b2[:, p] if b2 is not None else None)  # (C, H), (C,)
         tp = t[:, :, p] if prob else t[:, p]
         if use_triton:
-            loss, _ = _lce(x, w if P == 1 else w.contiguous(), b if P == 1 else (b.contiguous() if b is not None else None),
-                           tp.contiguous(), weight, ignore_index, eps)
+            bp = b if P == 1 or b is None else b.contiguous()
+            loss, _ = _lce(x, w if P == 1 else w.contiguous(), bp, tp.contiguous(), weight, ignore_index, eps)
         else:
             loss = _TorchLinearCE.apply(x, w, b, tp, weight, ignore_index, eps)
         losses.append(loss)
