@@ -10,7 +10,7 @@ import torch
 
 import fasttx
 from fasttx import reference as R
-from fasttx.flash import flash_attn_func
+from fasttx.flash import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
 
 from utils import ATOL_FLOOR, assert_2x_rule
 
@@ -110,16 +110,152 @@ def test_window_softcap_alibi(backend, device, feature, Lq, Lk):
         check_flash(q, k, v, do, **kw)
 
 
-def test_unsupported_feature_warns_once_on_triton(device):
+def test_features_run_in_the_kernel(device, monkeypatch):
+    # Window, softcap and ALiBi reach the kernels as flags (no fallback warning, no torch path).
     if not fasttx._backend.triton_available():
         pytest.skip("triton is not installed")
-    fasttx._backend._warned.clear()
-    q, k, v, _ = _qkv(1, 5, 6, 1, 1, 16, fp32, device)
-    with fasttx.use_backend("triton"), warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        flash_attn_func(q, k, v, softcap=1.0)
-        flash_attn_func(q, k, v, softcap=1.0)
-    assert len([x for x in w if "softcap" in str(x.message)]) == 1
+    from fasttx.kernels import attention as K
+    seen = []
+    real_f, real_b = K.attention_forward, K.attention_backward
+    monkeypatch.setattr(K, "attention_forward", lambda *a, **kw: seen.append(kw) or real_f(*a, **kw))
+    monkeypatch.setattr(K, "attention_backward", lambda *a, **kw: seen.append(kw) or real_b(*a, **kw))
+    q, k, v, do = _qkv(1, 5, 6, 2, 1, 16, fp32, device)
+    q.requires_grad_()
+    with fasttx.use_backend("triton"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback warning would fail here
+        flash_attn_func(q, k, v, softcap=1.0, window_size=(2, 1), alibi_slopes=torch.ones(2, device=device)).sum().backward()
+    assert len(seen) == 2
+    for kw in seen:
+        assert kw["softcap"] == 1.0 and kw["window_offset"] == 6 - 5 - 2 and kw["alibi_slopes"] is not None
+        assert kw["is_causal"] and kw["causal_offset"] == 6 - 5 + 1
+
+
+def test_16bit_features(backend, device):
+    q, k, v, do = _qkv(1, 19, 27, 2, 1, 32, fp16, device)
+    check_flash(q * 2, k, v, do, window_size=(5, 3), softcap=3.0, alibi_slopes=torch.tensor([0.3, 0.1], device=device))
+
+
+def test_dropout_replay_with_window(device):
+    # The kernels' keep-mask, replayed through the oracle, gives the kernels' output and gradients.
+    if not fasttx._backend.triton_available():
+        pytest.skip("triton is not installed")
+    from fasttx.kernels import attention as K
+    q, k, v, do = _qkv(1, 20, 24, 2, 2, 16, fp32, device)
+    opts = dict(is_causal=True, causal_offset=4 + 1, window_offset=4 - 6, softcap=2.0)
+    qh, kh, vh, doh = (t.transpose(1, 2) for t in (q, k, v, do))
+    out, lse, keep = K.attention_forward(qh, kh, vh, None, scale=0.25, dropout_p=0.4, seed=77, return_mask=True, **opts)
+    g = K.attention_backward(doh, qh, kh, vh, None, out, lse, scale=0.25, dropout_p=0.4, seed=77, **opts)
+    kept = keep.float().mean().item()
+    assert abs(kept - 0.6) < 0.08
+    ref, gr = _grads(lambda *t: R.flash_attention(*t, softmax_scale=0.25, window_size=(6, 1), softcap=2.0,
+                                                  dropout_p=0.4, dropout_mask=keep)[0],
+                     q.double(), k.double(), v.double(), do.double())
+    torch.testing.assert_close(out.transpose(1, 2).double(), ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a.transpose(1, 2).double(), b, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# flash_attn_varlen_func
+# ------------------------------------------------------------------------------------------------
+def _packed(lens_q, lens_k, H, Hk, D, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    cu = lambda lens: torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)  # noqa: E731
+    tq, tk = sum(lens_q), sum(lens_k)
+    return mk(tq, H, D), mk(tk, Hk, D), mk(tk, Hk, D), mk(tq, H, D), cu(lens_q), cu(lens_k)
+
+
+def _varlen_oracle(q, k, v, cu_q, cu_k, alibi=None, **kw):
+    outs, lses = [], []
+    cq, ck = cu_q.tolist(), cu_k.tolist()
+    for b in range(len(cq) - 1):
+        a = alibi[b] if alibi is not None and alibi.dim() == 2 else alibi
+        o, s = R.flash_attention(q[None, cq[b]:cq[b + 1]], k[None, ck[b]:ck[b + 1]], v[None, ck[b]:ck[b + 1]],
+                                 alibi_slopes=a, **kw)
+        outs.append(o[0])
+        lses.append(s[0])
+    return torch.cat(outs), torch.cat(lses, dim=-1)
+
+
+VARLEN = {
+    "plain": dict(),
+    "causal": dict(causal=True),
+    "window": dict(window_size=(2, 1)),
+    "softcap_alibi": dict(softcap=2.0, alibi="batch", causal=True),
+}
+
+
+@pytest.mark.parametrize("case", list(VARLEN))
+def test_varlen(backend, device, case):
+    # sequences of length 0 and 1, Lq < Lk and Lq > Lk, one longer than a kernel block (32)
+    lens_q, lens_k = [3, 0, 1, 7, 35], [5, 0, 4, 2, 40]
+    q, k, v, do, cu_q, cu_k = _packed(lens_q, lens_k, 4, 2, 16, fp32, device)
+    kw = dict(VARLEN[case])
+    if kw.pop("alibi", None):
+        kw["alibi_slopes"] = torch.rand(5, 4, device=device)
+    q = q * 2
+
+    def fn(q, k, v):
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
+
+    ours, g = _grads(fn, q, k, v, do)
+    alibi = kw.pop("alibi_slopes", None)
+    ref, gr = _grads(lambda *t: _varlen_oracle(*t, cu_q, cu_k, alibi=alibi, **kw)[0],
+                     q.double(), k.double(), v.double(), do.double())
+    assert ours.shape == q.shape
+    for a, b in zip((ours, *g), (ref, *gr)):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_attn_probs=True,
+                                         alibi_slopes=alibi, **kw)
+    ref_lse = _varlen_oracle(q.double(), k.double(), v.double(), cu_q, cu_k, alibi=alibi, **kw)[1]
+    assert lse.shape == (4, sum(lens_q))
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_matches_padded_batch(backend, device):
+    # A packed batch gives the padded batch's output and gradients on the real tokens.
+    lens = [6, 2]
+    q, k, v, do, cu, _ = _packed(lens, lens, 2, 2, 16, fp32, device)
+    ours, g = _grads(lambda *t: flash_attn_varlen_func(*t, cu, cu, 6, 6, causal=True), q, k, v, do)
+    for b, (s, n) in enumerate(zip(cu.tolist(), lens)):
+        sl = slice(s, s + n)
+        ref, gr = _grads(lambda *t: flash_attn_func(*t, causal=True), q[None, sl], k[None, sl], v[None, sl], do[None, sl])
+        torch.testing.assert_close(ours[sl], ref[0], atol=1e-5, rtol=1e-5)
+        for a, r in zip(g, gr):
+            torch.testing.assert_close(a[sl], r[0], atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_dropout_reproducible(backend, device):
+    q, k, v, do, cu_q, cu_k = _packed([9, 1, 12], [9, 3, 12], 2, 1, 16, fp32, device)
+
+    def run(seed):
+        torch.manual_seed(seed)
+        return _grads(lambda *t: flash_attn_varlen_func(*t, cu_q, cu_k, 12, 12, dropout_p=0.3), q, k, v, do)
+
+    (o1, g1), (o2, g2), (o3, _) = run(0), run(0), run(1)
+    assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert not torch.equal(o1, o3)
+
+
+@pytest.mark.parametrize("case", ["cu_dtype", "cu_end", "heads", "rank", "max_seqlen", "cu_count"])
+def test_varlen_bad_inputs(backend, device, case):
+    q, k, v, _, cu_q, cu_k = _packed([3, 4], [3, 4], 4, 2, 16, fp32, device)
+    args = [q, k, v, cu_q, cu_k, 4, 4]
+    if case == "cu_dtype":
+        args[3], match = cu_q.long(), "int32"
+    elif case == "cu_end":
+        args[4], match = cu_k - 0 + torch.tensor([0, 0, 1], dtype=torch.int32, device=device), "end at the packed"
+    elif case == "heads":
+        args[0], match = q[:, :3], "divisible"
+    elif case == "rank":
+        args[0], match = q[None], "3-D tensor"
+    elif case == "max_seqlen":
+        args[5], match = 2, "max_seqlen"
+    else:
+        args[3], match = cu_q[:2], "cu_seqlens_q"
+    with pytest.raises(ValueError, match=match):
+        flash_attn_varlen_func(*args)
 
 
 def test_dropout_reproducible(backend, device):
