@@ -291,3 +291,125 @@ def test_bad_inputs(backend, device, case):
         kw, match = dict(dropout_p=1.5), "dropout_p"
     with pytest.raises(ValueError, match=match):
         flash_attn_func(*args, **kw)
+
+
+# ------------------------------------------------------------------------------------------------
+# flash_attn_with_kvcache
+# ------------------------------------------------------------------------------------------------
+def _rope_oracle(x, cos, sin, pos, interleaved):
+    # Independent of fasttx.flash: complex multiplication (interleaved pairs) or rotate-half (NeoX).
+    x = x.double()
+    rd = 2 * cos.shape[1]
+    ang = torch.complex(cos.double()[pos], sin.double()[pos])[:, :, None]  # (B, L, 1, rd/2)
+    r = x[..., :rd]
+    if interleaved:
+        z = torch.view_as_complex(r.reshape(*r.shape[:-1], rd // 2, 2).contiguous()) * ang
+        r = torch.view_as_real(z).flatten(-2)
+    else:
+        z = torch.complex(r[..., :rd // 2], r[..., rd // 2:]) * ang
+        r = torch.cat((z.real, z.imag), dim=-1)
+    return torch.cat((r, x[..., rd:]), dim=-1)
+
+
+def _kvcache_oracle(q, cache_k, cache_v, k_new, v_new, seqlens, rows, leftpad, rope, interleaved, causal, **kw):
+    """(out fp64, expected k cache, expected v cache): the append and rotary done by hand."""
+    B, Lq = q.shape[:2]
+    Lnew = k_new.shape[1] if k_new is not None else 0
+    ck, cv = cache_k.double().clone(), cache_v.double().clone()
+    q = q.double()
+    if k_new is not None:
+        if rope is not None:
+            pos0 = torch.tensor(seqlens) - torch.tensor(leftpad)
+            kpos = pos0[:, None] + torch.arange(Lnew)
+            qpos = pos0[:, None] + (torch.arange(Lq) if causal or kw.get("window_size", (-1, -1)) != (-1, -1)
+                                    else torch.zeros(Lq, dtype=torch.long))
+            k_new = _rope_oracle(k_new, *rope, kpos, interleaved)
+            q = _rope_oracle(q, *rope, qpos, interleaved)
+        for b in range(B):
+            ck[rows[b], seqlens[b]:seqlens[b] + Lnew] = k_new[b].double()
+            cv[rows[b], seqlens[b]:seqlens[b] + Lnew] = v_new[b].double()
+    outs = []
+    for b in range(B):
+        lo, hi = leftpad[b], seqlens[b] + Lnew
+        outs.append(R.flash_attention(q[b:b + 1], ck[None, rows[b], lo:hi], cv[None, rows[b], lo:hi], causal=causal,
+                                      **kw)[0])
+    return torch.cat(outs), ck, cv
+
+
+KVCACHE = {
+    "append_rope": dict(rope=True, interleaved=True, causal=True),
+    "append_rope_neox": dict(rope=True, interleaved=False, causal=False),
+    "batch_idx_leftpad": dict(rows=[2, 0], leftpad=[1, 3], causal=True),
+    "no_append": dict(append=False, window_size=(4, 0), softcap=2.0),
+}
+
+
+@pytest.mark.parametrize("case", list(KVCACHE))
+def test_kvcache(backend, device, case):
+    opt = dict(KVCACHE[case])
+    B, Lq, H, Hk, D, S = 2, 2, 4, 2, 16, 40
+    g = torch.Generator().manual_seed(1)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    q, cache_k, cache_v = mk(B, Lq, H, D), mk(3, S, Hk, D), mk(3, S, Hk, D)
+    append = opt.pop("append", True)
+    k_new, v_new = (mk(B, 3, Hk, D), mk(B, 3, Hk, D)) if append else (None, None)
+    seqlens, rows, leftpad = [5, 33], opt.pop("rows", [0, 1]), opt.pop("leftpad", [0, 0])
+    rope = (torch.cos(mk(64, 4)), torch.sin(mk(64, 4))) if opt.pop("rope", False) else None
+    interleaved, causal = opt.pop("interleaved", True), opt.pop("causal", False)
+    out_ref, ck_ref, cv_ref = _kvcache_oracle(q, cache_k, cache_v, k_new, v_new, seqlens, rows, leftpad, rope,
+                                              interleaved, causal, **opt)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32, device=device)  # noqa: E731
+    out, lse = flash_attn_with_kvcache(
+        q, cache_k, cache_v, k_new, v_new, rotary_cos=rope[0] if rope else None, rotary_sin=rope[1] if rope else None,
+        cache_seqlens=i32(seqlens), cache_batch_idx=i32(rows), cache_leftpad=i32(leftpad) if any(leftpad) else None,
+        causal=causal, rotary_interleaved=interleaved, return_softmax_lse=True, **opt)
+    assert out.shape == q.shape and lse.shape == (B, H, Lq)
+    torch.testing.assert_close(out.double(), out_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cache_k.double(), ck_ref, atol=1e-5, rtol=1e-5)  # appended in place
+    torch.testing.assert_close(cache_v.double(), cv_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("page", [8, 48])
+def test_kvcache_paged_matches_dense(backend, device, page):
+    # A paged cache with a shuffled block table gives the dense cache's result; the append lands in
+    # the right pages. 528 keys: the decode (flash-decoding split) path with per-batch lengths.
+    B, H, Hk, D, S = 2, 2, 1, 16, 528
+    g = torch.Generator().manual_seed(2)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    q, dense_k, dense_v, k_new, v_new = mk(B, 1, H, D), mk(B, S, Hk, D), mk(B, S, Hk, D), mk(B, 1, Hk, D), mk(B, 1, Hk, D)
+    n = S // page
+    perm = torch.randperm(B * n, generator=g)
+    table = perm.view(B, n).to(torch.int32).to(device)
+    paged_k = torch.empty(B * n, page, Hk, D, device=device)
+    paged_v = torch.empty_like(paged_k)
+    paged_k[table.long()] = dense_k.view(B, n, page, Hk, D)
+    paged_v[table.long()] = dense_v.view(B, n, page, Hk, D)
+    seqlens = torch.tensor([S - 1, 100], dtype=torch.int32, device=device)
+    kw = dict(cache_seqlens=seqlens, causal=True, alibi_slopes=torch.tensor([0.2, 0.05], device=device))
+    ref = flash_attn_with_kvcache(q, dense_k, dense_v, k_new, v_new, **kw)
+    out = flash_attn_with_kvcache(q, paged_k, paged_v, k_new, v_new, block_table=table, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(paged_k[table.long()].reshape(B, S, Hk, D), dense_k)
+    ref_full = R.flash_attention(q.double()[1:], dense_k.double()[1:, :101], dense_v.double()[1:, :101], causal=True,
+                                 alibi_slopes=kw["alibi_slopes"].double())[0]
+    torch.testing.assert_close(out[1:].double(), ref_full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["overflow", "table_dtype", "leftpad_paged", "seqlens_dtype", "new_shape"])
+def test_kvcache_bad_inputs(backend, device, case):
+    q, ck, cv = torch.randn(2, 1, 2, 16), torch.randn(2, 8, 1, 16), torch.randn(2, 8, 1, 16)
+    kw = dict(cache_seqlens=torch.tensor([3, 8], dtype=torch.int32), k=torch.randn(2, 1, 1, 16), v=torch.randn(2, 1, 1, 16))
+    if case == "overflow":
+        match = "fit the cache"
+    elif case == "table_dtype":
+        kw["block_table"], match = torch.zeros(2, 1, dtype=torch.int64), "block_table"
+    elif case == "leftpad_paged":
+        kw.update(block_table=torch.zeros(2, 1, dtype=torch.int32), cache_leftpad=torch.zeros(2, dtype=torch.int32))
+        match = "cache_leftpad"
+    elif case == "seqlens_dtype":
+        kw["cache_seqlens"], match = torch.tensor([1, 2]), "cache_seqlens"
+    else:
+        kw["k"], kw["v"], match = torch.randn(2, 1, 2, 16), torch.randn(2, 1, 2, 16), "k and v must be"
+    with pytest.raises(ValueError, match=match):
+        flash_attn_with_kvcache(q.to(device), ck.to(device), cv.to(device), **{
+            n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()})
