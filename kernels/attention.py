@@ -962,7 +962,8 @@ def dropout_mask(shape, seed, dropout_p, device):
 
 def compile_variants(quick: bool):
     """Call the launchers over every variant that selects different code (dtypes, head dims, causal,
-    masks, dropout, GQA, the fp32-output store, decode); tools/gpu_compile_check.py compiles them."""
+    masks, dropout, GQA, the fp32-output store, decode, and fasttx.flash's window, softcap, ALiBi,
+    varlen and paged flags); tools/gpu_compile_check.py compiles them."""
     dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
 
@@ -987,6 +988,40 @@ def compile_variants(quick: bool):
                                    scale=e ** -0.5, **kw)
             kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
             attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True)
+            _compile_flash_variants(r, dt, e, quick)
+
+
+def _compile_flash_variants(r, dt, e, quick):
+    """fasttx.flash's flags: WINDOW, SOFTCAP, ALIBI (fwd + bwd), VARLEN_Q + VARLEN_K (packed, fwd +
+    bwd), VARLEN_K alone (kv-cache, dense and decode) and PAGED (forward, plain and decode)."""
+    fp32_out = dt != torch.float32
+    q, k, v = r(2, 4, 128, e, dtype=dt), r(2, 2, 160, e, dtype=dt), r(2, 2, 160, e, dtype=dt)
+    alibi = torch.rand(2, 4)
+    variants = [dict(is_causal=True, causal_offset=32, window_offset=-96), dict(softcap=30.0),
+                dict(alibi_slopes=alibi, alibi_offset=32)]
+    if not quick:
+        variants.append(dict(is_causal=True, causal_offset=40, window_offset=-40, softcap=20.0,
+                             alibi_slopes=alibi[0], alibi_offset=32, dropout_p=0.1, seed=1))
+    for kw in variants:
+        out, lse, *o32 = attention_forward(q, k, v, None, scale=e ** -0.5, return_fp32_out=fp32_out, **kw)
+        attention_backward(r(2, 4, 128, e, dtype=dt), q, k, v, None, o32[0] if fp32_out else out, lse,
+                           scale=e ** -0.5, **kw)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    qp, kp, vp = r(1, 4, 200, e, dtype=dt), r(1, 2, 230, e, dtype=dt), r(1, 2, 230, e, dtype=dt)
+    seq = Seqlens(i32([0, 1, 200]), i32([0, 30]), i32([30, 200]), 199, 200)
+    out, lse, *o32 = attention_forward(qp, kp, vp, None, scale=e ** -0.5, seqlens=seq, is_causal=True,
+                                       window_offset=-64, return_fp32_out=fp32_out)
+    attention_backward(r(1, 4, 200, e, dtype=dt), qp, kp, vp, None, o32[0] if fp32_out else out, lse,
+                       scale=e ** -0.5, seqlens=seq, is_causal=True, window_offset=-64)
+    kc, vc = r(1, 2, 4 * 1024, e, dtype=dt), r(1, 2, 4 * 1024, e, dtype=dt)  # 4 cache rows (or pages) of 1024
+    cache = Seqlens(None, i32([0, 2048]), i32([700, 1024]), 1, 1024)
+    table = i32([[3], [1]])
+    for L, decode in ((1, True), (16, False)):
+        qd = r(2, 4, L, e, dtype=dt)
+        attention_forward(qd, kc, vc, None, scale=e ** -0.5, seqlens=cache, decode=decode, is_causal=True)
+        paged = Seqlens(None, i32([0, 0]), i32([700, 1024]), 1, 1024)
+        attention_forward(qd, kc, vc, None, scale=e ** -0.5, seqlens=paged, decode=decode, block_table=table,
+                          page_size=1024)
 
 
 __all__ = ["attention_forward", "attention_backward", "Seqlens", "dropout_mask", "compile_variants", "MAX_HEAD_DIM"]
