@@ -1,5 +1,5 @@
-"""End to end: a GPT-2-small-sized model built from fasttx against the same model built from
-torch.nn only (`GPT(config, impl="torch")`, same state_dict), eager and torch.compile'd.
+"""End to end: a GPT-2-small-sized model built from fasttx, on its Triton path against the same model
+on its torch path (`fasttx.use_backend("torch")`: torch's own ops), eager and torch.compile'd.
 
 gpt_train     one training step: forward under autocast (bf16 on CUDA), fp32 cross-entropy,
               backward, AdamW step (fused on CUDA), zero_grad. tokens = B * T per step.
@@ -44,16 +44,22 @@ def _autocast(cfg: Config, dtype):
     return torch.autocast(device_type=torch.device(cfg.device).type, dtype=dtype)
 
 
-def _model(case: Case, cfg: Config, impl: str):
+def _model(case: Case, cfg: Config):
     from fasttx.models import GPT
 
     torch.manual_seed(0)  # same initial weights for every provider
-    return GPT(case.params["config"], impl=impl).to(cfg.device)
+    return GPT(case.params["config"]).to(cfg.device)
+
+
+# provider -> fasttx backend: "fasttx" the default path (Triton kernels on CUDA), "torch" torch's ops
+_BACKEND = {"fasttx": "auto", "torch": "torch"}
 
 
 def _train(impl: str, compile_model: bool):
+    import fasttx
+
     def build(case: Case, cfg: Config) -> Work:
-        model = _model(case, cfg, impl).train()
+        model = _model(case, cfg).train()
         opt = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4)
         fwd = compiled(model, cfg) if compile_model else model
         B, T, V = case.params["B"], case.params["T"], case.params["config"].vocab_size
@@ -61,7 +67,7 @@ def _train(impl: str, compile_model: bool):
         targets = torch.randint(0, V, (B, T), device=cfg.device)
 
         def step():
-            with _autocast(cfg, case.dtype):
+            with fasttx.use_backend(_BACKEND[impl]), _autocast(cfg, case.dtype):
                 _, loss = fwd(idx, targets)
             loss.backward()
             opt.step()
@@ -74,13 +80,15 @@ def _train(impl: str, compile_model: bool):
 
 
 def _generate(impl: str):
+    import fasttx
+
     def build(case: Case, cfg: Config) -> Work:
-        model = _model(case, cfg, impl).eval()
+        model = _model(case, cfg).eval()
         p = case.params
         prompt = torch.randint(0, p["config"].vocab_size, (p["B"], p["prompt"]), device=cfg.device)
 
         def gen():
-            with _autocast(cfg, case.dtype):
+            with fasttx.use_backend(_BACKEND[impl]), _autocast(cfg, case.dtype):
                 return model.generate(prompt, p["new"], use_cache=p["use_cache"])
 
         return Work(gen)
@@ -116,7 +124,7 @@ def suites(cfg: Config) -> List[Suite]:
               modes=("call",), xlabel="sequence length", rep_ms=2000.0,
               description=f"Training step of a GPT-2-shaped model (n_layer={mcfg.n_layer}, n_embd={mcfg.n_embd}, "
               f"vocab {mcfg.vocab_size}; {'autocast ' + str(dt).split('.')[-1] if dt != torch.float32 else 'fp32'}), "
-              f"dropout {DROPOUT}, AdamW; impl='torch' is the same model from torch.nn only."),
+              f"dropout {DROPOUT}, AdamW; 'torch' is the same model on fasttx's torch path."),
         Suite("gpt_generate", "tokens/s", gen,
               [Provider("fasttx", _generate("fasttx"), kind="fasttx"),
                Provider("torch", _generate("torch"), kind="torch")],

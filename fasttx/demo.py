@@ -5,9 +5,10 @@ see fasttx/data/SOURCE.md) with AdamW + weight decay, linear warmup then cosine 
 clipping, a held-out validation split with early stopping, and a checkpoint saved and loaded back
 with `torch.load(weights_only=True)`; then prints samples of generated text.
 
-On CUDA the Triton kernels run under bf16 autocast; on CPU the reference path (torch's own ops).
-The defaults finish in a few minutes on a 2-core CPU. `--compare` trains the same model built from
-torch.nn only and prints both throughputs. `--help` lists every flag.
+On CUDA the Triton kernels run under bf16 autocast; on CPU torch's own ops (`--backend` chooses).
+The defaults finish in a few minutes on a 2-core CPU (training stops at --steps, --time-limit or by
+early stopping, whichever comes first). `--compare` trains the same model again on fasttx's torch
+path and prints both throughputs. `--help` lists every flag with its default.
 """
 from __future__ import annotations
 
@@ -75,60 +76,97 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default at the end of its help, once; none for flags and for options whose
+    help already says what their absence means."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+BACKEND_CHOICES = ("auto", "triton", "torch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m fasttx.demo",
         description="Train a small character-level GPT (fasttx.models.GPT) on Pride and Prejudice, "
-        "save and reload a checkpoint, and print generated text.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "save and reload a checkpoint, and print generated text. Training stops at --steps, at "
+        "--time-limit or by early stopping, whichever comes first.",
+        formatter_class=_HelpFormatter,
     )
     data = p.add_argument_group("data")
     data.add_argument("--data", default=DEFAULT_CORPUS, metavar="PATH",
-                      help="UTF-8 text file to train on (default: the shipped corpus)")
-    data.add_argument("--val-fraction", type=_fraction(0.01, 0.5), default=0.1,
+                      help="UTF-8 text file to train on (default: the bundled Pride and Prejudice, "
+                      "fasttx/data/pride_and_prejudice.txt)")
+    data.add_argument("--val-fraction", type=_fraction(0.01, 0.5), default=0.1, metavar="F",
                       help="fraction of the text, taken from its end, held out for validation")
 
-    model = p.add_argument_group("model size")
-    model.add_argument("--n-layer", type=_positive_int, default=3)
-    model.add_argument("--n-head", type=_positive_int, default=4)
-    model.add_argument("--n-embd", type=_positive_int, default=96)
-    model.add_argument("--block-size", type=_positive_int, default=64, help="context length in characters")
-    model.add_argument("--dropout", type=_fraction(0.0, 1.0), default=0.0)
-    model.add_argument("--pos-encoding", choices=("learned", "sinusoidal"), default="learned")
+    model = p.add_argument_group("model")
+    model.add_argument("--n-layer", type=_positive_int, default=3, metavar="N", help="transformer blocks")
+    model.add_argument("--n-head", type=_positive_int, default=4, metavar="N", help="attention heads")
+    model.add_argument("--n-embd", type=_positive_int, default=96, metavar="N",
+                       help="embedding width (a multiple of --n-head)")
+    model.add_argument("--block-size", type=_positive_int, default=64, metavar="N",
+                       help="context length in characters")
+    model.add_argument("--dropout", type=_fraction(0.0, 1.0), default=0.0, metavar="P",
+                       help="embedding, attention and residual dropout")
+    model.add_argument("--preset", choices=("gpt2", "llama"), default="gpt2",
+                       help="architecture: gpt2 = LayerNorm, learned positions, GELU MLP, tied head; "
+                       "llama = RMSNorm, rotary, SwiGLU, grouped-query attention, untied head, no biases")
+    model.add_argument("--pos-encoding", choices=("learned", "sinusoidal", "rotary"), default=None,
+                       help="position embedding (default: the preset's, learned or rotary)")
+    model.add_argument("--n-kv-head", type=_positive_int, default=None, metavar="N",
+                       help="key/value heads, dividing --n-head (default: --n-head for gpt2, half of it for llama)")
 
     train = p.add_argument_group("training")
-    train.add_argument("--steps", type=_positive_int, default=2000, help="maximum optimizer steps")
-    train.add_argument("--batch-size", type=_positive_int, default=32)
+    train.add_argument("--steps", type=_positive_int, default=2000, metavar="N",
+                       help="maximum optimizer steps (the run may stop sooner: --time-limit, --patience)")
+    train.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="sequences per step")
     train.add_argument("--lr", type=_positive_float, default=3e-3, help="peak learning rate")
-    train.add_argument("--min-lr", type=_fraction(0.0, math.inf), default=3e-4,
+    train.add_argument("--min-lr", type=_fraction(0.0, math.inf), default=3e-4, metavar="LR",
                        help="learning rate at the end of the cosine decay")
-    train.add_argument("--warmup", type=_non_negative_int, default=50, help="linear warmup steps")
-    train.add_argument("--weight-decay", type=_fraction(0.0, math.inf), default=0.1)
-    train.add_argument("--grad-clip", type=_fraction(0.0, math.inf), default=1.0,
+    train.add_argument("--warmup", type=_non_negative_int, default=50, metavar="N", help="linear warmup steps")
+    train.add_argument("--weight-decay", type=_fraction(0.0, math.inf), default=0.1, metavar="W",
+                       help="AdamW weight decay of the matrices (biases and norms are not decayed)")
+    train.add_argument("--grad-clip", type=_fraction(0.0, math.inf), default=1.0, metavar="NORM",
                        help="max global gradient norm (0 disables clipping)")
-    train.add_argument("--eval-interval", type=_positive_int, default=100, help="steps between validations")
-    train.add_argument("--eval-iters", type=_positive_int, default=10, help="validation batches per evaluation")
-    train.add_argument("--patience", type=_positive_int, default=3,
+    train.add_argument("--eval-interval", type=_positive_int, default=100, metavar="N",
+                       help="steps between validations")
+    train.add_argument("--eval-iters", type=_positive_int, default=10, metavar="N",
+                       help="validation batches per evaluation")
+    train.add_argument("--patience", type=_positive_int, default=3, metavar="N",
                        help="early stopping: evaluations without a better validation loss before stopping")
-    train.add_argument("--time-limit", type=_fraction(0.0, math.inf), default=200.0,
+    train.add_argument("--time-limit", type=_fraction(0.0, math.inf), default=200.0, metavar="SECONDS",
                        help="stop training after this many seconds (0: no limit); the cosine decay "
                        "follows whichever of --steps and --time-limit runs out first")
-    train.add_argument("--seed", type=int, default=1337)
+    train.add_argument("--seed", type=int, default=1337, help="seed of the weights, batches and samples")
 
     run = p.add_argument_group("run")
     run.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
-                     help="auto: CUDA when available (Triton kernels, bf16 autocast), else CPU")
-    run.add_argument("--threads", type=_positive_int, default=1,
+                     help="auto: CUDA when available (bf16 autocast), else CPU")
+    run.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
+                     help="fasttx's path (fasttx.use_backend): auto = Triton kernels for CUDA tensors, "
+                     "torch's own ops otherwise; triton = always the kernels (on CPU only under "
+                     "TRITON_INTERPRET=1, very slow); torch = always torch's ops")
+    run.add_argument("--threads", type=_positive_int, default=1, metavar="N",
                      help="CPU threads for torch: the demo's small matrices gain little from more, "
                      "and spinning threads slow to a crawl on a busy machine")
     run.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, metavar="PATH",
                      help="where the best model is saved (and loaded back from before sampling)")
-    run.add_argument("--sample-tokens", type=_non_negative_int, default=300,
+    run.add_argument("--sample-tokens", type=_non_negative_int, default=300, metavar="N",
                      help="characters generated per sample (0: no samples)")
-    run.add_argument("--temperature", type=_fraction(0.0, math.inf), default=0.8)
-    run.add_argument("--top-k", type=_positive_int, default=None)
+    run.add_argument("--temperature", type=_fraction(0.0, math.inf), default=0.8, metavar="T",
+                     help="sampling temperature (0: greedy)")
+    run.add_argument("--top-k", type=_positive_int, default=None, metavar="K",
+                     help="sample only among the K most likely characters (default: all)")
     run.add_argument("--compare", action="store_true",
-                     help="also train the same model built from torch.nn only and print both tokens/s")
+                     help="also train the same model on fasttx's torch path (torch's own ops) and "
+                     "print both tokens/s")
     run.add_argument("--no-progress", action="store_true", help="plain progress lines instead of a bar")
     return p
 
@@ -342,6 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.n_embd % args.n_head != 0:
         parser.error(f"--n-embd ({args.n_embd}) must be divisible by --n-head ({args.n_head})")
+    if args.n_kv_head is not None and args.n_head % args.n_kv_head != 0:
+        parser.error(f"--n-head ({args.n_head}) must be a multiple of --n-kv-head ({args.n_kv_head})")
     if args.min_lr > args.lr:
         parser.error(f"--min-lr ({args.min_lr}) must not exceed --lr ({args.lr})")
     if args.warmup >= args.steps:
@@ -350,12 +390,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.warmup = shorter
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available (use --device cpu or auto)")
+    on_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.backend == "triton" and not on_cuda:
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            parser.error("--backend triton: triton is not installed (it is available on Linux only)")
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            parser.error("--backend triton: the kernels need a CUDA device; on CPU they run only through "
+                         "the Triton interpreter (set TRITON_INTERPRET=1, very slow), or use --backend auto")
 
     text = read_corpus(args.data, parser)
+    import fasttx
+
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args, parser, text)
+        with fasttx.use_backend(args.backend):
+            return _run(args, parser, text)
     finally:
         torch.set_num_threads(threads)  # main() may be called from a larger program (or a test)
 
@@ -372,7 +424,7 @@ def _run(args, parser, text: str) -> int:
         )
 
     import fasttx
-    from fasttx._backend import backend_for
+    from fasttx._backend import use_triton
     from fasttx.models import GPT, GPTConfig
 
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -385,20 +437,30 @@ def _run(args, parser, text: str) -> int:
         autocast = contextlib.nullcontext
         precision = "fp32"
 
-    config = GPTConfig(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                       pos_encoding=args.pos_encoding)
+    fields = dict(vocab_size=tokenizer.vocab_size, block_size=args.block_size, n_layer=args.n_layer,
+                  n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, n_kv_head=args.n_kv_head)
+    if args.pos_encoding is not None:
+        fields["pos_encoding"] = args.pos_encoding
+    if args.preset == "llama":
+        if args.n_kv_head is None and args.n_head % 2 == 0:
+            fields["n_kv_head"] = args.n_head // 2
+        config = GPTConfig.llama(**fields)
+    else:
+        config = GPTConfig(**fields)
     torch.manual_seed(args.seed)
     model = GPT(config).to(device)
-    backend = backend_for(model.lm_head.weight)
-    what = "Triton kernels" if backend == "triton" else "reference path (torch's own ops)"
+    backend = "triton" if use_triton(model.lm_head.weight) else "torch"
+    what = "Triton kernels" if backend == "triton" else "torch's own ops"
     print(f"corpus: {args.data} ({len(text):,} characters, {tokenizer.vocab_size} distinct; "
           f"{len(train_data):,} train / {len(val_data):,} validation)")
     print(f"device: {device} ({precision}); fasttx backend: {backend} - {what} "
           f"[fasttx.use_backend = {fasttx.get_backend()!r}]")
-    print(f"model: GPT {args.n_layer} layers, {args.n_head} heads, n_embd {args.n_embd}, context "
-          f"{args.block_size}, {model.num_params():,} parameters; {args.steps} steps of "
-          f"{args.batch_size} x {args.block_size} tokens")
+    print(f"model: GPT ({args.preset}: {config.norm}, {config.pos_encoding} positions, {config.mlp} MLP, "
+          f"{config.kv_heads} kv heads) {args.n_layer} layers, {args.n_head} heads, n_embd {args.n_embd}, context "
+          f"{args.block_size}, {model.num_params():,} parameters")
+    limit = f" or {args.time_limit:g} s, whichever comes first," if args.time_limit > 0 else ""
+    print(f"training: up to {args.steps} steps{limit} of {args.batch_size} x {args.block_size} tokens; "
+          f"early stopping after {args.patience} validations without improvement")
 
     vgen = torch.Generator().manual_seed(args.seed)
     val_batches = [get_batch(val_data, args.block_size, args.batch_size, vgen, device) for _ in range(args.eval_iters)]
@@ -430,11 +492,12 @@ def _run(args, parser, text: str) -> int:
 
     if args.compare:
         torch.manual_seed(args.seed)
-        reference = GPT(config, impl="torch").to(device)
-        stats_t = train(reference, args, train_data, val_batches, device, autocast, "torch.nn")
-        print(f"tokens/s: fasttx {stats['tokens_per_s']:,.0f} vs torch.nn {stats_t['tokens_per_s']:,.0f} "
+        twin = GPT(config).to(device)  # the same model, on fasttx's torch path (torch's own ops)
+        with fasttx.use_backend("torch"):
+            stats_t = train(twin, args, train_data, val_batches, device, autocast, "torch")
+        print(f"tokens/s: fasttx {stats['tokens_per_s']:,.0f} vs torch {stats_t['tokens_per_s']:,.0f} "
               f"(x{stats['tokens_per_s'] / stats_t['tokens_per_s']:.2f}); best val loss fasttx "
-              f"{stats['best_val']:.3f} vs torch.nn {stats_t['best_val']:.3f}")
+              f"{stats['best_val']:.3f} vs torch {stats_t['best_val']:.3f}")
     return 0
 
 

@@ -223,6 +223,369 @@ def dropout_add_layer_norm(
     return F.layer_norm(h, normalized_shape, weight, bias, eps), h
 
 
+# ----------------------------------------------------------------------------------------------
+# RMSNorm
+# ----------------------------------------------------------------------------------------------
+RMS_NORM_CASTS = ("torch", "llama", "gemma")
+
+
+@fasttx_op(autocast="fp32")
+def rms_norm(
+    input: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """torch.nn.functional.rms_norm. input (*, *normalized_shape) -> same shape and dtype.
+
+    y = x / sqrt(mean(x^2) + eps) * weight over the trailing normalized_shape dims, computed in
+    fp32 (fp64 for fp64) and cast at the end; eps=None is torch.finfo(float32).eps (float64's for
+    float64 input), as torch's own op. Past the kernel's hidden-size limit (65536) torch's op runs,
+    with one warning."""
+    if isinstance(normalized_shape, int):  # as torch.nn.functional.rms_norm does
+        raise TypeError(
+            "rms_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not int"
+        )
+    if use_triton(input, weight):
+        from .ops import rms_norm as op
+
+        reason = op.unsupported(input, normalized_shape, weight, eps)
+        if reason is None:
+            shape = _checks.check_shape("rms_norm", "normalized_shape", 2, normalized_shape)
+            if eps is not None:
+                eps = _checks.check_float("rms_norm", "eps", 4, eps)
+            op.check(input, shape, weight, eps)
+            input, weight = autocast_inputs("rms_norm", input, weight)
+            return op.rms_norm(input, shape, weight, eps)
+        warn_fallback("rms_norm", reason)
+    return F.rms_norm(input, normalized_shape, weight, eps)
+
+
+def _rms_norm_cast(h: Tensor, normalized_shape, weight: Optional[Tensor], eps: Optional[float],
+                   cast: str) -> Tensor:
+    """torch ops for the three casting orders of add_rms_norm (the Triton path's semantics)."""
+    if cast == "torch":
+        return F.rms_norm(h, normalized_shape, weight, eps)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    eps = torch.finfo(acc).eps if eps is None else eps
+    dims = tuple(range(-len(normalized_shape), 0))
+    x = h.to(acc)
+    xhat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    if cast == "llama":  # HF LlamaRMSNorm: weight * hidden.to(input_dtype)
+        xhat = xhat.to(h.dtype)
+        return xhat if weight is None else weight * xhat
+    # gemma: HF GemmaRMSNorm: (x * rsqrt) * (1 + weight.float()), then .type_as(x)
+    return (xhat if weight is None else xhat * (1.0 + weight.to(acc))).to(h.dtype)
+
+
+@fasttx_op(autocast="fp32")
+def add_rms_norm(
+    input: Tensor,
+    residual: Optional[Tensor],
+    normalized_shape: Union[int, Sequence[int], torch.Size],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+    *,
+    cast: str = "torch",
+) -> Tuple[Tensor, Tensor]:
+    """h = input + residual; returns (rms_norm(h), h): the pre-norm block's fused residual add
+    and norm (vLLM's and Liger's fused add-RMSNorm), in one kernel on the Triton path.
+
+    input, residual (*, *normalized_shape), residual None: h = input. h in the promoted dtype of
+    input and residual, rounded to it before the norm (as the unfused add). `cast` picks the
+    model family's casting order, so a patched model matches its own module in 16-bit too:
+      "torch": F.rms_norm(h): fp32 math, `* weight` in fp32, cast to h's dtype;
+      "llama": normalize in fp32, cast to h's dtype, then `weight *` (HF Llama, Mistral, Qwen):
+               the output takes promote(h, weight)'s dtype;
+      "gemma": `* (1 + weight)` in fp32, then cast to h's dtype (HF Gemma).
+    eps=None: torch.finfo(float32).eps (float64's for float64), as F.rms_norm."""
+    for name, t in (("input", input), ("residual", residual)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"add_rms_norm(): argument '{name}' must be Tensor, not {type(t).__name__}")
+    if cast not in RMS_NORM_CASTS:
+        raise ValueError(f"add_rms_norm: cast must be one of {RMS_NORM_CASTS}, got {cast!r}")
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    if residual is not None and residual.shape != input.shape:
+        raise RuntimeError(
+            f"add_rms_norm: expected residual of the input's shape {list(input.shape)}, got "
+            f"{list(residual.shape)}"
+        )
+    if use_triton(input, residual, weight):
+        from .ops import rms_norm as op
+
+        reason = op.unsupported(input, normalized_shape, weight, eps, residual, cast)
+        if reason is None:
+            shape = _checks.check_shape("add_rms_norm", "normalized_shape", 3, normalized_shape)
+            if eps is not None:
+                eps = _checks.check_float("add_rms_norm", "eps", 5, eps)
+            op.check(input, shape, weight, eps, residual, cast, op="add_rms_norm")
+            if cast == "torch" and autocast_to_fp32(input.device.type):
+                # as the unfused sequence under CUDA autocast: the add in the inputs' dtypes,
+                # F.rms_norm (on autocast's fp32 list) of h in fp32
+                h = input if residual is None else input + residual
+                h32, weight = autocast_inputs("add_rms_norm", h, weight)
+                return op.rms_norm(h32, shape, weight, eps), h
+            return op.add_rms_norm(input, residual, shape, weight, eps, cast)
+        warn_fallback("add_rms_norm", reason)
+    h = input if residual is None else input + residual
+    return _rms_norm_cast(h, tuple(normalized_shape), weight, eps, cast), h
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated MLP activations (fasttx's own; the argument rules are checked here, for both backends)
+# ----------------------------------------------------------------------------------------------
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_gated(op: str, gate: Tensor, up: Optional[Tensor]) -> None:
+    for name, t in (("gate", gate), ("up", up)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"{op}(): argument '{name}' must be Tensor, not {type(t).__name__}")
+        if t is not None and t.dtype not in _FLOAT:
+            # NotImplementedError, as torch's activations raise for integer tensors
+            raise NotImplementedError(f"fasttx {op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if up is None:
+        if gate.dim() == 0 or gate.shape[-1] % 2:
+            raise RuntimeError(
+                f"fasttx {op}: with up=None, gate is the concatenated (gate|up) tensor and its last "
+                f"dim must be even, got shape {list(gate.shape)}"
+            )
+    elif gate.shape != up.shape:
+        raise RuntimeError(
+            f"fasttx {op}: gate and up must have the same shape, got {list(gate.shape)} and {list(up.shape)}"
+        )
+    elif gate.dtype != up.dtype or gate.device != up.device:
+        raise RuntimeError(
+            f"fasttx {op}: gate and up must have the same dtype and device, got {gate.dtype} on "
+            f"{gate.device} and {up.dtype} on {up.device}"
+        )
+
+
+@fasttx_op()
+def swiglu(gate: Tensor, up: Optional[Tensor] = None) -> Tensor:
+    """SwiGLU's activation, silu(gate) * up (Llama's MLP: down(silu(gate_proj(x)) * up_proj(x))).
+
+    gate, up (*, N) of one dtype -> (*, N); up=None: gate is the concatenated (*, 2N) tensor
+    (gate|up) on its last dim (one fused gate_up projection), split in the middle. One pass
+    forward and backward on the Triton path, fp32 math, one rounding."""
+    _check_gated("swiglu", gate, up)
+    if use_triton(gate, up):
+        from .ops import gated as op
+
+        if op.unsupported(gate, up, "silu") is None:
+            return op.swiglu(gate, up)
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@fasttx_op()
+def geglu(gate: Tensor, up: Optional[Tensor] = None, approximate: str = "none") -> Tensor:
+    """GeGLU's activation, gelu(gate, approximate) * up; approximate "none" (erf) or "tanh"
+    (Gemma's gelu_pytorch_tanh). Shapes and layouts as swiglu."""
+    if approximate not in ("none", "tanh"):
+        raise RuntimeError(f"approximate argument must be either none or tanh, got {approximate!r}")
+    _check_gated("geglu", gate, up)
+    if use_triton(gate, up):
+        from .ops import gated as op
+
+        if op.unsupported(gate, up, approximate) is None:
+            return op.geglu(gate, up, approximate)
+    if up is None:
+        gate, up = gate.chunk(2, dim=-1)
+    return F.gelu(gate, approximate=approximate) * up
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding (fasttx's own; argument rules checked here, for both backends)
+# ----------------------------------------------------------------------------------------------
+def _rotary_args(q, k, cos, sin, position_ids, seq_dim):
+    """Check apply_rotary_emb's arguments; return (cos, sin, position_ids, seq_dim) normalized:
+    seq_dim -2 or -3; cos/sin (Bc, L, R) without ids, (P, R) with ids (Bp, L)."""
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"apply_rotary_emb(): argument '{name}' must be Tensor, not {type(t).__name__}")
+    for name, t in (("q", q), ("k", k)):
+        if t.dim() != 4:
+            raise RuntimeError(f"apply_rotary_emb: {name} must be a 4-D tensor (B, H, L, D) or (B, L, H, D), "
+                               f"got {getattr(t, 'shape', type(t).__name__)}")
+        if not t.is_floating_point():
+            raise NotImplementedError(f"apply_rotary_emb: {name} must be floating-point, got {t.dtype}")
+    if seq_dim not in (-2, -3, 2, 1):
+        raise ValueError(f"apply_rotary_emb: seq_dim must be -2 (B, H, L, D) or -3 (B, L, H, D), got {seq_dim}")
+    seq_dim = seq_dim - 4 if seq_dim > 0 else seq_dim
+    B, L, D = q.shape[0], q.shape[seq_dim], q.shape[-1]
+    if (k.shape[0], k.shape[seq_dim], k.shape[-1]) != (B, L, D):
+        raise RuntimeError(f"apply_rotary_emb: q {list(q.shape)} and k {list(k.shape)} must share batch, "
+                           f"sequence and head dims (seq_dim={seq_dim}); only the heads may differ")
+    if k.dtype != q.dtype or k.device != q.device:
+        raise RuntimeError(f"apply_rotary_emb: q and k must share dtype and device, got {q.dtype} on "
+                           f"{q.device} and {k.dtype} on {k.device}")
+    if cos.shape != sin.shape or not cos.is_floating_point() or not sin.is_floating_point():
+        raise RuntimeError(f"apply_rotary_emb: cos and sin must be floating-point of one shape, got "
+                           f"{list(cos.shape)} {cos.dtype} and {list(sin.shape)} {sin.dtype}")
+    if cos.device != q.device or sin.device != q.device:
+        raise RuntimeError(f"apply_rotary_emb: cos and sin must be on q's device {q.device}")
+    R = cos.shape[-1] if cos.dim() else 0
+    if R % 2 or R > D or R == 0 and D > 0:
+        raise RuntimeError(f"apply_rotary_emb: the rotary dim (cos.shape[-1] = {R}) must be even, > 0 "
+                           f"and at most the head dim {D}")
+    if position_ids is None:
+        if cos.dim() == 2:
+            cos, sin = cos.unsqueeze(0), sin.unsqueeze(0)
+        if cos.dim() != 3 or cos.shape[1] != L or cos.shape[0] not in (1, B):
+            raise RuntimeError(f"apply_rotary_emb: without position_ids, cos and sin must be (L, R), (1, L, R) "
+                               f"or (B, L, R) with L = {L}, B = {B}; got {list(cos.shape)}")
+    else:
+        if position_ids.dtype not in (torch.int64, torch.int32) or position_ids.device != q.device:
+            raise RuntimeError(f"apply_rotary_emb: position_ids must be an int64/int32 tensor on {q.device}, "
+                               f"got {position_ids.dtype} on {position_ids.device}")
+        if position_ids.dim() == 1:
+            position_ids = position_ids.unsqueeze(0)
+        if position_ids.dim() != 2 or position_ids.shape[1] != L or position_ids.shape[0] not in (1, B):
+            raise RuntimeError(f"apply_rotary_emb: position_ids must be (L,), (1, L) or (B, L) with L = {L}, "
+                               f"B = {B}; got {list(position_ids.shape)}")
+        if cos.dim() != 2:
+            raise RuntimeError(f"apply_rotary_emb: with position_ids, cos and sin are (P, R) tables indexed "
+                               f"by the ids; got {list(cos.shape)}")
+    return cos, sin, position_ids, seq_dim
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """x (..., D) rotated by cos/sin (..., R) broadcast to it, in fp32, cast back to x's dtype."""
+    R = cos.shape[-1]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xr, xp = x[..., :R].to(acc), x[..., R:]
+    if interleaved:  # GPT-J's rotate_every_two
+        rotated = torch.stack((-xr[..., 1::2], xr[..., 0::2]), dim=-1).flatten(-2)
+    else:  # GPT-NeoX / Llama's rotate_half
+        x1, x2 = xr.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    y = (xr * cos.to(acc) + rotated * sin.to(acc)).to(x.dtype)
+    return torch.cat((y, xp), dim=-1) if R < x.shape[-1] else y
+
+
+@fasttx_op()
+def apply_rotary_emb(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    *,
+    position_ids: Optional[Tensor] = None,
+    interleaved: bool = False,
+    seq_dim: int = -2,
+) -> Tuple[Tensor, Tensor]:
+    """Rotary position embedding of q and k: (x * cos + rotate(x) * sin for the first R dims,
+    the rest unchanged), both in one kernel launch on the Triton path, forward and backward.
+
+    q (B, Hq, L, D) and k (B, Hk, L, D) with seq_dim=-2 (default), or (B, L, H, D) with
+    seq_dim=-3; any strides (views into a fused qkv projection run without a copy); Hk may differ
+    from Hq (GQA). cos, sin: the model's own tables, so every rope scaling (linear, dynamic,
+    llama3, yarn) is honoured: (L, R), (1, L, R) or (B, L, R) — HF's cos/sin as its rotary
+    embedding returns them, the full rotary width R (each frequency twice) — or, with
+    position_ids (L,) / (B, L), (P, R) tables whose rows the ids select. R = cos.shape[-1] is the
+    rotary dim: even, <= D (R < D: partial rotary, as GPT-NeoX and Phi). interleaved=False rotates
+    the halves (x_i, x_{i+R/2}) (GPT-NeoX, Llama: HF's rotate_half); True the pairs (x_2i, x_2i+1)
+    (GPT-J's rotate_every_two, with cos/sin repeat-interleaved). Math in fp32 (fp64 for fp64),
+    outputs in q's/k's dtype; cos and sin take no gradient on the Triton path (tables that
+    require one run torch's ops, with a warning)."""
+    cos, sin, position_ids, seq_dim = _rotary_args(q, k, cos, sin, position_ids, seq_dim)
+    if use_triton(q, k, cos, sin, position_ids):
+        from .ops import rotary as op
+
+        reason = op.unsupported(q, k, cos, sin, position_ids, interleaved, seq_dim)
+        if reason is None:
+            return op.apply_rotary_emb(q, k, cos, sin, position_ids, interleaved, seq_dim)
+        warn_fallback("apply_rotary_emb", reason)
+    if position_ids is not None:
+        cos, sin = cos[position_ids], sin[position_ids]  # (Bp, L, R)
+    cos, sin = cos.unsqueeze(-3 if seq_dim == -2 else -2), sin.unsqueeze(-3 if seq_dim == -2 else -2)
+    return _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------
+@fasttx_op(autocast="fp32")
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor] = None,
+    size_average: Optional[bool] = None,
+    ignore_index: int = -100,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> Tensor:
+    """torch.nn.functional.cross_entropy. input (C,), (N, C) or (N, C, d1, ...) logits; target
+    class indices (), (N) or (N, d1, ...) (int64), or class probabilities of input's shape.
+    Triton path: one row kernel (online logsumexp in fp32, the true-class gradient via expm1),
+    per-row losses reduced as torch does; the backward recomputes the softmax from the logits."""
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    if isinstance(input, Tensor) and use_triton(input, target, weight):
+        from .ops import cross_entropy as op
+
+        reason = op.unsupported(input, target, weight)
+        if reason is None:
+            op.check(input, target, weight, ignore_index, reduction, label_smoothing)
+            input, weight = autocast_inputs("cross_entropy", input, weight)
+            if target.is_floating_point():
+                (target,) = autocast_inputs("cross_entropy", target)
+            return op.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+        warn_fallback("cross_entropy", reason)
+    return F.cross_entropy(input, target, weight, None, ignore_index, None, reduction, label_smoothing)
+
+
+@fasttx_op()
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    options=None,
+) -> Tensor:
+    """torch.nn.functional.linear_cross_entropy (torch 2.13's signature; present here on any
+    torch): cross_entropy(linear(input, linear_weight, linear_bias), target, ...) without the
+    (N, C) logits, on every path, chunked over rows (the forward keeps per-row losses, the
+    backward recomputes each chunk's logits and turns them into their gradient in place;
+    the weight gradient accumulates in fp32 across chunks).
+
+    input (H,) or (N, H); linear_weight (C, *out_features, H); linear_bias (C, *out_features);
+    target (N, *out_features) class indices or (N, C, *out_features) probabilities; weight (C,).
+    ignore_index None means -100 (and must be None for probability targets). `options` (torch's
+    LinearCrossEntropyOptions) is accepted for compatibility and ignored: fasttx always chunks.
+    """
+    from .ops import cross_entropy as op  # plain torch + lazily loaded kernels
+
+    ignore_index = op.check_linear(input, linear_weight, target, linear_bias, weight, reduction,
+                                   ignore_index, label_smoothing)
+    triton = use_triton(input, linear_weight, target, linear_bias, weight)
+    if triton:
+        reason = op.unsupported(input, target, weight)
+        if reason is not None:
+            warn_fallback("linear_cross_entropy", reason)
+            triton = False
+    if torch.is_autocast_enabled(input.device.type):
+        # as torch's composite under autocast: the linear in the autocast dtype (the loss math is
+        # fp32 inside either way; under CUDA autocast torch's loss comes out in fp32)
+        low = torch.get_autocast_dtype(input.device.type)
+        input, linear_weight, linear_bias = (
+            t.to(low) if t is not None and t.dtype != torch.float64 else t
+            for t in (input, linear_weight, linear_bias)
+        )
+    out = op.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                  ignore_index, label_smoothing, use_triton=triton)
+    return out.float() if autocast_to_fp32(input.device.type) else out
+
+
 __all__ = list(OPS)
 
 

@@ -250,3 +250,180 @@ def flash_attention(
     if dropout_p > 0.0:
         p = dropout(p, dropout_p, keep_mask=dropout_mask)
     return (p @ vh).transpose(1, 2), lse  # (B, Lq, H, D), (B, H, Lq)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm (+ the fused residual add), in the model families' casting orders
+# ----------------------------------------------------------------------------------------------
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: _Shape,
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    cast: str = "torch",
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """y = x / sqrt(mean(x^2) + eps) [* weight] over the trailing `normalized_shape` dims.
+
+    The statistics are taken in float32 at least (float64 input, or upcast, keeps float64), and
+    the result is cast back to x's dtype at the point the casting order says:
+      "torch": (xhat * weight).to(dtype)                  torch.nn.functional.rms_norm
+      "llama": weight * xhat.to(dtype)                    HF LlamaRMSNorm (promotes with weight)
+      "gemma": (xhat * (1 + weight)).to(dtype)            HF GemmaRMSNorm
+    Without upcast this is the model's own formula, rounding included; with upcast=float64 the
+    casts vanish and all orders but gemma's are the same exact math. eps=None: float32's machine
+    epsilon (float64's for float64), as torch's."""
+    x, w = _up(input, upcast), _up(weight, upcast)
+    shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    dims = tuple(range(-len(shape), 0))
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps = torch.finfo(acc).eps if eps is None else eps
+    xf = x.to(acc)
+    xhat = xf * torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + eps)
+    if cast == "llama":
+        xhat = xhat.to(x.dtype)
+        return xhat if w is None else w * xhat
+    if w is not None:
+        xhat = xhat * ((1.0 + w.to(acc)) if cast == "gemma" else w.to(acc))
+    return xhat.to(x.dtype)
+
+
+def add_rms_norm(
+    input: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    normalized_shape: _Shape,
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+    cast: str = "torch",
+    upcast: Optional[torch.dtype] = None,
+):
+    """(rms_norm(h), h) with h = input + residual (input when residual is None), h rounded to
+    its dtype as an unfused add stores it."""
+    h = _up(input, upcast) if residual is None else _up(input, upcast) + _up(residual, upcast)
+    return rms_norm(h, normalized_shape, weight, eps, cast, upcast), h
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated MLP activations
+# ----------------------------------------------------------------------------------------------
+def silu(input: torch.Tensor, upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x * sigmoid(x) = x / (1 + exp(-x))."""
+    x = _up(input, upcast)
+    return x / (1.0 + torch.exp(-x))
+
+
+def gated(gate: torch.Tensor, up: Optional[torch.Tensor] = None, activation: str = "silu",
+          upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """act(gate) * up, act "silu", "gelu" (erf) or "gelu_tanh". up None: gate is (gate|up) on its
+    last dim, split in the middle."""
+    g = _up(gate, upcast)
+    if up is None:
+        n = g.shape[-1] // 2
+        g, u = g[..., :n], g[..., n:]
+    else:
+        u = _up(up, upcast)
+    if activation == "silu":
+        return silu(g) * u
+    return gelu(g, "tanh" if activation == "gelu_tanh" else "none") * u
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary position embedding
+# ----------------------------------------------------------------------------------------------
+def rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    interleaved: bool = False,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """x * cos + rotate(x) * sin on the first R = cos.shape[-1] dims of x, the rest unchanged;
+    cos, sin broadcast against x[..., :R]. rotate: (x1, x2) -> (-x2, x1) on the halves (HF's
+    rotate_half), or on each pair (x_2i, x_2i+1) when interleaved (GPT-J's rotate_every_two)."""
+    x, cos, sin = _up(x, upcast), _up(cos, upcast), _up(sin, upcast)
+    R = cos.shape[-1]
+    xr = x[..., :R]
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).reshape(xr.shape)
+    else:
+        x1, x2 = xr[..., : R // 2], xr[..., R // 2:]
+        rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat((xr * cos + rotated * sin, x[..., R:]), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cross-entropy
+# ----------------------------------------------------------------------------------------------
+def cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """torch.nn.functional.cross_entropy's semantics written out. input (C,), (N, C) or
+    (N, C, d1, ...); target: class indices of input's shape without the class dim, or class
+    probabilities of input's shape. With smoothing eps the target becomes (1 - eps) * target +
+    eps / C (class indices: eps / C on every class, 1 - eps + eps / C on the true one).
+
+    Class indices:   l_n = (1 - eps) w_y (lse - x_y) + eps / C * sum_c w_c (lse - x_c), 0 if ignored;
+                     'mean' divides the sum by sum_n w_{y_n} over the rows not ignored.
+    Probabilities:   l_n = -sum_c w_c t'_c (x_c - lse);  'mean' divides by the number of rows.
+    """
+    x = _up(input, upcast)
+    t = _up(target, upcast) if target.is_floating_point() else target
+    w = _up(weight, upcast)
+    if x.dim() == 1:  # (C,) -> (1, C)
+        x, t = x.unsqueeze(0), t.unsqueeze(0)
+    C = x.size(1)
+    logp = x - torch.logsumexp(x, dim=1, keepdim=True)  # (N, C, d1, ...)
+    shape = [1, C] + [1] * (x.dim() - 2)  # class weights broadcast over the class dim
+    wc = torch.ones(C, dtype=x.dtype, device=x.device) if w is None else w.to(x.dtype)
+    wc = wc.reshape(shape)
+    eps = label_smoothing
+    if t.is_floating_point():  # class probabilities, same shape as x
+        tt = t.to(x.dtype) * (1 - eps) + eps / C
+        loss = -(wc * tt * logp).sum(dim=1)  # (N, d1, ...)
+        denom = torch.tensor(float(loss.numel()), dtype=x.dtype, device=x.device)
+    else:
+        valid = t != ignore_index
+        tc = torch.where(valid, t, torch.zeros_like(t))
+        w_y = wc.flatten()[tc] * valid  # (N, d1, ...)
+        nll = -logp.gather(1, tc.unsqueeze(1)).squeeze(1)
+        smooth = -(wc * logp).sum(dim=1)
+        loss = (1 - eps) * w_y * nll + torch.where(valid, eps / C * smooth, torch.zeros_like(nll))
+        denom = w_y.sum()
+    if reduction == "none":
+        out = loss
+    elif reduction == "sum":
+        out = loss.sum()
+    else:
+        out = loss.sum() / denom
+    return out if input.dim() > 1 or reduction != "none" else out.squeeze(0)
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    linear_bias: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    reduction: str = "mean",
+    ignore_index: Optional[int] = None,
+    label_smoothing: float = 0.0,
+    upcast: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """cross_entropy(linear(input, linear_weight, linear_bias), target): torch 2.13's
+    linear_cross_entropy, the logits materialised (this is the oracle, not the fast path).
+    input (H,) or (N, H); linear_weight (C, *out_features, H); linear_bias (C, *out_features);
+    ignore_index None means -100."""
+    x, W, b = _up(input, upcast), _up(linear_weight, upcast), _up(linear_bias, upcast)
+    logits = torch.einsum("...h,kh->...k", x, W.reshape(-1, W.size(-1)))  # (N, C * prod(out))
+    if b is not None:
+        logits = logits + b.reshape(-1)
+    logits = logits.reshape(*x.shape[:-1], *W.shape[:-1])  # (N, C, *out_features)
+    return cross_entropy(logits, target, weight, -100 if ignore_index is None else ignore_index,
+                         reduction, label_smoothing, upcast=upcast)

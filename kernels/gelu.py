@@ -1,4 +1,5 @@
-"""Fused bias + activation: y = act(x + bias), act one of exact GELU, tanh GELU or ReLU.
+"""Fused bias + activation: y = act(x + bias), act one of exact GELU, tanh GELU, ReLU or SiLU; and
+the gated MLP activations y = act(gate) * up (SwiGLU with SiLU, GeGLU with either GELU).
 
 x is viewed as (M, N) rows: N is the last dim (the one bias broadcasts over), rows may sit at any
 stride as long as the last dim is contiguous. One forward and one backward kernel; the activation
@@ -15,6 +16,17 @@ Backward math, z = x + b, y = act(z), dy = dL/dy:
          for tanh GELU:   0.5 (1 + t) + 0.5 z (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 z^2),
                           t = tanh(sqrt(2/pi) (z + 0.044715 z^3))
          for ReLU:        0 where z <= 0 else 1 (torch's threshold_backward: a NaN z passes dy)
+         for SiLU:        s (1 + z (1 - s)), s = sigmoid(z)
+
+Gated (GATED, no bias), y = act(g) * u:  dg = dy * u * act'(g),  du = dy * act(g). The same two
+kernels: `up` is a second input (and its gradient a second output) read at its own row stride, so
+the concatenated (gate|up) layout is just two column-offset views of one (M, 2N) buffer.
+
+Launchers:
+    bias_act_forward(x, bias, activation, out_dtype=None) -> y
+    bias_act_backward(dy, x, bias, activation) -> (dx, dbias)
+    gated_act_forward(gate, up, activation) -> y            (up None: gate is (gate|up) on its last dim)
+    gated_act_backward(dy, gate, up, activation) -> (dgate, dup)
 """
 import torch
 import triton
@@ -27,7 +39,8 @@ from ._common import MAX_ROW_PROGRAMS, acc_dtype, as_rows, elementwise_config
 _GELU = tl.constexpr(0)
 _GELU_TANH = tl.constexpr(1)
 _RELU = tl.constexpr(2)
-ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2}
+_SILU = tl.constexpr(3)
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
 
 # dbias partials: at most this many row strips, so the fp32 partial buffer stays (<= 256, N).
 _MAX_DBIAS_STRIPS = 256
@@ -38,6 +51,9 @@ def _activate(z, ACT: tl.constexpr):
     if ACT == _RELU:
         # where(z < 0) and not maximum(): NaN stays NaN and -0.0 stays -0.0, as torch.relu.
         return tl.where(z < 0, 0.0, z)
+    elif ACT == _SILU:
+        # z * sigmoid(z) as z / (1 + e^-z): e^-z overflows to inf for z << 0, giving -0.0 as torch
+        return z / (1.0 + tl.exp(-z))
     else:
         return gelu(z, ACT == _GELU_TANH)
 
@@ -46,6 +62,9 @@ def _activate(z, ACT: tl.constexpr):
 def _activate_grad(z, ACT: tl.constexpr):
     if ACT == _RELU:
         return tl.where(z <= 0, 0.0, 1.0)
+    elif ACT == _SILU:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        return s * (1.0 + z * (1.0 - s))
     else:
         return gelu_grad(z, ACT == _GELU_TANH)
 
@@ -54,12 +73,14 @@ def _activate_grad(z, ACT: tl.constexpr):
 def _bias_act_fwd_kernel(
     X,  # (M, N) input, row stride stride_xm, last dim contiguous
     B,  # (N,) bias (unused unless HAS_BIAS)
+    U,  # (M, N) up-projection of the gated activations, row stride stride_um (unused unless GATED)
     Y,  # (M, N) output, row stride stride_ym
     M, N,
-    stride_xm, stride_ym,
+    stride_xm, stride_um, stride_ym,
     ROWS_PER_PROG,  # rows walked by one program along grid axis 1 (a multiple of BLOCK_M)
-    ACT: tl.constexpr,  # GELU, GELU_TANH or RELU
+    ACT: tl.constexpr,  # GELU, GELU_TANH, RELU or SILU
     HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,  # y = act(x) * up
     ACC_DTYPE: tl.constexpr,  # fp32 (fp64 for fp64 inputs)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -79,6 +100,9 @@ def _bias_act_fwd_kernel(
         if HAS_BIAS:
             z = z + b[None, :]
         y = _activate(z, ACT)
+        if GATED:
+            u = tl.load(U + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0)
+            y = y * u.to(ACC_DTYPE)
         tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -87,13 +111,16 @@ def _bias_act_bwd_kernel(
     DY,  # (M, N) upstream gradient, row stride stride_dym
     X,  # (M, N) saved input (read only), row stride stride_xm
     B,  # (N,) saved bias (unused unless HAS_BIAS)
+    U,  # (M, N) saved up-projection, row stride stride_um (unused unless GATED)
     DX,  # (M, N) output gradient, row stride stride_dxm
+    DU,  # (M, N) gradient of U, row stride stride_dum (unused unless GATED)
     DB_PARTIAL,  # (num row programs, N) fp32 partial column sums of dz (unused unless HAS_BIAS)
     M, N,
-    stride_dym, stride_xm, stride_dxm,
+    stride_dym, stride_xm, stride_um, stride_dxm, stride_dum,
     ROWS_PER_PROG,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    GATED: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -114,7 +141,14 @@ def _bias_act_bwd_kernel(
         if HAS_BIAS:
             z = z + b[None, :]
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :], mask=mask, other=0.0)
-        dz = dy.to(ACC_DTYPE) * _activate_grad(z, ACT)
+        dy = dy.to(ACC_DTYPE)
+        if GATED:
+            u = tl.load(U + rows[:, None] * stride_um + cols[None, :], mask=mask, other=0.0)
+            du = dy * _activate(z, ACT)
+            tl.store(DU + rows[:, None] * stride_dum + cols[None, :], du.to(DU.dtype.element_ty),
+                     mask=mask)
+            dy = dy * u.to(ACC_DTYPE)
+        dz = dy * _activate_grad(z, ACT)
         tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dz.to(DX.dtype.element_ty), mask=mask)
         if HAS_BIAS:
             # masked lanes loaded dy = 0, so they add nothing
@@ -143,9 +177,9 @@ def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> 
     block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
     acc = acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
     _bias_act_fwd_kernel[grid](
-        x2, bias if bias is not None else x2, y2, M, N, x2.stride(0), y2.stride(0), rows_per_prog,
-        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, ACC_DTYPE=acc,
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        x2, bias if bias is not None else x2, x2, y2, M, N, x2.stride(0), 0, y2.stride(0),
+        rows_per_prog, ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GATED=False,
+        ACC_DTYPE=acc, BLOCK_M=block_m, BLOCK_N=block_n,
     )
     return y
 
@@ -168,14 +202,70 @@ def bias_act_backward(dy: torch.Tensor, x: torch.Tensor, bias, activation: str):
     acc_torch = torch.float64 if acc == tl.float64 else torch.float32
     partial = torch.empty((grid[1], N) if bias is not None else (1,), dtype=acc_torch, device=x.device)
     _bias_act_bwd_kernel[grid](
-        dy2, x2, bias if bias is not None else x2, dx2, partial, M, N,
-        dy2.stride(0), x2.stride(0), dx2.stride(0), rows_per_prog,
-        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, ACC_DTYPE=acc,
+        dy2, x2, bias if bias is not None else x2, x2, dx2, dx2, partial, M, N,
+        dy2.stride(0), x2.stride(0), 0, dx2.stride(0), 0, rows_per_prog,
+        ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GATED=False, ACC_DTYPE=acc,
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
     # fixed-order sum of the per-strip partials: deterministic, still in fp32
     db = None if bias is None else partial.sum(dim=0).to(bias.dtype)
     return dx, db
+
+
+# ----------------------------------------------------------------------------------------------
+# Gated activations: y = act(gate) * up
+# ----------------------------------------------------------------------------------------------
+def _gate_up_rows(gate: torch.Tensor, up):
+    """(gate, up) as (M, N) views with unit column stride; up None: gate is (gate|up) (*, 2N),
+    split into two column-offset views of one (M, 2N) buffer (no copy)."""
+    if up is None:
+        both = as_rows(gate)  # (M, 2N)
+        n = both.shape[1] // 2
+        return both[:, :n], both[:, n:]
+    return as_rows(gate), as_rows(up)
+
+
+def gated_act_forward(gate: torch.Tensor, up, activation: str) -> torch.Tensor:
+    """y = act(gate) * up: gate, up (*, N) -> y (*, N), contiguous, in gate's dtype; up None:
+    gate is (*, 2N) = (gate|up) on its last dim. activation: "silu", "gelu" or "gelu_tanh".
+    fp32 math inside, one rounding at the store. The caller validates shapes and dtypes."""
+    assert activation in ACTIVATIONS, activation
+    shape = gate.shape if up is not None else gate.shape[:-1] + (gate.shape[-1] // 2,)
+    y = torch.empty(shape, dtype=gate.dtype, device=gate.device)
+    if y.numel() == 0:
+        return y
+    g2, u2 = _gate_up_rows(gate, up)  # (M, N) each
+    y2 = y.view(g2.shape)
+    M, N = g2.shape
+    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
+    _bias_act_fwd_kernel[grid](
+        g2, g2, u2, y2, M, N, g2.stride(0), u2.stride(0), y2.stride(0), rows_per_prog,
+        ACT=ACTIVATIONS[activation], HAS_BIAS=False, GATED=True, ACC_DTYPE=acc_dtype(gate.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return y
+
+
+def gated_act_backward(dy: torch.Tensor, gate: torch.Tensor, up, activation: str):
+    """Gradients of gated_act_forward: dy (*, N) -> (dgate like gate, dup like up); up None:
+    dgate is the (*, 2N) gradient of the concatenated input and dup None. Inputs only read."""
+    assert activation in ACTIVATIONS, activation
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device) if up is not None else None
+    if dy.numel() == 0:
+        return dgate, dup
+    g2, u2 = _gate_up_rows(gate, up)  # (M, N)
+    dg2, du2 = _gate_up_rows(dgate, dup)  # contiguous outputs: views, no copy
+    dy2 = as_rows(dy)
+    M, N = g2.shape
+    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
+    _bias_act_bwd_kernel[grid](
+        dy2, g2, g2, u2, dg2, du2, dg2, M, N,
+        dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), rows_per_prog,
+        ACT=ACTIVATIONS[activation], HAS_BIAS=False, GATED=True, ACC_DTYPE=acc_dtype(gate.dtype),
+        BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    return dgate, dup
 
 
 def compile_variants(quick: bool):
@@ -188,3 +278,9 @@ def compile_variants(quick: bool):
             for bias in (None, torch.randn(1000, dtype=dt)):
                 bias_act_forward(x, bias, act)
                 bias_act_backward(torch.randn(64, 1000, dtype=dt), x, bias, act)
+        # gated: separate gate/up, and the concatenated (gate|up) layout
+        for act in ("silu", "gelu", "gelu_tanh"):
+            for up in (torch.randn(64, 1000, dtype=dt), None):
+                gate = x if up is not None else torch.randn(64, 2000, dtype=dt)
+                gated_act_forward(gate, up, act)
+                gated_act_backward(torch.randn(64, 1000, dtype=dt), gate, up, act)

@@ -1,6 +1,7 @@
-"""fasttx.models.GPT: the forward pass and every gradient against an fp64 oracle (the same
-architecture built from torch.nn only), both backends; KV-cache generation; config presets; the
-torch.nn twin; weight tying; dropout; torch.compile; training; errors."""
+"""fasttx.models.GPT: the forward pass and every gradient against an fp64 oracle (GPT-2's forward
+written out below with torch.nn.functional over the model's parameters), both backends; KV-cache
+generation; config presets; the torch-path twin; weight tying; dropout; torch.compile; training;
+checkpoint compatibility; errors."""
 import math
 
 import pytest
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 import fasttx
 from fasttx.models import GPT, GPTConfig
-from fasttx.nn.positional import PositionalEncoding
+from fasttx.nn.positional import PositionalEncoding, sinusoidal_table
 
 from utils import ATOL_FLOOR, DTYPES
 
@@ -22,16 +23,86 @@ def tiny(**overrides) -> GPTConfig:
     return GPTConfig(**cfg)
 
 
-def make(config, impl="fasttx", seed=0, dtype=torch.float32):
+TORCH = "torch"  # fasttx's torch path
+
+
+def make(config, seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    return GPT(config, impl=impl).to(dtype)
+    return GPT(config).to(dtype)
 
 
-def twin(model, impl="torch", dtype=None):
-    """The same weights in the other implementation (and optionally another dtype)."""
-    other = GPT(model.config, impl=impl)
+def twin(model, dtype=None):
+    """The same weights in a second model (optionally in another dtype)."""
+    other = GPT(model.config)
     other.load_state_dict(model.state_dict())
     return other.to(dtype or next(model.parameters()).dtype)
+
+
+def plain_forward(m, idx):
+    """The model's forward written out with torch.nn.functional over m's parameters: GPT-2's
+    (pre-LN, tied head) and each Llama-style option (RMSNorm, rotary by HF's rotate_half, SwiGLU,
+    grouped-query attention by repeating k/v heads, untied head). No fasttx op and none of the
+    model's plumbing, so a misplaced norm or a wrong position in the model shows here. Dropout is
+    not modelled (use it with dropout 0 or in eval mode)."""
+    tr, cfg = m.transformer, m.config
+    B, T = idx.shape
+    C, nh = cfg.n_embd, cfg.n_head
+    nkv, hd = cfg.n_kv_head or nh, C // nh
+
+    def norm(mod, x):
+        if cfg.norm == "rmsnorm":
+            return F.rms_norm(x, (C,), mod.weight, cfg.norm_eps)
+        return F.layer_norm(x, (C,), mod.weight, mod.bias, cfg.norm_eps)
+
+    def rope(x):  # x (B, heads, T, hd); HF Llama's apply_rotary_pos_emb
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        freqs = torch.arange(T, dtype=torch.float64)[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    h = F.embedding(idx, tr.wte.weight)  # (B, T, C)
+    if cfg.pos_encoding == "learned":
+        h = h + tr.wpe.weight[:T]
+    elif cfg.pos_encoding == "sinusoidal":
+        h = h + sinusoidal_table(T, C, dtype=h.dtype)
+    for blk in tr.h:
+        a = norm(blk.ln_1, h)
+        q, k, v = F.linear(a, blk.attn.c_attn.weight, blk.attn.c_attn.bias).split([nh * hd, nkv * hd, nkv * hd], 2)
+        q = q.reshape(B, T, nh, hd).transpose(1, 2)  # (B, nh, T, hd)
+        k, v = (t.reshape(B, T, nkv, hd).transpose(1, 2) for t in (k, v))  # (B, nkv, T, hd)
+        if cfg.pos_encoding == "rotary":
+            q, k = rope(q), rope(k)
+        k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)
+        att = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        att = att.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf")).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        h = h + F.linear(y, blk.attn.c_proj.weight, blk.attn.c_proj.bias)
+        a = F.linear(norm(blk.ln_2, h), blk.mlp.c_fc.weight, blk.mlp.c_fc.bias)
+        if cfg.mlp == "swiglu":
+            gate, up = a.chunk(2, dim=-1)
+            a = F.silu(gate) * up
+        else:
+            a = F.gelu(a, approximate="tanh")
+        h = h + F.linear(a, blk.mlp.c_proj.weight, blk.mlp.c_proj.bias)
+    return F.linear(norm(tr.ln_f, h), m.lm_head.weight)  # (B, T, vocab)
+
+
+# Each Llama-style option on its own, and all of them together (with grouped-query attention).
+LLAMA = dict(norm="rmsnorm", pos_encoding="rotary", mlp="swiglu", bias=False, tie_weights=False)
+OPTIONS = {
+    "rmsnorm": dict(norm="rmsnorm"),
+    "rotary": dict(pos_encoding="rotary"),
+    "swiglu": dict(mlp="swiglu"),
+    "gqa": dict(n_head=4, n_kv_head=2),
+    "untied": dict(tie_weights=False),
+    "llama": dict(LLAMA, n_head=4, n_kv_head=1),
+}
+
+
+def plain_loss(logits, targets):
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), ignore_index=-1)
 
 
 def grads(model):
@@ -41,7 +112,7 @@ def grads(model):
 def run(model, idx, targets, g_logits):
     """logits and the gradients of sum(logits * g_logits) + loss w.r.t. every parameter."""
     model.zero_grad(set_to_none=True)
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets, return_logits=True)
     ((logits.float() * g_logits).sum() + loss).backward()
     return logits.detach(), loss.detach(), grads(model)
 
@@ -80,13 +151,21 @@ def test_config_errors():
     with pytest.raises(ValueError, match=r"n_embd \(30\) must be divisible by n_head \(4\)"):
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="pos_encoding must be one of"):
-        GPTConfig(pos_encoding="rotary")
+        GPTConfig(pos_encoding="alibi")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        GPTConfig(norm="batchnorm")
+    with pytest.raises(ValueError, match="mlp must be one of"):
+        GPTConfig(mlp="relu")
+    with pytest.raises(ValueError, match=r"n_head \(12\) must be a multiple of n_kv_head \(5\)"):
+        GPTConfig(n_kv_head=5)
+    with pytest.raises(ValueError, match="n_kv_head must be a positive int or None"):
+        GPTConfig(n_kv_head=0)
+    with pytest.raises(ValueError, match="rotary needs an even head size"):
+        GPTConfig(n_embd=36, n_head=4, pos_encoding="rotary")
     with pytest.raises(ValueError, match="dropout must be in"):
         GPTConfig(dropout=1.0)
     with pytest.raises(ValueError, match="n_layer must be a positive int"):
         GPTConfig(n_layer=0)
-    with pytest.raises(ValueError, match="impl must be one of"):
-        GPT(tiny(), impl="jax")
     with pytest.raises(TypeError, match="config must be a GPTConfig"):
         GPT(dict(n_layer=1))
 
@@ -94,14 +173,36 @@ def test_config_errors():
 # ----------------------------------------------------------------------------------------------
 # Structure
 # ----------------------------------------------------------------------------------------------
-def test_torch_twin_has_the_same_state_dict():
-    a = make(tiny())
-    b = GPT(tiny(), impl="torch")
-    assert list(a.state_dict()) == list(b.state_dict())
-    b.load_state_dict(a.state_dict())  # strict
-    assert not any(type(m).__module__.startswith("fasttx.nn") for m in b.modules())
-    assert isinstance(a.transformer.h[0].ln_1, fasttx.nn.LayerNorm)
-    assert not isinstance(b.transformer.h[0].ln_1, fasttx.nn.LayerNorm)
+def test_one_implementation_on_fasttx_layers():
+    # The torch-built twin is the same model under use_backend: there is no second implementation.
+    m = make(tiny())
+    assert isinstance(m.transformer.h[0].ln_1, fasttx.nn.LayerNorm)
+    assert isinstance(m.transformer.ln_f, fasttx.nn.LayerNorm)
+    with pytest.raises(TypeError):
+        GPT(tiny(), impl="torch")
+    b = twin(m)
+    assert list(b.state_dict()) == list(m.state_dict())
+
+
+def test_llama_style_structure():
+    cfg = GPTConfig.llama(vocab_size=V, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32)
+    assert {k: getattr(cfg, k) for k in LLAMA} == LLAMA
+    m = make(cfg)
+    C, hd, H = 32, 8, cfg.hidden
+    assert H == 96  # 2/3 of 4C = 85.3, rounded up to a multiple of 32
+    assert isinstance(m.transformer.h[0].ln_1, torch.nn.RMSNorm)
+    assert isinstance(m.transformer.ln_f, fasttx.nn.RMSNorm)
+    assert m.lm_head.weight is not m.transformer.wte.weight  # untied
+    sd = m.state_dict()
+    assert "transformer.wpe.weight" not in sd and not any(k.endswith(".bias") for k in sd)
+    assert sd["transformer.h.0.attn.c_attn.weight"].shape == ((4 + 2 * 2) * hd, C)  # q + k + v heads
+    assert sd["transformer.h.0.mlp.c_fc.weight"].shape == (2 * H, C)  # gate | up
+    assert sd["transformer.h.0.mlp.c_proj.weight"].shape == (C, H)
+    # per block: c_attn (8 * hd) * C, c_proj C^2, c_fc 2HC, mlp.c_proj HC, two RMSNorms 2C;
+    # wte and lm_head V * C each, ln_f C
+    expected = 2 * V * C + C + 2 * (8 * hd * C + C * C + 3 * H * C + 2 * C)
+    assert m.num_params() == m.num_params(non_embedding=False) == expected
+    twin(m)  # a strict round trip of the state_dict
 
 
 def test_weight_tying_survives_a_state_dict_round_trip(tmp_path):
@@ -138,22 +239,28 @@ def test_configure_optimizers_decays_matrices_only():
 # Forward and gradients against the fp64 oracle
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pos_encoding,bias", [("learned", True), ("sinusoidal", False)])
-def test_forward_and_gradients(backend, dtype, pos_encoding, bias):
-    """Logits, loss and the gradient of every parameter: fasttx (this backend) vs torch.nn in the
-    same dtype, both against the fp64 torch.nn model, by the 2x rule (TESTING.md)."""
-    cfg = tiny(pos_encoding=pos_encoding, bias=bias, n_embd=24, block_size=12)  # hidden 24: not a power of 2
+@pytest.mark.parametrize("variant", [dict(pos_encoding="learned", bias=True),
+                                     dict(pos_encoding="sinusoidal", bias=False), OPTIONS["llama"]],
+                         ids=["gpt2", "sinusoidal-nobias", "llama"])
+def test_forward_and_gradients(backend, dtype, variant):
+    """Logits, loss and the gradient of every parameter: fasttx (this backend) vs the torch path in
+    the same dtype, both against the fp64 plain forward, by the 2x rule (TESTING.md)."""
+    cfg = tiny(**{**variant, "n_embd": 24, "block_size": 12})  # hidden 24: not a power of 2
     ours = make(cfg, dtype=dtype)
-    pt = twin(ours, "torch", dtype)
-    oracle = twin(ours, "torch", torch.float64)
+    pt = twin(ours, dtype)
+    oracle = twin(ours, torch.float64)
     torch.manual_seed(1)
     idx = torch.randint(0, V, (2, 11))
     targets = torch.randint(0, V, (2, 11))
     targets[0, 3] = -1  # ignored position
     g = torch.randn(2, 11, V) * 0.1
     lo, so, go = run(ours, idx, targets, g)
-    lp, sp, gp = run(pt, idx, targets, g)
-    lr, sr, gr = run(oracle, idx, targets, g)
+    with fasttx.use_backend(TORCH):
+        lp, sp, gp = run(pt, idx, targets, g)
+    lr = plain_forward(oracle, idx)
+    sr = F.cross_entropy(lr.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
+    ((lr * g.double()).sum() + sr).backward()
+    lr, sr, gr = lr.detach(), sr.detach(), grads(oracle)
     assert lo.dtype == dtype and lo.shape == (2, 11, V)
     assert so.dtype == torch.float32  # cross-entropy in fp32 whatever the model dtype
     floor = ATOL_FLOOR[dtype]
@@ -170,30 +277,61 @@ def test_forward_and_gradients(backend, dtype, pos_encoding, bias):
         check(f"grad {name}", go[name], gp[name], gr[name], 3)
 
 
-def test_fasttx_and_torch_twins_agree_exactly_on_the_reference_path():
-    # On the reference path fasttx's ops are torch's own: the two implementations must give
-    # bit-identical results (a test of the fused-op plumbing: every LayerNorm in the right place).
-    with fasttx.use_backend("torch"):
-        ours = make(tiny())
-        pt = twin(ours)
-        idx = torch.randint(0, V, (3, 16))
-        g = torch.randn(3, 16, V)
-        lo, so, go = run(ours, idx, idx, g)
-        lp, sp, gp = run(pt, idx, idx, g)
-    assert torch.equal(lo, lp) and torch.equal(so, sp)
-    for name in go:
-        assert torch.equal(go[name], gp[name]), name
+@pytest.mark.parametrize("variant", [dict(pos_encoding="learned"), dict(pos_encoding="sinusoidal"),
+                                     *OPTIONS.values()], ids=["learned", "sinusoidal", *OPTIONS])
+def test_torch_path_matches_the_plain_forward(variant):
+    # fp32, torch path: every norm in the right place (ln_1 and ln_2 of each block, ln_f last),
+    # each option as written out above, with perturbed norm parameters.
+    m = make(tiny(**variant))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if ".ln_" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    idx = torch.randint(0, V, (3, 16))
+    with fasttx.use_backend(TORCH), torch.no_grad():
+        logits, loss = m(idx, idx, return_logits=True)
+        expected = plain_forward(m, idx)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, plain_loss(expected, idx), atol=1e-5, rtol=1e-5)
 
 
-def test_loss_matches_cross_entropy():
-    m = make(tiny())
+@pytest.mark.parametrize("tie_weights", [True, False])
+def test_training_loss_is_linear_cross_entropy_without_logits(backend, tie_weights):
+    """With targets the loss comes from FF.linear_cross_entropy and no logits are returned; the
+    loss and every gradient equal cross-entropy over the materialised logits (return_logits=True)."""
+    m = make(tiny(tie_weights=tie_weights))
     idx = torch.randint(0, V, (2, 7))
     targets = idx.roll(-1, 1)
     targets[:, -1] = -1
-    logits, loss = m(idx, targets)
-    expected = F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1)
-    torch.testing.assert_close(loss, expected)
-    assert m(idx)[1] is None
+    calls = []
+    real = fasttx.functional.linear_cross_entropy
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    FF = fasttx.functional
+    had = "linear_cross_entropy" in vars(FF)  # else torch's, reached through FF's __getattr__
+    FF.linear_cross_entropy = spy
+    try:
+        logits, loss = m(idx, targets)
+    finally:
+        if had:
+            FF.linear_cross_entropy = real
+        else:
+            del FF.linear_cross_entropy
+    assert logits is None and loss.dtype == torch.float32 and calls == [(14, 32)]
+    loss.backward()
+    g_fused = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    logits, expected = m(idx, targets, return_logits=True)
+    assert logits.shape == (2, 7, V)
+    torch.testing.assert_close(expected, F.cross_entropy(logits.reshape(-1, V), targets.reshape(-1), ignore_index=-1))
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(g_fused[name], p.grad, atol=1e-5, rtol=1e-5, msg=name)
+    assert m(idx)[1] is None and m(idx)[0].shape == (2, 7, V)
 
 
 def test_non_contiguous_idx():
@@ -252,16 +390,20 @@ def test_dropout_is_reproducible_and_deterministic(backend):
 # ----------------------------------------------------------------------------------------------
 # Each KV-cache test runs the cache logic on both backends; the positional-encoding variants
 # differ only in the embedding, so the Triton interpreter (slow) runs one of them.
-CACHE_CASES = [("reference", "learned"), ("reference", "sinusoidal"), ("triton", "learned")]
+CACHE_CASES = [(TORCH, dict(pos_encoding="learned")), (TORCH, dict(pos_encoding="sinusoidal")),
+               *[(TORCH, OPTIONS[name]) for name in ("rotary", "gqa", "llama")],
+               ("triton", dict(pos_encoding="learned")), ("triton", OPTIONS["llama"])]
+CACHE_IDS = ["torch-learned", "torch-sinusoidal", "torch-rotary", "torch-gqa", "torch-llama",
+             "triton-learned", "triton-llama"]
 
 
-@pytest.mark.parametrize("backend_name,pos_encoding", CACHE_CASES)
-def test_decode_path_matches_full_forward(backend_name, pos_encoding):
+@pytest.mark.parametrize("backend_name,variant", CACHE_CASES, ids=CACHE_IDS)
+def test_decode_path_matches_full_forward(backend_name, variant):
     """Prefill 5 tokens into the cache, then decode the rest one by one: every position's hidden
     state equals the full causal forward's."""
     from fasttx.models.gpt import KVCache
 
-    m = make(tiny(pos_encoding=pos_encoding, block_size=10)).eval()
+    m = make(tiny(**variant, block_size=10)).eval()
     idx = torch.randint(0, V, (2, 9))
     with fasttx.use_backend(backend_name), torch.no_grad():
         full = m._forward_hidden(idx)  # (B, T, C)
@@ -277,11 +419,11 @@ def test_decode_path_matches_full_forward(backend_name, pos_encoding):
     torch.testing.assert_close(chunk, full[:, 5:], atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("backend_name,pos_encoding", CACHE_CASES)
-def test_greedy_generation_with_cache_equals_recomputation(backend_name, pos_encoding):
+@pytest.mark.parametrize("backend_name,variant", CACHE_CASES, ids=CACHE_IDS)
+def test_greedy_generation_with_cache_equals_recomputation(backend_name, variant):
     """Greedy decoding with the KV cache == recomputing the whole sequence every step, also past
     block_size (8) where the window slides: 3 prompt tokens + 8 new ones."""
-    m = make(tiny(pos_encoding=pos_encoding, block_size=8)).eval()
+    m = make(tiny(**variant, block_size=8)).eval()
     idx = torch.randint(0, V, (2, 3))
     with fasttx.use_backend(backend_name):
         cached = m.generate(idx, 8, temperature=0.0, use_cache=True)
@@ -369,16 +511,67 @@ def test_training_loss_decreases_on_random_tokens(backend):
 
 
 def test_torch_compile_fullgraph():
-    with fasttx.use_backend("torch"):
+    with fasttx.use_backend(TORCH):
         m = make(tiny(dropout=0.0))
         idx = torch.randint(0, V, (2, 10))
-        eager_logits, eager_loss = m(idx, idx)
+        eager_loss = m(idx, idx)[1]
         eager_loss.backward()
         eager_grads = {n: g.clone() for n, g in grads(m).items()}
         m.zero_grad(set_to_none=True)
         compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-        logits, loss = compiled(idx, idx)
+        loss = compiled(idx, idx)[1]
         loss.backward()
-    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     for name, g in grads(m).items():
         torch.testing.assert_close(g, eager_grads[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint compatibility
+# ----------------------------------------------------------------------------------------------
+def test_checkpoint_from_before_the_residual_stream_refactor_loads_and_matches(backend):
+    """tests/data/gpt_tiny_before_residual_stream.pt was written by the GPT of commit 227ba8b (where
+    each block applied the next block's ln_1), on the torch path: a 2-layer model (dropout 0.1,
+    LayerNorm parameters perturbed so that a misplaced norm shows), a batch, its eval logits and
+    loss, greedy tokens, and a training-mode loss under torch.manual_seed(123) (same dropout masks
+    only if the dropout calls happen in the same order). Today's model must load it strictly and
+    give the same numbers on both paths."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "data", "gpt_tiny_before_residual_stream.pt")
+    saved = torch.load(path, weights_only=True)
+    m = GPT(GPTConfig(**saved["config"]))
+    m.load_state_dict(saved["state_dict"])  # strict: the same keys
+    m.eval()
+    with torch.no_grad():
+        logits, loss = m(saved["idx"], saved["targets"], return_logits=True)
+        greedy = m.generate(saved["idx"][:, :3], 8, temperature=0.0)
+    torch.testing.assert_close(logits, saved["logits"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, saved["loss"], atol=1e-5, rtol=1e-5)
+    assert torch.equal(greedy, saved["greedy"])
+    if backend == TORCH:  # the Triton path draws its dropout masks from Philox, not torch's
+        m.train()
+        torch.manual_seed(saved["train_seed"])
+        with torch.no_grad():
+            train_logits, train_loss = m(saved["idx"], saved["targets"], return_logits=True)
+        torch.testing.assert_close(train_logits, saved["train_logits"], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(train_loss, saved["train_loss"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [V, -1, 10 * V])
+def test_token_ids_out_of_range(bad):
+    m = make(tiny())
+    idx = torch.randint(0, V, (2, 5))
+    idx[1, 3] = bad
+    msg = rf"GPT: idx holds token ids out of range for vocab_size {V} \(allowed: 0 \.\. {V - 1}\): {bad}$"
+    with pytest.raises(IndexError, match=msg):
+        m(idx)
+    with pytest.raises(IndexError, match=msg):
+        m.generate(idx, 2)
+    good = torch.randint(0, V, (2, 5))
+    targets = good.clone()
+    targets[0, 0] = -1  # ignored: allowed
+    m(good, targets)
+    targets[0, 1], targets[1, 1] = V + 1, -2
+    with pytest.raises(IndexError, match=rf"targets holds token ids out of range .* -1 \(ignored\)\): -2, {V + 1}$"):
+        m(good, targets)

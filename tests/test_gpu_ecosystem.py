@@ -27,12 +27,12 @@ def _batch(device, cfg, B=4, T=128, seed=1):
 @pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
 def test_gpt_step_under_autocast_matches_torch_built_twin(device, low):
     ours, cfg = _model(device)
-    twin = GPT(cfg, impl="torch").to(device)
+    twin = GPT(cfg).to(device)
     twin.load_state_dict(ours.state_dict())
     x, y = _batch(device, cfg)
     losses = []
-    for model in (ours, twin):
-        with torch.autocast("cuda", dtype=low):
+    for model, backend in ((ours, "auto"), (twin, "torch")):  # the twin runs torch's ops
+        with fasttx.use_backend(backend), torch.autocast("cuda", dtype=low):
             _, loss = model(x, y)
         loss.backward()
         losses.append(loss.float())

@@ -258,11 +258,11 @@ def test_layer_norm_int64_row_offsets(K, device):
     x = buf.as_strided((3, N), (stride, 1))
     torch.manual_seed(8)
     x.copy_(torch.randn(3, N))
-    y, _, mean, rstd = K.layer_norm_fwd(x, N, None, None, 1e-5)
+    y, _, mean, rstd = K.layer_norm_forward(x, N, None, None, 1e-5)
     ref = R.layer_norm(x, (N,), upcast=F64)
     assert_close(y, ref)
     dy = torch.randn(3, N, device=device, dtype=torch.float16)
-    dx, _, _, _ = K.layer_norm_bwd(dy, x, N, None, None, mean, rstd)
+    dx, _, _, _ = K.layer_norm_backward(dy, x, N, None, None, mean, rstd)
     xr = _leaf(x.to(F64))
     R.layer_norm(xr, (N,)).backward(dy.to(F64))
     assert_close(dx, xr.grad)
@@ -354,7 +354,7 @@ def _kernel_mask(K, x, p, seed):
     torch.manual_seed(seed)
     philox = draw_philox_seed()
     N = x.shape[-1]
-    return K.layer_norm_fwd(x, N, None, None, 1e-5, p=p, seed=philox, return_mask=True)[-1]
+    return K.layer_norm_forward(x, N, None, None, 1e-5, p=p, seed=philox, return_mask=True)[-1]
 
 
 def _fused_ref(x, res, w, b, dy, dh, p, keep, eps=1e-5):
@@ -433,7 +433,7 @@ def test_fused_mask_is_dropout_keep(device, K):
     # kernel draws for the same seed. Checked against a one-line kernel around dropout_keep.
     x = torch.randn(5, 77, device=device)
     seed, p = 987654, 0.25
-    keep = K.layer_norm_fwd(x, 77, None, None, 1e-5, residual=x, p=p, seed=seed, return_mask=True)[-1]
+    keep = K.layer_norm_forward(x, 77, None, None, 1e-5, residual=x, p=p, seed=seed, return_mask=True)[-1]
     expected = torch.empty(x.numel(), dtype=torch.int8, device=device)
     _keep_probe[(triton.cdiv(x.numel(), 128),)](expected, x.numel(), seed, p, BLOCK=128)
     assert torch.equal(keep.flatten(), expected.bool())

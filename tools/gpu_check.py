@@ -329,7 +329,7 @@ def stage_sanitizer(check: Check, holder: Dict[str, Any]):
 def _bits(t):
     import torch
 
-    t = t.detach().contiguous()
+    t = t.detach().contiguous().reshape(-1)  # 1-D: a 0-d loss cannot be viewed as bytes
     return t.view(torch.uint8) if t.is_floating_point() and t.numel() else t
 
 

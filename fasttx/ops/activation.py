@@ -98,3 +98,9 @@ def bias_act(input: Tensor, bias: Tensor, act: str, name: str) -> Tensor:
     if bias.device != input.device:
         raise RuntimeError(f"fasttx {name}: expected bias on input's device {input.device}, got {bias.device}")
     return _bias_act(input, bias, act)
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

@@ -325,3 +325,9 @@ def _flash_kvcache_fwd(
 @_flash_kvcache_fwd.register_fake
 def _(q, k, v, cu_q, k_start, k_len, block_table, page_size, alibi, scale, causal, left, right, softcap, max_q, max_k):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

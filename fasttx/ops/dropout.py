@@ -73,3 +73,9 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     if inplace:
         return input.copy_(out)
     return out
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

@@ -2,10 +2,10 @@
 
 Three `torch.library` custom ops, each with a fake (shape) implementation, so that
 `torch.compile(fullgraph=True)` sees opaque ops:
-    fasttx::layer_norm_fwd(input, N, weight, bias, eps) -> (y, mean, rstd)
-    fasttx::dropout_add_layer_norm_fwd(input, residual, N, weight, bias, eps, p)
+    fasttx::layer_norm(input, N, weight, bias, eps) -> (y, mean, rstd)
+    fasttx::dropout_add_layer_norm(input, residual, N, weight, bias, eps, p)
         -> (y, h, mean, rstd, seed)
-    fasttx::layer_norm_bwd(...) -> (d_input, d_residual, d_weight, d_bias)  (both forwards' backward)
+    fasttx::layer_norm_backward(...) -> (d_input, d_residual, d_weight, d_bias)  (both forwards' backward)
 N = prod(normalized_shape); mean/rstd (rows,) fp32 are saved for the backward; `seed` is the
 dropout's Philox seed (int64 CPU scalar tensor), drawn inside the op and saved so the backward
 regenerates the mask instead of storing it.
@@ -26,7 +26,7 @@ _LOW = (torch.float16, torch.bfloat16)
 
 
 def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32  # kernels/_common.stat_dtype
 
 
 def _rows(t: Tensor, N: int) -> int:
@@ -41,7 +41,7 @@ def _empty(like: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 # Argument checks: torch's rules and (for shapes) torch's messages, raised before any launch
 # ----------------------------------------------------------------------------------------------
-def _check(op: str, input: Tensor, normalized_shape, weight, bias, dtype=None) -> int:
+def check(op: str, input: Tensor, normalized_shape, weight, bias, dtype=None) -> int:
     """Validate like torch.nn.functional.layer_norm; return N = prod(normalized_shape).
     `dtype`: of the tensor being normalized (default input's; the fused op's promoted h)."""
     dtype = dtype or input.dtype
@@ -93,11 +93,11 @@ def unsupported(input: Tensor, normalized_shape) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------
 # layer_norm
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fasttx::layer_norm_fwd", mutates_args=())
+@torch.library.custom_op("fasttx::layer_norm", mutates_args=())
 def _layer_norm_fwd(
     input: Tensor, N: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    y, _, mean, rstd = K.layer_norm_fwd(input, N, weight, bias, eps)
+    y, _, mean, rstd = K.layer_norm_forward(input, N, weight, bias, eps)
     return y, mean, rstd
 
 
@@ -133,21 +133,21 @@ def layer_norm(
 
     input (*, *normalized_shape); weight, bias normalized_shape or None -> y like input, in
     input's dtype. Statistics in fp32; biased variance from centred values."""
-    N = _check("layer_norm", input, normalized_shape, weight, bias)
+    N = check("layer_norm", input, normalized_shape, weight, bias)
     return _layer_norm_fwd(input, N, weight, bias, float(eps))[0]
 
 
 # ----------------------------------------------------------------------------------------------
 # dropout_add_layer_norm
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fasttx::dropout_add_layer_norm_fwd", mutates_args=())
+@torch.library.custom_op("fasttx::dropout_add_layer_norm", mutates_args=())
 def _dropout_add_layer_norm_fwd(
     input: Tensor, residual: Optional[Tensor], N: int, weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, p: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     # The seed is drawn here, inside the op, so torch.compile traces no .item().
     seed = draw_philox_seed() if p > 0.0 else 0
-    y, h, mean, rstd = K.layer_norm_fwd(input, N, weight, bias, eps, residual, p, seed, store_h=True)
+    y, h, mean, rstd = K.layer_norm_forward(input, N, weight, bias, eps, residual, p, seed, store_h=True)
     return y, h, mean, rstd, torch.tensor(seed, dtype=torch.int64)
 
 
@@ -218,7 +218,7 @@ def dropout_add_layer_norm(
     # h (and y) take the promoted dtype; the parameters must suit that dtype.
     # (promote_types, not result_type: dynamo folds the former, the latter breaks the graph)
     dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
-    N = _check("dropout_add_layer_norm", input, normalized_shape, weight, bias, dtype)
+    N = check("dropout_add_layer_norm", input, normalized_shape, weight, bias, dtype)
     y, h, _, _, _ = _dropout_add_layer_norm_fwd(
         input, residual, N, weight, bias, float(eps), float(p) if training else 0.0
     )
@@ -228,14 +228,14 @@ def dropout_add_layer_norm(
 # ----------------------------------------------------------------------------------------------
 # Backward (shared)
 # ----------------------------------------------------------------------------------------------
-@torch.library.custom_op("fasttx::layer_norm_bwd", mutates_args=())
+@torch.library.custom_op("fasttx::layer_norm_backward", mutates_args=())
 def _layer_norm_bwd(
     dy: Tensor, dh_out: Optional[Tensor], h: Tensor, N: int, weight: Optional[Tensor],
     bias: Optional[Tensor], mean: Tensor, rstd: Tensor, seed: Optional[Tensor], p: float,
     store_dh: bool, dx_dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d_input, d_residual, d_weight, d_bias); absent ones as empty tensors."""
-    dx, dh, dw, db = K.layer_norm_bwd(
+    dx, dh, dw, db = K.layer_norm_backward(
         dy, h, N, weight, bias, mean, rstd, dh_out, p,
         int(seed.item()) if seed is not None else 0, store_dh, dx_dtype,
     )
@@ -255,3 +255,9 @@ def _(dy, dh_out, h, N, weight, bias, mean, rstd, seed, p, store_dh, dx_dtype):
         weight.new_empty(weight.shape) if weight is not None else _empty(h),
         bias.new_empty(bias.shape) if bias is not None else _empty(h),
     )
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

@@ -68,3 +68,9 @@ def softmax(input: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Ten
     y = _softmax_lastdim(input.movedim(dim, -1))  # (..., N) with the softmax dim last
     # back to input's dim order, laid out contiguously as torch's result is for a contiguous input
     return y.movedim(-1, dim).contiguous()
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()

@@ -1,0 +1,195 @@
+"""Triton path of fasttx.functional.rms_norm and add_rms_norm, on the LayerNorm kernels' RMSNorm
+flags (kernels/layer_norm.py: IS_RMS_NORM, and the Llama/Gemma casting orders).
+
+One custom op pair serves both functions (residual None for rms_norm), each with a fake (shape)
+implementation so `torch.compile(fullgraph=True)` sees opaque ops:
+    fasttx::add_rms_norm(input, residual, N, weight, eps, cast) -> (y, h, rstd)
+    fasttx::add_rms_norm_backward(dy, dh_out, h, N, weight, rstd, cast, store_dh, dx_dtype)
+        -> (d_input, d_residual, d_weight)
+N = prod(normalized_shape); h = input + residual (empty without a residual), saved with the fp32
+rstd (rows,) for the backward.
+
+`unsupported(...)` says when the kernels do not cover a call (the functional layer then falls back
+to torch with one warning); `check(...)` raises torch's exceptions for bad arguments.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from fasttx.kernels import layer_norm as K
+
+_Shape = Union[int, Sequence[int], torch.Size]
+CASTS = K.CASTS
+# torch's scalar type names, as its "not implemented for 'Int'" messages spell them
+_TORCH_TYPE_NAMES = {torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short", torch.int32: "Int",
+                     torch.int64: "Long", torch.bool: "Bool"}
+
+
+def _shape(normalized_shape: _Shape) -> tuple:
+    return (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """eps=None: torch's F.rms_norm takes the machine epsilon of the dtype it computes in, fp32 for
+    16-bit and fp32 inputs (not bf16's 2^-7), fp64 for fp64."""
+    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+
+
+def unsupported(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residual=None,
+                cast="torch") -> Optional[str]:
+    """None when the kernels cover this call, else the reason (the caller runs torch's op)."""
+    shape = _shape(normalized_shape)
+    N = math.prod(shape) if all(isinstance(s, int) for s in shape) else 0  # bad types: check()
+    if N > K.MAX_HIDDEN:
+        return f"hidden size {N} > {K.MAX_HIDDEN}, the kernel's limit"
+    return None
+
+
+def check(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residual=None,
+          cast="torch", op: str = "rms_norm") -> None:
+    """torch.nn.functional.rms_norm's argument rules, with its exception types and messages; for
+    add_rms_norm also the residual's and cast's."""
+    if cast not in CASTS:
+        raise ValueError(f"{op}: cast must be one of {CASTS}, got {cast!r}")
+    if not input.is_floating_point():
+        dtype = _TORCH_TYPE_NAMES.get(input.dtype, str(input.dtype).replace("torch.", ""))
+        raise NotImplementedError(f'"rms_norm" not implemented for \'{dtype}\'')
+    shape = _shape(normalized_shape)
+    if len(shape) == 0:
+        raise RuntimeError(
+            "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least "
+            "one element, but got normalized_shape = []"
+        )
+    if input.dim() < len(shape) or tuple(input.shape[input.dim() - len(shape):]) != shape:
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape "
+            f"[*{', '.join(str(s) for s in shape)}], but got input of size{list(input.shape)}"
+        )
+    if weight is not None:
+        if tuple(weight.shape) != shape:
+            raise RuntimeError(
+                f"Expected weight to be of same shape as normalized_shape, but got weight of "
+                f"shape {list(weight.shape)} and normalized_shape = {list(shape)}"
+            )
+        if weight.device != input.device:
+            raise RuntimeError(f"{op}: expected weight on the input's device {input.device}, got {weight.device}")
+    if residual is not None:
+        if residual.shape != input.shape:
+            raise RuntimeError(
+                f"{op}: expected residual of the input's shape {list(input.shape)}, got "
+                f"{list(residual.shape)}"
+            )
+        if not residual.is_floating_point() or residual.device != input.device:
+            raise RuntimeError(
+                f"{op}: expected residual a floating-point tensor on {input.device}, got "
+                f"{residual.dtype} on {residual.device}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom ops
+# ----------------------------------------------------------------------------------------------
+def _h_dtype(input: Tensor, residual: Optional[Tensor]) -> torch.dtype:
+    # promote_types, not result_type: dynamo folds the former, the latter breaks the graph
+    return input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)
+
+
+@torch.library.custom_op("fasttx::add_rms_norm", mutates_args=())
+def _add_rms_norm(
+    input: Tensor, residual: Optional[Tensor], N: int, weight: Optional[Tensor], eps: float, cast: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    y, h, rstd = K.rms_norm_forward(input, N, weight, eps, residual, cast)
+    return y, (h if h is not None else input.new_empty(0)), rstd
+
+
+@_add_rms_norm.register_fake
+def _(input, residual, N, weight, eps, cast):
+    h_dtype = _h_dtype(input, residual)
+    rows = input.numel() // N if N > 0 else 0
+    rstd = input.new_empty(rows, dtype=torch.float64 if h_dtype == torch.float64 else torch.float32)
+    y = input.new_empty(input.shape, dtype=K.rms_norm_out_dtype(h_dtype, weight, cast))
+    h = input.new_empty(input.shape, dtype=h_dtype) if residual is not None else input.new_empty(0)
+    return y, h, rstd
+
+
+@torch.library.custom_op("fasttx::add_rms_norm_backward", mutates_args=())
+def _add_rms_norm_backward(
+    dy: Tensor, dh_out: Optional[Tensor], h: Tensor, N: int, weight: Optional[Tensor], rstd: Tensor,
+    cast: str, store_dh: bool, dx_dtype: torch.dtype,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(d_input, d_residual, d_weight); absent ones as empty tensors (custom ops return no None)."""
+    dx, dh, dw = K.rms_norm_backward(dy, h, N, weight, rstd, dh_out, cast, store_dh, dx_dtype)
+    return dx, (dh if dh is not None else h.new_empty(0)), (dw if dw is not None else h.new_empty(0))
+
+
+@_add_rms_norm_backward.register_fake
+def _(dy, dh_out, h, N, weight, rstd, cast, store_dh, dx_dtype):
+    return (
+        h.new_empty(h.shape, dtype=dx_dtype),
+        h.new_empty(h.shape) if store_dh else h.new_empty(0),
+        weight.new_empty(weight.shape) if weight is not None else h.new_empty(0),
+    )
+
+
+def _setup(ctx, inputs, output):
+    input, residual, ctx.N, weight, _, ctx.cast = inputs
+    y, h, rstd = output
+    ctx.y_dtype = y.dtype
+    ctx.input_dtype = input.dtype
+    ctx.residual_dtype = residual.dtype if residual is not None else None
+    ctx.save_for_backward(h if residual is not None else input, weight, rstd)
+
+
+def _backward(ctx, dy, dh_out, _drstd):
+    h, weight, rstd = ctx.saved_tensors
+    has_res = ctx.residual_dtype is not None
+    if dy is None:  # only h was used: the norm contributes nothing
+        dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
+    dx, dres, dw = _add_rms_norm_backward(
+        dy, dh_out if has_res else None, h, ctx.N, weight, rstd, ctx.cast, has_res, ctx.input_dtype
+    )
+    return (
+        dx,
+        dres.to(ctx.residual_dtype) if has_res else None,
+        None,
+        dw if weight is not None else None,
+        None,
+        None,
+    )
+
+
+_add_rms_norm.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public-shaped functions (arguments already checked by `check`)
+# ----------------------------------------------------------------------------------------------
+def rms_norm(input: Tensor, normalized_shape: _Shape, weight: Optional[Tensor] = None,
+             eps: Optional[float] = None) -> Tensor:
+    """torch.nn.functional.rms_norm on the Triton kernels: input (*, *normalized_shape) -> same
+    shape and dtype; fp32 statistics and math, cast at the store (torch's order)."""
+    N = math.prod(_shape(normalized_shape))
+    eps = default_eps(input.dtype) if eps is None else float(eps)
+    return _add_rms_norm(input, None, N, weight, eps, "torch")[0]
+
+
+def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _Shape,
+                 weight: Optional[Tensor] = None, eps: Optional[float] = None,
+                 cast: str = "torch") -> Tuple[Tensor, Tensor]:
+    """(rms_norm(h) in the `cast` order, h = input + residual) in one kernel; residual None: h is
+    input (returned as is)."""
+    N = math.prod(_shape(normalized_shape))
+    h_dtype = _h_dtype(input, residual)
+    eps = default_eps(h_dtype) if eps is None else float(eps)
+    y, h, _ = _add_rms_norm(input, residual, N, weight, eps, cast)
+    return y, (h if residual is not None else input)
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()
