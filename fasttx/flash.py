@@ -211,7 +211,7 @@ def flash_attn_varlen_func(
                              f"block_table {block_table.dtype} {tuple(block_table.shape)}, k {tuple(k.shape)}")
         cap = block_table.shape[1] * k.shape[1]
         _check_cu(name, "cu_seqlens_k", cu_seqlens_k, int(cu_seqlens_k[-1]), batch=B)
-        if int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max(initial=0) if B else 0) > cap:
+        if B and int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) > cap:
             raise ValueError(f"{name}: a sequence is longer than its block_table holds ({cap} keys)")
     else:
         _check_cu(name, "cu_seqlens_k", cu_seqlens_k, k.shape[0], batch=B)

@@ -238,6 +238,30 @@ def test_varlen_dropout_reproducible(backend, device):
     assert not torch.equal(o1, o3)
 
 
+def test_varlen_paged_matches_packed(backend, device):
+    # flash_attn_varlen_func with block_table (forward only): the packed keys, scattered over
+    # shuffled pages of 16 rows, give the packed result.
+    lens_q, lens_k, page = [2, 0, 5], [20, 3, 33], 16
+    q, k, v, _, cu_q, cu_k = _packed(lens_q, lens_k, 2, 1, 16, fp32, device)
+    ref = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 5, 33, causal=True, softcap=5.0)
+    n = [-(-x // page) for x in lens_k]
+    perm = torch.randperm(sum(n) + 1, generator=torch.Generator().manual_seed(3)).tolist()
+    table = torch.zeros(3, max(n), dtype=torch.int32)
+    pk, pv = torch.zeros(sum(n) + 1, page, 1, 16), torch.zeros(sum(n) + 1, page, 1, 16)
+    used, start = 0, 0
+    for b, x in enumerate(lens_k):
+        for i in range(n[b]):
+            p, rows = perm[used], slice(start + i * page, min(start + (i + 1) * page, start + x))
+            table[b, i] = p
+            m = rows.stop - rows.start
+            pk[p, :m], pv[p, :m] = k[rows].cpu(), v[rows].cpu()
+            used += 1
+        start += x
+    out = flash_attn_varlen_func(q, pk.to(device), pv.to(device), cu_q, cu_k, 5, 33, causal=True, softcap=5.0,
+                                 block_table=table.to(device))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("case", ["cu_dtype", "cu_end", "heads", "rank", "max_seqlen", "cu_count"])
 def test_varlen_bad_inputs(backend, device, case):
     q, k, v, _, cu_q, cu_k = _packed([3, 4], [3, 4], 4, 2, 16, fp32, device)
