@@ -9,9 +9,17 @@ zeros. The sliding window, softcap, ALiBi, packed sequences (cu_seqlens), per-ba
 and paged caches are features of the attention kernels themselves (constexpr flags, key blocks
 outside the window or the sequence skipped; nothing materialised).
 
-Left out of flash-attn's API: return_attn_probs returns S_dmask = None (the kernels never
-materialise probabilities); num_splits is a hint only (the kernel picks its own split);
-deterministic is accepted (the backward is always deterministic).
+Left out of or different from flash-attn, and why:
+- return_attn_probs returns S_dmask = None: the fused kernels never materialise probabilities.
+- num_splits is a hint only: the decode path sizes its split from the SM count itself.
+- deterministic is accepted and always true (no atomics in the backward).
+- a paged cache is forward only (varlen with block_table, and the kv-cache); together with
+  cache_leftpad or cache_batch_idx it is refused (flash-attn refuses leftpad with paging too).
+- ALiBi slopes get no gradient (as in flash-attn).
+- wider than flash-attn: fp32 inputs, any page size (flash-attn: multiples of 256), any rotary dim
+  <= head dim (flash-attn: multiples of 16).
+- cu_seqlens / cache_seqlens are validated on the host (one sync per call) so that bad input
+  raises a clear ValueError instead of reading out of bounds in a kernel.
 """
 from __future__ import annotations
 
