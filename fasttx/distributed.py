@@ -169,18 +169,19 @@ def _layer_norm_bwd(dy, dh_out, h, N, weight, bias, mean, rstd, seed, p, store_d
     return _matching(out, mean, 6) if p > 0.0 else out
 
 
-def _sdpa_fwd(q, k, v, mask, dropout_p, is_causal, scale):
+def _sdpa_fwd(q, k, v, mask, dropout_p, is_causal, scale, fp32_out, *causal_offset):
+    # -> (out, lse, seed, out32); out32 is the fp32 output (16-bit inputs under autograd) or empty
     R, S, _ = _placements()
-    tail = [None, None, None]
-    out = [([R, R, R], [R, R, R, _opt(mask, R), *tail])]
+    tail = [None] * (4 + len(causal_offset))  # dropout_p, is_causal, scale, fp32_out[, causal_offset]
+    out = [([R, R, R, R], [R, R, R, _opt(mask, R), *tail])]
     for d in (0, 1):  # batch, heads of (B, H, L, E)
-        out.append(([S(d), S(d), R], [S(d), S(d), S(d), _opt(mask, S(d)), *tail]))
+        out.append(([S(d), S(d), R, S(d) if fp32_out else R], [S(d), S(d), S(d), _opt(mask, S(d)), *tail]))
     return out
 
 
-def _sdpa_bwd(dout, q, k, v, mask, out_, lse, seed, dropout_p, is_causal, scale):
+def _sdpa_bwd(dout, q, k, v, mask, out_, lse, seed, dropout_p, is_causal, scale, *causal_offset):
     R, S, _ = _placements()
-    tail = [None, None, None]
+    tail = [None] * (3 + len(causal_offset))  # dropout_p, is_causal, scale[, causal_offset]
     out = [([R, R, R], [R, R, R, R, _opt(mask, R), R, R, R, *tail])]
     for d in (0, 1):
         out.append(([S(d)] * 3, [S(d)] * 4 + [_opt(mask, S(d)), S(d), S(d), R, *tail]))

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fasttx
 import fasttx.functional as FF
 from fasttx import reference as R
 

@@ -391,7 +391,24 @@ def test_attention_gqa(backend, device):
     _assert_close(out, _sdpa(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True), "gqa")
 
 
-@pytest.mark.parametrize("name", ["softcap", "sliding_window", "s_aux", "position_bias"])
+def test_attention_sliding_window(backend, device):
+    # Mistral / Qwen2: key j visible from query i when i - window < j <= i. Without a mask (what
+    # transformers passes when the window cuts nothing) a window that does cut is applied here;
+    # with a mask, the mask (which transformers builds with the window in it) is used as it is.
+    q, k, v = _qkv(device, L=6, S=6)
+    i, j = torch.arange(6)[:, None], torch.arange(6)[None, :]
+    banded = ((j <= i) & (j > i - 3)).to(device)
+    out, _ = fasttx_attention_forward(_Module(True), q, k, v, None, sliding_window=3)
+    _assert_close(out, _sdpa(q, k, v, attn_mask=banded), "window 3, no mask")
+    assert not torch.allclose(out, _sdpa(q, k, v, is_causal=True), atol=1e-4)  # the window cut
+    out, _ = fasttx_attention_forward(_Module(True), q, k, v, None, sliding_window=6)
+    _assert_close(out, _sdpa(q, k, v, is_causal=True), "window past the sequence")
+    # decoding: the last query of 6 positions against the cache, bottom-right aligned
+    out, _ = fasttx_attention_forward(_Module(True), q[:, :, -1:], k, v, None, sliding_window=3)
+    _assert_close(out, _sdpa(q[:, :, -1:], k, v, attn_mask=banded[-1:]), "window, one query")
+
+
+@pytest.mark.parametrize("name", ["softcap", "s_aux", "position_bias"])
 def test_attention_refuses_unsupported_arguments(name):
     q, k, v = _qkv("cpu")
     with pytest.raises(NotImplementedError, match=f"does not support `{name}`"):

@@ -1,9 +1,9 @@
 """fasttx for HuggingFace transformers models (optional extra `hf`: transformers >= 4.48).
 
-    from transformers import BertForSequenceClassification
+    from transformers import LlamaForCausalLM
     from fasttx.integrations.huggingface import apply_fasttx
 
-    model = apply_fasttx(BertForSequenceClassification.from_pretrained("path/to/local/dir"))
+    model = apply_fasttx(LlamaForCausalLM.from_pretrained("path/to/local/dir"))
 
 `apply_fasttx(model)` patches one model instance in place and returns it:
   - every `torch.nn.LayerNorm` / `torch.nn.Dropout` / `torch.nn.GELU` becomes the fasttx.nn module
@@ -15,22 +15,49 @@
     registered under the same name in `AttentionMaskInterface` (without it, transformers would build no
     mask for an unknown implementation and padding would silently be ignored), and the model's
     `config._attn_implementation` set to "fasttx".
+Decoder families (Llama, Mistral, Qwen2, Qwen3, Gemma; `_DECODER_FAMILIES`), per module instance
+(`module.forward` set on the instance; the classes are not touched):
+  - `<Family>RMSNorm` runs `FF.add_rms_norm(x, None, ..., cast="llama")` (normalise in fp32, cast,
+    then `weight *`) or, for Gemma, `cast="gemma"` (`* (1 + weight)` in fp32, then cast): the
+    families' own casting orders, so 16-bit outputs match too;
+  - `<Family>MLP` runs `down_proj(FF.swiglu(gate_proj(x), up_proj(x)))` (SiLU) or `FF.geglu(...,
+    approximate=...)` (Gemma's tanh GELU); any other activation keeps the module's own forward;
+  - `<Family>Attention` runs a forward of the same structure as transformers' (projections, Qwen3's
+    q/k norms, `FF.apply_rotary_emb` on HF's (B, L, D) cos/sin tables, the KV cache, the attention
+    interface, o_proj). transformers applies rotary through a module-level function
+    (`apply_rotary_pos_emb`), which has no instance-level hook, so the attention module's forward is
+    what gets replaced. This needs the transformers 5 attention layout (a `cache` argument); on
+    older versions the attention forward is left as it is (rotary stays transformers') and a
+    warning says so. Mistral's and Qwen2's sliding windows come in the mask transformers builds
+    for the layer (see `fasttx_attention_forward`).
+Causal LMs (`<Family>ForCausalLM`, `GPT2LMHeadModel`), when `labels` are given: the loss is
+`FF.linear_cross_entropy` of the final hidden states and `lm_head.weight`, with the model's own
+label shift, ignore_index (-100), `shift_labels` and `num_items_in_batch` normalisation (summed, then
+divided, as transformers' `ForCausalLMLoss` does for gradient accumulation), and the (tokens, vocab)
+logits are never materialised: `outputs.logits` is then None. `apply_fasttx(model,
+keep_logits=True)` keeps the logits (then the loss is `FF.cross_entropy` of them, transformers'
+formula otherwise). Without labels (inference, `generate`) the model's forward runs as it is, with
+the patched modules inside. A model whose `loss_function` was replaced by the user, or with a logit
+softcap, keeps transformers' loss.
 No torch.nn or transformers class is modified: other models in the process are untouched. The config
 object is the model's own; a second model built from that same config object inherits "fasttx".
 
 Left alone (no exact fasttx equivalent, said once in a warning): QuickGELU, ClippedGELU and every
 other activation; activations given as plain functions rather than modules; models whose attention
-does not dispatch through `AttentionInterface` (BERT before transformers 4.53, for instance).
+does not dispatch through `AttentionInterface` (BERT before transformers 4.53, for instance);
+attention with a logit softcap (Gemma 2) stays on transformers' implementation.
 
-On CPU tensors the "auto" backend runs the reference path (torch's own ops), so a patched model's
-outputs equal the unpatched model's to fp32 rounding; on CUDA tensors the Triton kernels run.
+On CPU tensors the "auto" backend runs torch's own ops, so a patched model's outputs equal the
+unpatched model's to fp32 rounding; on CUDA tensors the Triton kernels run.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
-from typing import Optional, Tuple
+import types
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -46,8 +73,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 import fasttx.functional as FF
 import fasttx.nn as fnn
 from fasttx._convert import convert as _convert_torch_modules
+from fasttx._registry import OPS as _OPS
 
-__all__ = ["apply_fasttx", "fasttx_attention_forward", "register", "ATTN_IMPLEMENTATION"]
+
+def _has(op: str) -> bool:
+    """Whether this fasttx declares `op` (fasttx.functional passes every other name to torch)."""
+    return op in _OPS
+
+__all__ = [
+    "apply_fasttx", "fasttx_attention_forward", "fasttx_causal_lm_loss", "register", "ATTN_IMPLEMENTATION",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +117,7 @@ _UNSUPPORTED_ACTIVATIONS = tuple(
 )
 
 # Attention arguments of other models that this function does not implement: refused, not ignored.
-_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "sliding_window", "s_aux", "position_bias", "cache")
+_UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "position_bias", "cache")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,6 +145,9 @@ def fasttx_attention_forward(
     is_causal: None -> `module.is_causal` (True when the module does not say, like transformers).
         The causal mask is applied only when no mask was built (a built mask already contains it).
     head_mask: None or (B or 1, Hq, 1, 1) per-head multipliers of the attention probabilities.
+    sliding_window (in kwargs, Mistral / Qwen2): query i sees keys j with i - window < j <= i. The
+        mask transformers builds for a sliding layer already holds the window (it builds none only
+        when the window cuts nothing); without a mask and with S >= window it is built here.
     output_attentions=True (in kwargs): computed explicitly so the probabilities can be returned.
 
     Returns (attn_output (B, L, Hq, Ev) contiguous, attn_weights (B, Hq, L, S) or None).
@@ -128,6 +166,9 @@ def fasttx_attention_forward(
     L, S = query.shape[-2], key.shape[-2]
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     attn_mask = attention_mask
+    window = kwargs.get("sliding_window")
+    if window is not None and attn_mask is None and S >= window:
+        attn_mask = _window_mask(L, S, int(window), query.device)  # (L, S) bool
     if attn_mask is not None and causal and L > 1 and attn_mask.shape[-2] == 1:
         # A padding-only (B, 1, 1, S) mask for a causal module (transformers < 4.53 built these and
         # applied causality inside its own attention code): add the causal part, bottom-right
@@ -167,6 +208,14 @@ def _with_causal(mask: Tensor, L: int, S: int, dtype: torch.dtype) -> Tensor:
     if mask.dtype == torch.bool:
         return mask & keep
     return mask.masked_fill(~keep, torch.finfo(mask.dtype).min)
+
+
+def _window_mask(L: int, S: int, window: int, device) -> Tensor:
+    """(L, S) bool: causal, bottom-right aligned (queries are the last L of S positions), and
+    key j visible from query i only when i - window < j (transformers' sliding_window_overlay)."""
+    i = torch.arange(L, device=device)[:, None] + (S - L)  # absolute query positions
+    j = torch.arange(S, device=device)[None, :]
+    return (j <= i) & (j > i - window)
 
 
 def _explicit_attention(q, k, v, mask, dropout, scaling, is_causal, enable_gqa):
@@ -229,6 +278,8 @@ def _set_attention(model: nn.Module) -> bool:
     config = model.config
     if not _routes_through_interface(model):
         return False
+    if getattr(config, "attn_logit_softcapping", None) is not None:  # Gemma 2: no softcap in fasttx's SDPA
+        return False
     if getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION:
         return True
     if hasattr(model, "set_attn_implementation"):
@@ -236,6 +287,301 @@ def _set_attention(model: nn.Module) -> bool:
     else:
         config._attn_implementation = ATTN_IMPLEMENTATION
     return getattr(config, "_attn_implementation", None) == ATTN_IMPLEMENTATION
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder families: RMSNorm, gated MLP, rotary attention (per-instance forwards)
+# ----------------------------------------------------------------------------------------------
+# transformers model family (its models/<family>/ directory) -> class-name prefix, RMSNorm cast.
+_DECODER_FAMILIES = {
+    "llama": ("Llama", "llama"),
+    "mistral": ("Mistral", "llama"),
+    "qwen2": ("Qwen2", "llama"),
+    "qwen3": ("Qwen3", "llama"),
+    "gemma": ("Gemma", "gemma"),
+}
+
+
+def _family_of(module: nn.Module, suffix: str) -> Optional[str]:
+    """The family whose own `<Prefix><suffix>` class `module` is exactly (not a subclass, not a
+    same-named class of another family), else None."""
+    cls = type(module)
+    for family, (prefix, _) in _DECODER_FAMILIES.items():
+        if cls.__name__ == prefix + suffix and cls.__module__ == f"transformers.models.{family}.modeling_{family}":
+            return family
+    return None
+
+
+def _set_forward(module: nn.Module, fn: Callable) -> None:
+    """Give this one instance `fn` as its forward (nn.Module.__call__ looks up `self.forward`)."""
+    if getattr(module.__dict__.get("forward"), "__func__", None) is not fn:
+        module.forward = types.MethodType(fn, module)
+
+
+def _llama_rms_norm_forward(self, hidden_states: Tensor) -> Tensor:
+    # LlamaRMSNorm: weight * (x_fp32 * rsqrt(mean(x^2) + eps)).to(x.dtype)
+    return FF.add_rms_norm(
+        hidden_states, None, tuple(self.weight.shape), self.weight, self.variance_epsilon, cast="llama"
+    )[0]
+
+
+def _gemma_rms_norm_forward(self, x: Tensor) -> Tensor:
+    # GemmaRMSNorm: (x_fp32 * rsqrt(mean(x^2) + eps) * (1 + weight_fp32)).type_as(x)
+    return FF.add_rms_norm(x, None, tuple(self.weight.shape), self.weight, self.eps, cast="gemma")[0]
+
+
+def _swiglu_mlp_forward(self, x: Tensor) -> Tensor:
+    return self.down_proj(FF.swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+def _geglu_mlp_forward(self, x: Tensor) -> Tensor:
+    return self.down_proj(FF.geglu(self.gate_proj(x), self.up_proj(x), approximate="none"))
+
+
+def _geglu_tanh_mlp_forward(self, x: Tensor) -> Tensor:
+    return self.down_proj(FF.geglu(self.gate_proj(x), self.up_proj(x), approximate="tanh"))
+
+
+def _gated_mlp_forward(act: nn.Module) -> Optional[Callable]:
+    """The fasttx forward of a gated MLP whose activation module is `act`, None if it has none."""
+    kind = type(act)
+    if kind in (nn.SiLU, getattr(_hf_act, "SiLUActivation", nn.SiLU)):
+        return _swiglu_mlp_forward if _has("swiglu") else None
+    form = _HF_GELU_CLASSES.get(kind)
+    if form is None and kind in (nn.GELU, fnn.GELU):
+        form = act.approximate
+    if form is None or not _has("geglu"):
+        return None
+    return _geglu_tanh_mlp_forward if form == "tanh" else _geglu_mlp_forward
+
+
+def _rotary_attention_forward(
+    self,
+    hidden_states: Tensor,
+    position_embeddings: Optional[Tuple[Tensor, Tensor]] = None,
+    attention_mask: Optional[Tensor] = None,
+    cache=None,
+    past_key_values=None,
+    **kwargs,
+):
+    """transformers 5's Llama-family attention forward with fasttx's rotary application.
+    hidden_states (B, L, hidden) -> (attn_output (B, L, hidden), attn_weights or None)."""
+    cache = past_key_values if cache is None else cache
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.q_proj(hidden_states).view(hidden_shape)  # (B, L, Hq, D)
+    key = self.k_proj(hidden_states).view(hidden_shape)  # (B, L, Hkv, D)
+    if getattr(self, "q_norm", None) is not None:  # Qwen3: RMSNorm over the head dim, before rotary
+        query, key = self.q_norm(query), self.k_norm(key)
+    query, key = query.transpose(1, 2), key.transpose(1, 2)  # (B, H, L, D)
+    value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)  # (B, Hkv, L, D)
+
+    cos, sin = position_embeddings  # (B, L, D) each, as transformers' rotary module returns them
+    query, key = FF.apply_rotary_emb(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx, kwargs=kwargs)
+
+    window = self.sliding_window if hasattr(self, "sliding_window") else getattr(self.config, "sliding_window", None)
+    if window is not None:
+        kwargs["sliding_window"] = window
+    default = getattr(sys.modules[type(self).__module__], "eager_attention_forward", None)
+    attention = transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS.get_interface(
+        self.config._attn_implementation, default
+    )
+    out, weights = attention(
+        self, query, key, value, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **kwargs,
+    )  # (B, L, Hq, D)
+    out = out.reshape(*input_shape, -1).contiguous()
+    return self.o_proj(out), weights
+
+
+def _attention_layout_supported(attn: nn.Module) -> bool:
+    """Whether the class's forward has transformers 5's layout that _rotary_attention_forward copies."""
+    try:
+        params = inspect.signature(type(attn).forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "cache" in params and "position_embeddings" in params and hasattr(
+        transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS, "get_interface"
+    )
+
+
+def _patch_decoder_modules(model: nn.Module, left_alone: set) -> None:
+    """RMSNorm, gated MLP and rotary attention of the decoder families, per instance."""
+    for module in model.modules():
+        family = _family_of(module, "RMSNorm")
+        if family is not None:
+            if not _has("add_rms_norm"):
+                left_alone.add(f"{type(module).__name__} (this fasttx has no add_rms_norm)")
+                continue
+            cast = _DECODER_FAMILIES[family][1]
+            _set_forward(module, _gemma_rms_norm_forward if cast == "gemma" else _llama_rms_norm_forward)
+            continue
+        if _family_of(module, "MLP") is not None:
+            forward = _gated_mlp_forward(module.act_fn)
+            if forward is None:
+                left_alone.add(f"{type(module).__name__} with {type(module.act_fn).__name__}"
+                               + ("" if _has("swiglu") else " (this fasttx has no swiglu / geglu)"))
+            else:
+                _set_forward(module, forward)
+            continue
+        if _family_of(module, "Attention") is not None:
+            if not _has("apply_rotary_emb"):
+                left_alone.add(f"{type(module).__name__}'s rotary (this fasttx has no apply_rotary_emb)")
+            elif not _attention_layout_supported(module):
+                left_alone.add(
+                    f"{type(module).__name__}'s rotary (transformers {transformers.__version__}'s "
+                    "attention layout is not the one fasttx reproduces)"
+                )
+            else:
+                _set_forward(module, _rotary_attention_forward)
+
+
+# ----------------------------------------------------------------------------------------------
+# Causal LM loss: linear_cross_entropy on the final hidden states, no logits
+# ----------------------------------------------------------------------------------------------
+def _shifted(labels: Tensor, shift_labels: Optional[Tensor], ignore_index: int) -> Tensor:
+    if shift_labels is None:  # tokens < n predict n; the last position predicts nothing
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    return shift_labels.reshape(-1)
+
+
+def _normalise(loss: Tensor, num_items_in_batch) -> Tensor:
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device)
+    return loss / num_items_in_batch
+
+
+def fasttx_causal_lm_loss(
+    logits: Tensor,
+    labels: Tensor,
+    vocab_size: int,
+    num_items_in_batch=None,
+    ignore_index: int = -100,
+    shift_labels: Optional[Tensor] = None,
+    **kwargs,
+) -> Tensor:
+    """transformers' ForCausalLMLoss computed by FF.cross_entropy: logits (B, L, V) in fp32,
+    labels (B, L) shifted left by one (or `shift_labels` (B, L) as given), ignore_index skipped;
+    mean over the counted tokens, or sum / num_items_in_batch when that is given (gradient
+    accumulation over micro-batches). The loss of a patched causal LM with keep_logits=True."""
+    target = _shifted(labels, shift_labels, ignore_index).to(logits.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = FF.cross_entropy(logits.float().reshape(-1, vocab_size), target, ignore_index=ignore_index,
+                            reduction=reduction)
+    return loss if num_items_in_batch is None else _normalise(loss, num_items_in_batch)
+
+
+def _linear_causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, num_items_in_batch=None,
+                           ignore_index: int = -100, shift_labels: Optional[Tensor] = None) -> Tensor:
+    """The same loss as fasttx_causal_lm_loss(head(hidden), labels, ...) from hidden (B, L, H) and
+    the head's (V, H) weight, without the (B * L, V) logits."""
+    target = _shifted(labels, shift_labels, ignore_index).to(hidden.device)
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = FF.linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, target, linear_bias=head.bias,
+        reduction=reduction, ignore_index=ignore_index,
+    ).float()  # transformers computes this loss in fp32 whatever the model's dtype
+    return loss if num_items_in_batch is None else _normalise(loss, num_items_in_batch)
+
+
+def _causal_lm_class(model: nn.Module) -> bool:
+    cls = type(model)
+    if cls.__name__ == "GPT2LMHeadModel" and cls.__module__ == "transformers.models.gpt2.modeling_gpt2":
+        return True
+    return _family_of(model, "ForCausalLM") is not None
+
+
+def _causal_lm_forward(self, *args, **kwargs):
+    """The model class's forward; with labels, the loss from the hidden states (see the module
+    docstring) and logits None."""
+    forward = type(self).forward.__get__(self)
+    if args:  # bind positionals to their names, so that `labels` is found wherever it was passed
+        names = [n for n, p in inspect.signature(forward).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        kwargs.update(zip(names, args))
+    labels = kwargs.get("labels")
+    if (
+        labels is None
+        or self.__dict__.get("_fasttx_keep_logits", False)
+        or self.loss_function not in (fasttx_causal_lm_loss, _ForCausalLMLoss)
+        or getattr(self.config, "final_logit_softcapping", None) is not None
+        or not isinstance(self.lm_head, nn.Linear)
+    ):
+        return forward(**kwargs)
+    kwargs["labels"] = None
+    num_items = kwargs.pop("num_items_in_batch", None)
+    ignore_index = kwargs.pop("ignore_index", -100)
+    shift_labels = kwargs.pop("shift_labels", None)
+    return_dict = kwargs.pop("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
+    kwargs["return_dict"] = True
+
+    head = self.lm_head
+    captured = []
+
+    def capture(hidden):  # stands in for the head: keeps its input, returns no logits
+        captured.append(hidden)
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    had = "forward" in head.__dict__
+    previous = head.__dict__.get("forward")
+    head.forward = capture
+    try:
+        out = forward(**kwargs)
+    finally:
+        if had:
+            head.forward = previous
+        else:
+            del head.forward
+    (hidden,) = captured
+    loss = _linear_causal_lm_loss(hidden, head, labels, num_items, ignore_index, shift_labels)
+    out = type(out)(loss=loss, **{k: v for k, v in out.items() if k not in ("loss", "logits")})
+    return out if return_dict else out.to_tuple()
+
+
+try:
+    from transformers.loss.loss_utils import ForCausalLMLoss as _ForCausalLMLoss
+except ImportError:  # pragma: no cover - transformers < 4.46 has no loss module
+    _ForCausalLMLoss = None
+
+
+def _patch_causal_lm(model: nn.Module, keep_logits: bool, left_alone: set) -> None:
+    if not _causal_lm_class(model) or _ForCausalLMLoss is None:
+        return
+    if not isinstance(getattr(model, "lm_head", None), nn.Linear):
+        return
+    if model.loss_function not in (fasttx_causal_lm_loss, _ForCausalLMLoss):
+        left_alone.add(f"{type(model).__name__}'s custom loss_function")
+        return
+    if getattr(model.config, "final_logit_softcapping", None) is not None:
+        left_alone.add(f"{type(model).__name__}'s loss (logit softcapping)")
+        return
+    model.loss_function = fasttx_causal_lm_loss  # instance-level (PreTrainedModel's setter)
+    model.__dict__["_fasttx_keep_logits"] = bool(keep_logits)
+    if not _has("linear_cross_entropy"):
+        model.__dict__["_fasttx_keep_logits"] = True
+        left_alone.add(f"{type(model).__name__}'s fused loss (this fasttx has no linear_cross_entropy)")
+        return
+    _set_forward(model, _causal_lm_forward_for(type(model)))
+
+
+_CAUSAL_LM_FORWARDS = {}
+
+
+def _causal_lm_forward_for(cls) -> Callable:
+    """_causal_lm_forward under the class forward's name and signature (generate and Trainer
+    inspect `model.forward`'s parameters), one function per class."""
+    fn = _CAUSAL_LM_FORWARDS.get(cls)
+    if fn is None:
+        @functools.wraps(cls.forward)
+        def fn(self, *args, **kwargs):
+            return _causal_lm_forward(self, *args, **kwargs)
+
+        _CAUSAL_LM_FORWARDS[cls] = fn
+    return fn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,14 +596,19 @@ def _hf_activation_replacement(child: nn.Module) -> Optional[nn.Module]:
     return new
 
 
-def apply_fasttx(model: nn.Module) -> nn.Module:
-    """Patch a transformers model instance (BERT, GPT-2 and other models built from the same parts)
-    in place to run fasttx's LayerNorm, GELU, dropout and attention; returns the model.
+def apply_fasttx(model: nn.Module, *, keep_logits: bool = False) -> nn.Module:
+    """Patch a transformers model instance in place to run fasttx's ops; returns the model.
 
-    Idempotent. Parameters, buffers and state_dict are unchanged (the swapped modules hold the same
-    Parameter objects), so a patched model saves and loads exactly like the unpatched one. Works on
-    a model built from a config as on one loaded with `from_pretrained` (a local directory), on CPU
-    (the reference path) and on CUDA (the Triton kernels).
+    BERT, GPT-2 and models built from the same parts: LayerNorm, GELU, dropout and attention.
+    Llama, Mistral, Qwen2, Qwen3, Gemma: also RMSNorm, the gated MLP and the rotary application.
+    Causal LMs (those families and GPT-2): with labels, the loss comes from linear_cross_entropy
+    and `outputs.logits` is None, unless `keep_logits=True` (see the module docstring).
+
+    Idempotent (a second call only updates keep_logits). Parameters, buffers and state_dict are
+    unchanged (the swapped modules hold the same Parameter objects), so a patched model saves and
+    loads exactly like the unpatched one. Works on a model built from a config as on one loaded
+    with `from_pretrained` (a local directory), on CPU (torch's ops) and on CUDA (the Triton
+    kernels). Pieces left as they are, if any, are named in one warning.
     """
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(
@@ -269,6 +620,8 @@ def apply_fasttx(model: nn.Module) -> nn.Module:
     # parameters (and their sharing), buffers, hooks and training mode are kept as they are.
     _convert_torch_modules(model)
     left_alone = set()
+    # Gated MLPs first: their forward calls FF.swiglu / FF.geglu, whatever act_fn becomes below.
+    _patch_decoder_modules(model, left_alone)
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             new = _hf_activation_replacement(child)
@@ -276,14 +629,17 @@ def apply_fasttx(model: nn.Module) -> nn.Module:
                 setattr(parent, name, new)
             elif isinstance(child, _UNSUPPORTED_ACTIVATIONS):
                 left_alone.add(type(child).__name__)
+    _patch_causal_lm(model, keep_logits, left_alone)
+    if not _set_attention(model):
+        reason = (
+            "its attention has a logit softcap"
+            if getattr(model.config, "attn_logit_softcapping", None) is not None
+            else f"it does not dispatch attention through transformers' AttentionInterface "
+            f"(transformers {transformers.__version__})"
+        )
+        left_alone.add(f"{type(model).__name__}'s attention ({reason})")
     if left_alone:
         logger.warning(
             "apply_fasttx: no exact fasttx equivalent for %s; left unpatched", ", ".join(sorted(left_alone))
-        )
-    if not _set_attention(model):
-        logger.warning(
-            "apply_fasttx: %s does not dispatch attention through transformers' AttentionInterface "
-            "(transformers %s); its attention is left unpatched",
-            type(model).__name__, transformers.__version__,
         )
     return model
