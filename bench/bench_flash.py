@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from fasttx import flash as X
 
-from .harness import Case, Config, Provider, Suite, Unsupported, Work, compile_available, compiled, importable, nbytes, randn
+from .harness import (Case, Config, Provider, Suite, Unsupported, Work, compile_available, compiled, importable,
+                      nbytes, randn)
 
 
 def _qkv(case, cfg):

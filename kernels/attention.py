@@ -788,11 +788,13 @@ def _launch_args(q, k, v, mask, dropout_p, *, window_offset=None, softcap=0.0, a
                                    and block_table.dim() == 2 and block_table.shape[0] == B), \
         "a paged cache needs seqlens, page_size > 0 and an int32 (B, pages) block_table"
     if alibi_slopes is not None:
-        assert alibi_slopes.dtype == torch.float32 and alibi_slopes.shape in ((H,), (B, H)), "alibi_slopes (H,) or (B, H) fp32"
+        assert alibi_slopes.dtype == torch.float32 and alibi_slopes.shape in ((H,), (B, H)), \
+            "alibi_slopes (H,) or (B, H) fp32"
         alibi_slopes = alibi_slopes.contiguous()
     if mask is not None:
         assert seqlens is None, "no mask with seqlens"
-        assert mask.shape == (B, H, L, S), f"mask must be expanded to (B, H, L, S) = {(B, H, L, S)}, got {tuple(mask.shape)}"
+        assert mask.shape == (B, H, L, S), \
+            f"mask must be expanded to (B, H, L, S) = {(B, H, L, S)}, got {tuple(mask.shape)}"
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # same bytes; keeps stride-0 dims
     lb, sb = _buckets(L, S)
@@ -803,7 +805,8 @@ def _launch_args(q, k, v, mask, dropout_p, *, window_offset=None, softcap=0.0, a
         BlockTable=block_table if block_table is not None else q,
         Alibi=alibi_slopes if alibi_slopes is not None else q,
         **_strides("q", q), **_strides("k", k, "bhn"), **_strides("v", v, "bhn"),
-        **(_strides("m", mask, "bhmn") if mask is not None else dict(stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0)),
+        **(_strides("m", mask, "bhmn") if mask is not None
+           else dict(stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0)),
         stride_ab=H if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         stride_btb=block_table.stride(0) if block_table is not None else 0,
         H=H, GROUPS=H // Hkv, L=L, S=S, E=E, L_TOT=L_TOT,
@@ -883,7 +886,8 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
     assert not (decode and dropout_p > 0.0), "the decode (flash-decoding) path is for inference: dropout_p must be 0"
     assert not (decode and return_fp32_out), "the decode (flash-decoding) path does not write an fp32 output"
     assert not (decode and args["VARLEN_Q"]), "the decode (flash-decoding) path takes dense queries"
-    launch = dict(args, scale=scale, seed=seed, causal_off=causal_offset, IS_CAUSAL=is_causal, STORE_O32=return_fp32_out)
+    launch = dict(args, scale=scale, seed=seed, causal_off=causal_offset, IS_CAUSAL=is_causal,
+                  STORE_O32=return_fp32_out)
     if not decode:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, 1)  # noqa: E731
         _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=out32 if return_fp32_out else lse,

@@ -123,7 +123,8 @@ def test_features_run_in_the_kernel(device, monkeypatch):
     q.requires_grad_()
     with fasttx.use_backend("triton"), warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback warning would fail here
-        flash_attn_func(q, k, v, softcap=1.0, window_size=(2, 1), alibi_slopes=torch.ones(2, device=device)).sum().backward()
+        out = flash_attn_func(q, k, v, softcap=1.0, window_size=(2, 1), alibi_slopes=torch.ones(2, device=device))
+        out.sum().backward()
     assert len(seen) == 2
     for kw in seen:
         assert kw["softcap"] == 1.0 and kw["window_offset"] == 6 - 5 - 2 and kw["alibi_slopes"] is not None
@@ -220,7 +221,8 @@ def test_varlen_matches_padded_batch(backend, device):
     ours, g = _grads(lambda *t: flash_attn_varlen_func(*t, cu, cu, 6, 6, causal=True), q, k, v, do)
     for b, (s, n) in enumerate(zip(cu.tolist(), lens)):
         sl = slice(s, s + n)
-        ref, gr = _grads(lambda *t: flash_attn_func(*t, causal=True), q[None, sl], k[None, sl], v[None, sl], do[None, sl])
+        ref, gr = _grads(lambda *t: flash_attn_func(*t, causal=True),
+                         q[None, sl], k[None, sl], v[None, sl], do[None, sl])
         torch.testing.assert_close(ours[sl], ref[0], atol=1e-5, rtol=1e-5)
         for a, r in zip(g, gr):
             torch.testing.assert_close(a[sl], r[0], atol=1e-5, rtol=1e-5)
@@ -400,7 +402,8 @@ def test_kvcache_paged_matches_dense(backend, device, page):
     B, H, Hk, D, S = 2, 2, 1, 16, 528
     g = torch.Generator().manual_seed(2)
     mk = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
-    q, dense_k, dense_v, k_new, v_new = mk(B, 1, H, D), mk(B, S, Hk, D), mk(B, S, Hk, D), mk(B, 1, Hk, D), mk(B, 1, Hk, D)
+    q, dense_k, dense_v = mk(B, 1, H, D), mk(B, S, Hk, D), mk(B, S, Hk, D)
+    k_new, v_new = mk(B, 1, Hk, D), mk(B, 1, Hk, D)
     n = S // page
     perm = torch.randperm(B * n, generator=g)
     table = perm.view(B, n).to(torch.int32).to(device)
@@ -422,7 +425,8 @@ def test_kvcache_paged_matches_dense(backend, device, page):
 @pytest.mark.parametrize("case", ["overflow", "table_dtype", "leftpad_paged", "seqlens_dtype", "new_shape"])
 def test_kvcache_bad_inputs(backend, device, case):
     q, ck, cv = torch.randn(2, 1, 2, 16), torch.randn(2, 8, 1, 16), torch.randn(2, 8, 1, 16)
-    kw = dict(cache_seqlens=torch.tensor([3, 8], dtype=torch.int32), k=torch.randn(2, 1, 1, 16), v=torch.randn(2, 1, 1, 16))
+    kw = dict(cache_seqlens=torch.tensor([3, 8], dtype=torch.int32),
+              k=torch.randn(2, 1, 1, 16), v=torch.randn(2, 1, 1, 16))
     if case == "overflow":
         match = "fit the cache"
     elif case == "table_dtype":

@@ -313,7 +313,8 @@ def _flash_kvcache_fwd(
     block_table: Optional[Tensor], page_size: int, alibi: Optional[Tensor], scale: float, causal: bool, left: int,
     right: int, softcap: float, max_q: int, max_k: int,
 ) -> Tuple[Tensor, Tensor]:
-    """Inference over a kv-cache: q (B, H, L, E) dense (or (1, H, total_q, E) packed with cu_q), k/v (1, Hkv, rows, E) views of the cache,
+    """Inference over a kv-cache: q (B, H, L, E) dense (or (1, H, total_q, E) packed with cu_q),
+    k/v (1, Hkv, rows, E) views of the cache,
     sequence b's keys at rows k_start[b] + [0, k_len[b]) (or through block_table, pages of
     page_size rows) -> (out (B, H, L, E), lse (B, H, L))."""
     seqlens = K.Seqlens(cu_q, k_start, k_len, max_q if cu_q is not None else q.shape[2], max_k)
