@@ -441,3 +441,32 @@ def test_kvcache_bad_inputs(backend, device, case):
     with pytest.raises(ValueError, match=match):
         flash_attn_with_kvcache(q.to(device), ck.to(device), cv.to(device), **{
             n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()})
+
+
+# ------------------------------------------------------------------------------------------------
+# HuggingFace: packed sequences run as varlen, sliding windows in the kernel
+# ------------------------------------------------------------------------------------------------
+def test_hf_attention_uses_flash(backend, device, monkeypatch):
+    hf = pytest.importorskip("fasttx.integrations.huggingface")
+    import fasttx.flash as X
+
+    calls = []
+    for name in ("flash_attn_varlen_func", "flash_attn_func"):
+        real = getattr(X, name)
+        monkeypatch.setattr(X, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+    module = torch.nn.Module()
+    module.is_causal = True
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 4, 9, 16, generator=g).to(device) for _ in range(3))  # (B=1, H, L, E)
+    k, v = k[:, :2], v[:, :2]  # GQA
+    # position_ids restarting at 0: sequences [0, 5) and [5, 9), each causal within itself
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]], device=device)
+    out, _ = hf.fasttx_attention_forward(module, q, k, v, None, position_ids=pos)
+    for sl in (slice(0, 5), slice(5, 9)):
+        ref = R.flash_attention(*(t[:, :, sl].transpose(1, 2).double() for t in (q, k, v)), causal=True)[0]
+        torch.testing.assert_close(out[:, sl].double(), ref, atol=1e-5, rtol=1e-5)
+    # sliding window 3 without a mask: i - 3 < j <= i
+    out, _ = hf.fasttx_attention_forward(module, q, k, v, None, sliding_window=3)
+    ref = R.flash_attention(*(t.transpose(1, 2).double() for t in (q, k, v)), causal=True, window_size=(2, 0))[0]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    assert calls == ["flash_attn_varlen_func", "flash_attn_func"]
