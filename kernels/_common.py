@@ -79,3 +79,13 @@ def elementwise_config(M: int, N: int, max_row_programs: int = MAX_ROW_PROGRAMS)
     row_programs = triton.cdiv(M, rows_per_prog)
     grid = (triton.cdiv(N, block_n), row_programs)
     return block_m, block_n, rows_per_prog, grid
+
+
+def seed_tensor(seed, device) -> torch.Tensor:
+    """The (1,) int64 device tensor a dropout kernel reads its Philox seed from: `seed` itself
+    when it is one (the ops pass a seed drawn on the device, which a captured CUDA graph redraws
+    on every replay), else a Python int copied there (tests, direct launcher calls)."""
+    if isinstance(seed, torch.Tensor):
+        assert seed.dtype == torch.int64 and seed.numel() == 1 and seed.device == device, seed
+        return seed.reshape(1)
+    return torch.tensor([seed], dtype=torch.int64, device=device)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ._math import dropout_keep
-from ._common import acc_dtype, as_rows, elementwise_config
+from ._common import acc_dtype, as_rows, elementwise_config, seed_tensor
 
 @triton.jit
 def _dropout_kernel(
@@ -51,16 +51,6 @@ def _dropout_kernel(
             tl.store(MASK + idx, keep, mask=mask)
 
 
-def seed_tensor(seed, device) -> torch.Tensor:
-    """The (1,) int64 device tensor the kernels read their Philox seed from: `seed` itself when
-    it is one (the ops pass a seed drawn on the device, which a captured CUDA graph redraws on
-    every replay), else a Python int copied there (tests, direct launcher calls)."""
-    if isinstance(seed, torch.Tensor):
-        assert seed.dtype == torch.int64 and seed.numel() == 1 and seed.device == device, seed
-        return seed.reshape(1)
-    return torch.tensor([seed], dtype=torch.int64, device=device)
-
-
 def _apply(x: torch.Tensor, p: float, seed, return_mask: bool):
     assert 0.0 <= p <= 1.0, p  # checked at the public entry (fasttx.functional)
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -84,7 +74,7 @@ def _apply(x: torch.Tensor, p: float, seed, return_mask: bool):
 
 def dropout_forward(x: torch.Tensor, p: float, seed, return_mask: bool = False):
     """y = x * keep / (1 - p) for x (*), keep from (seed, element index); seed an int or a (1,)
-    int64 tensor on x's device (see seed_tensor). Returns y (contiguous,
+    int64 tensor on x's device (kernels/_common.py: seed_tensor). Returns y (contiguous,
     x's dtype), or (y, keep) with keep a bool tensor like x when return_mask=True (a test hook:
     replay it through fasttx.reference.dropout(keep_mask=...))."""
     y, mask = _apply(x, p, seed, return_mask)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import as_rows, num_sms, row_config, stat_dtype
+from ._common import as_rows, num_sms, row_config, seed_tensor, stat_dtype
 from ._math import dropout_keep
 
 # Largest hidden size (N = prod(normalized_shape)) the launchers accept: the largest size the tests
@@ -118,7 +118,7 @@ def _layer_norm_fwd_kernel(
     stride_y, stride_h,        # row strides of Y and H
     M, N,                      # rows, row length
     eps,                       # added to the variance
-    seed, p, scale,            # dropout
+    SEED, p, scale,            # dropout: (1,) int64 Philox seed read on the device, p, 1/(1-p)
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr,
     STORE_MASK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     IS_RMS_NORM: tl.constexpr,    # rstd = 1/sqrt(mean(h^2) + eps), xhat = h * rstd (no mean)
@@ -132,6 +132,10 @@ def _layer_norm_fwd_kernel(
     # taken from centred values, mean((h - mean)^2), never E[h^2] - E[h]^2, so a large common
     # offset (h ~ 1000 + noise) loses no accuracy. RMSNorm's mean(h^2) has no such cancellation.
     ACC: tl.constexpr = Rstd.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)  # on the device: a CUDA graph replay's new draw takes effect
+    else:
+        seed = 0
     H_DTYPE: tl.constexpr = H.dtype.element_ty
     # int64 rows: row * stride can exceed 2^31
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -237,7 +241,7 @@ def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtyp
             mean if mean is not None else rstd, rstd,
             x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0),
             rows, N, eps,
-            seed, p, 0.0 if p >= 1.0 else 1.0 / (1.0 - p),
+            seed_tensor(seed, x.device) if p > 0.0 else rstd, p, 0.0 if p >= 1.0 else 1.0 / (1.0 - p),
             HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0, STORE_H=store_h,
             STORE_MASK=keep is not None, HAS_WEIGHT=weight is not None,
             HAS_BIAS=bias is not None, IS_RMS_NORM=rms,
@@ -257,7 +261,7 @@ def layer_norm_forward(
     eps: float,
     residual: Optional[torch.Tensor] = None,
     p: float = 0.0,
-    seed: int = 0,
+    seed=0,
     store_h: bool = False,
     return_mask: bool = False,
 ):
@@ -367,7 +371,7 @@ def _layer_norm_bwd_kernel(
     Mean, Rstd,                # saved statistics (M,); Mean unused for RMSNorm
     stride_x, stride_dy, stride_dho, stride_dx, stride_dh,  # row strides, unit column stride
     M, N, rows_per_program,
-    seed, p, scale,            # dropout, as in the forward
+    SEED, p, scale,            # dropout, as in the forward
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_DH_OUT: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, STORE_DH: tl.constexpr,
     IS_RMS_NORM: tl.constexpr, WEIGHT_PLUS_ONE: tl.constexpr,
@@ -375,6 +379,10 @@ def _layer_norm_bwd_kernel(
 ):
     # Each program owns rows [row_start, row_end) and walks them BLOCK_M at a time.
     ACC: tl.constexpr = Rstd.dtype.element_ty
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)  # on the device: a CUDA graph replay's new draw takes effect
+    else:
+        seed = 0
     pid = tl.program_id(0).to(tl.int64)  # int64 rows: row * stride can exceed 2^31
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -481,7 +489,7 @@ def _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_
             mean if mean is not None else rstd, rstd,
             h2.stride(0), dy2.stride(0), dho2.stride(0), dx2.stride(0), dh2.stride(0),
             rows, N, rows_per_program,
-            seed, p, 0.0 if p >= 1.0 else 1.0 / (1.0 - p),
+            seed_tensor(seed, h.device) if p > 0.0 else rstd, p, 0.0 if p >= 1.0 else 1.0 / (1.0 - p),
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
             HAS_DH_OUT=dh_out is not None, HAS_DROPOUT=p > 0.0, STORE_DH=store_dh,
             IS_RMS_NORM=rms, WEIGHT_PLUS_ONE=cast == "gemma",
@@ -503,7 +511,7 @@ def layer_norm_backward(
     rstd: torch.Tensor,
     dh_out: Optional[torch.Tensor] = None,
     p: float = 0.0,
-    seed: int = 0,
+    seed=0,
     store_dh: bool = False,
     dx_dtype: Optional[torch.dtype] = None,
 ):

@@ -7,7 +7,8 @@ Three `torch.library` custom ops, each with a fake (shape) implementation, so th
         -> (y, h, mean, rstd, seed)
     fasttx::layer_norm_backward(...) -> (d_input, d_residual, d_weight, d_bias)  (both forwards' backward)
 N = prod(normalized_shape); mean/rstd (rows,) fp32 are saved for the backward; `seed` is the
-dropout's Philox seed (int64 CPU scalar tensor), drawn inside the op and saved so the backward
+dropout's Philox seed ((1,) int64 on the input's device, (0,) without dropout), drawn inside the
+op and saved so the backward
 regenerates the mask instead of storing it.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from fasttx.kernels import layer_norm as K
 
-from ._common import draw_philox_seed
+from ._common import draw_seed
 
 _LOW = (torch.float16, torch.bfloat16)
 
@@ -145,10 +146,11 @@ def _dropout_add_layer_norm_fwd(
     input: Tensor, residual: Optional[Tensor], N: int, weight: Optional[Tensor],
     bias: Optional[Tensor], eps: float, p: float,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    # The seed is drawn here, inside the op, so torch.compile traces no .item().
-    seed = draw_philox_seed() if p > 0.0 else 0
+    # The seed is drawn here, inside the op (torch.compile traces no .item()), on the input's
+    # device: the kernel reads it there, so a CUDA graph replay draws a new mask. (0,) when p == 0.
+    seed = draw_seed(input.device) if p > 0.0 else input.new_empty((0,), dtype=torch.int64)
     y, h, mean, rstd = K.layer_norm_forward(input, N, weight, bias, eps, residual, p, seed, store_h=True)
-    return y, h, mean, rstd, torch.tensor(seed, dtype=torch.int64)
+    return y, h, mean, rstd, seed
 
 
 @_dropout_add_layer_norm_fwd.register_fake
@@ -156,7 +158,7 @@ def _(input, residual, N, weight, bias, eps, p):
     dtype = input.dtype if residual is None else torch.result_type(input, residual)
     stats = input.new_empty(_rows(input, N), dtype=_stat_dtype(dtype))
     y = input.new_empty(input.shape, dtype=dtype)
-    seed = torch.empty((), dtype=torch.int64, device="cpu")
+    seed = input.new_empty((1,) if p > 0.0 else (0,), dtype=torch.int64)
     return y, torch.empty_like(y), stats, torch.empty_like(stats), seed
 
 
@@ -237,7 +239,7 @@ def _layer_norm_bwd(
     """(d_input, d_residual, d_weight, d_bias); absent ones as empty tensors."""
     dx, dh, dw, db = K.layer_norm_backward(
         dy, h, N, weight, bias, mean, rstd, dh_out, p,
-        int(seed.item()) if seed is not None else 0, store_dh, dx_dtype,
+        seed if seed is not None and p > 0.0 else 0, store_dh, dx_dtype,
     )
     return (
         dx,
