@@ -1,11 +1,25 @@
 """fasttx.flash: drop-ins for flash-attn 2's attention functions, on fasttx's Triton kernels, with
 a plain torch path everywhere else (CPU, the "torch" backend).
 
-Shipped: `flash_attn_func` (forward and backward). Semantics are flash-attn's, not SDPA's:
-q (B, Lq, H, D), k/v (B, Lk, Hk, D) with H % Hk == 0 (GQA/MQA without copies on the Triton path);
-causal is aligned to the bottom-right corner (query i sees keys j <= i + Lk - Lq), a row that sees
-no key gives zeros. The Triton path covers causal/non-causal attention with dropout; the sliding
-window, softcap and ALiBi run the torch path (with one warning) until the kernels carry them.
+Shipped: `flash_attn_func` and `flash_attn_varlen_func` (forward and backward) and
+`flash_attn_with_kvcache` (inference). Semantics are flash-attn's, not SDPA's: q (B, Lq, H, D),
+k/v (B, Lk, Hk, D) with H % Hk == 0 (GQA/MQA without copies on the Triton path); causal is aligned
+to the bottom-right corner (query i sees keys j <= i + Lk - Lq), a row that sees no key gives
+zeros. The sliding window, softcap, ALiBi, packed sequences (cu_seqlens), per-batch cache lengths
+and paged caches are features of the attention kernels themselves (constexpr flags, key blocks
+outside the window or the sequence skipped; nothing materialised).
+
+Left out of or different from flash-attn, and why:
+- return_attn_probs returns S_dmask = None: the fused kernels never materialise probabilities.
+- num_splits is a hint only: the decode path sizes its split from the SM count itself.
+- deterministic is accepted and always true (no atomics in the backward).
+- a paged cache is forward only (varlen with block_table, and the kv-cache); together with
+  cache_leftpad or cache_batch_idx it is refused (flash-attn refuses leftpad with paging too).
+- ALiBi slopes get no gradient (as in flash-attn).
+- wider than flash-attn: fp32 inputs, any page size (flash-attn: multiples of 256), any rotary dim
+  <= head dim (flash-attn: multiples of 16).
+- cu_seqlens / cache_seqlens are validated on the host (one sync per call) so that bad input
+  raises a clear ValueError instead of reading out of bounds in a kernel.
 """
 from __future__ import annotations
 
@@ -16,30 +30,36 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import use_triton, warn_fallback
+from ._backend import use_triton
 
-__all__ = ["flash_attn_func"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
-def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes) -> None:
-    name = "flash_attn_func"
+def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, name="flash_attn_func", batch=None) -> None:
+    rank, dims = (3, "(total, heads, headdim)") if batch is not None else (4, "(batch, seqlen, heads, headdim)")
     for arg, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: {arg} must be a 4-D tensor (batch, seqlen, heads, headdim), got "
+        if not isinstance(t, Tensor) or t.dim() != rank:
+            raise ValueError(f"{name}: {arg} must be a {rank}-D tensor {dims}, got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
         raise ValueError(f"{name}: q, k, v must share one dtype among float16, bfloat16, float32; got "
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    B, Lq, H, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"{name}: k and v must be (batch, seqlen_k, heads_k, headdim) = (B, Lk, Hk, {D}) "
-                         f"like each other, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    Hk = k.shape[2]
+    if batch is None:
+        B, Lq, H, D = q.shape
+        if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+            raise ValueError(f"{name}: k and v must be (batch, seqlen_k, heads_k, headdim) = (B, Lk, Hk, {D}) "
+                             f"like each other, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    else:
+        B, H, D = batch, q.shape[-2], q.shape[-1]
+        if k.shape != v.shape or k.shape[-1] != D:
+            raise ValueError(f"{name}: k and v must have one shape (..., heads_k, {D}), got q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    Hk = k.shape[-2]
     if Hk == 0 or H % Hk:
         raise ValueError(f"{name}: the number of query heads must be divisible by the number of key/value "
                          f"heads, got {H} and {Hk}")
@@ -89,6 +109,21 @@ def _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_s
     return out, lse.detach().float()
 
 
+def _window(causal, window_size):
+    left, right = (int(w) for w in window_size)
+    return left, (0 if causal else right)
+
+
+def _heads_view(t):
+    """(B, L, H, D) or (total, H, D) -> the kernels' (B, H, L, D) / (1, H, total, D) view, unit last stride."""
+    t = t.transpose(1, 2) if t.dim() == 4 else t.transpose(0, 1).unsqueeze(0)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _wants_fp32_out(*ts):
+    return ts[0].dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
 def flash_attn_func(
     q: Tensor,
     k: Tensor,
@@ -117,30 +152,290 @@ def flash_attn_func(
     materialise the probabilities; flash-attn returns them only for testing).
     """
     _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes)
-    D, Lq, Lk = q.shape[-1], q.shape[1], k.shape[1]
+    D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    window_size = tuple(window_size)
-    out = lse = None
+    left, right = _window(causal, window_size)
     if use_triton(q, k, v, alibi_slopes):
-        reason = None
-        if window_size != (-1, -1) and not (causal and window_size[0] == -1):
-            reason = "a sliding window is not in the kernel yet"
-        elif softcap > 0.0:
-            reason = "softcap is not in the kernel yet"
-        elif alibi_slopes is not None:
-            reason = "ALiBi is not in the kernel yet"
-        if reason is None:
-            from .ops import attention as op
+        from .ops import attention as op
 
-            qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, D) views, unit last stride
-            if any(t.stride(-1) != 1 for t in (qh, kh, vh)):
-                qh, kh, vh = (t.contiguous() for t in (qh, kh, vh))
-            fp32_out = (q.dtype != torch.float32 and torch.is_grad_enabled()
-                        and (q.requires_grad or k.requires_grad or v.requires_grad))
-            res = op._sdpa_fwd(qh, kh, vh, None, float(dropout_p), bool(causal), scale, bool(fp32_out), Lk - Lq)
-            out, lse = res[0].transpose(1, 2).contiguous(), res[1].detach()  # (B, Lq, H, D), (B, H, Lq)
-        else:
-            warn_fallback("flash_attn_func", reason)
-    if out is None:
+        res = op._flash_fwd(_heads_view(q), _heads_view(k), _heads_view(v), None, None, None, alibi_slopes,
+                            float(dropout_p), scale, bool(causal), left, right, float(softcap), 0, 0,
+                            _wants_fp32_out(q, k, v))
+        out, lse = res[0].transpose(1, 2).contiguous(), res[1].detach()  # (B, Lq, H, D), (B, H, Lq)
+    else:
         out, lse = _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
+
+
+def _check_cu(name, arg, cu, total, batch=None):
+    if not isinstance(cu, Tensor) or cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name}: {arg} must be a 1-D int32 tensor (batch + 1,), got "
+                         f"{(cu.dtype, tuple(cu.shape)) if isinstance(cu, Tensor) else type(cu).__name__}")
+    if batch is not None and cu.numel() != batch + 1:
+        raise ValueError(f"{name}: {arg} must have batch + 1 = {batch + 1} entries, got {cu.numel()}")
+    c = cu.cpu()
+    if int(c[0]) != 0 or bool((c[1:] < c[:-1]).any()) or int(c[-1]) != total:
+        raise ValueError(f"{name}: {arg} must start at 0, never decrease and end at the packed length {total}, "
+                         f"got {c.tolist()}")
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Optional[Tensor] = None,
+):
+    """flash_attn.flash_attn_varlen_func: packed sequences, each attending only within itself.
+
+    q (total_q, H, D), k and v (total_k, Hk, D) (or, with block_table (B, pages) int32, a paged
+    cache (num_pages, page_size, Hk, D): sequence b's key j at page block_table[b, j // page_size];
+    forward only), cu_seqlens_q/k int32 (B + 1,) cumulative lengths (sequence b owns rows
+    [cu[b], cu[b+1])), max_seqlen_q/k their longest lengths -> out (total_q, H, D). Every option as
+    in flash_attn_func, applied per sequence (causal and the window bottom-right aligned to each
+    sequence's own lengths); empty sequences and length-1 ones are fine. return_attn_probs:
+    (out, softmax_lse (H, total_q), None)."""
+    name = "flash_attn_varlen_func"
+    if not isinstance(cu_seqlens_k, Tensor):
+        _check_cu(name, "cu_seqlens_k", cu_seqlens_k, 0)
+    B = cu_seqlens_k.numel() - 1
+    _check(q, k if block_table is None else k[0], v if block_table is None else v[0], dropout_p, window_size,
+           softcap, alibi_slopes, name=name, batch=B)
+    _check_cu(name, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    if block_table is not None:
+        if k.dim() != 4 or block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
+            raise ValueError(f"{name}: with block_table (B, pages) int32, k/v are (num_pages, page_size, Hk, D); got "
+                             f"block_table {block_table.dtype} {tuple(block_table.shape)}, k {tuple(k.shape)}")
+        cap = block_table.shape[1] * k.shape[1]
+        _check_cu(name, "cu_seqlens_k", cu_seqlens_k, int(cu_seqlens_k[-1]), batch=B)
+        if B and int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) > cap:
+            raise ValueError(f"{name}: a sequence is longer than its block_table holds ({cap} keys)")
+    else:
+        _check_cu(name, "cu_seqlens_k", cu_seqlens_k, k.shape[0], batch=B)
+    if cu_seqlens_q.numel() != B + 1:
+        raise ValueError(f"{name}: cu_seqlens_q and cu_seqlens_k must both have batch + 1 entries, got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    lens_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).cpu()
+    lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).cpu()
+    if B and (int(lens_q.max()) > max_seqlen_q or int(lens_k.max()) > max_seqlen_k):
+        raise ValueError(f"{name}: max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the longest "
+                         f"sequence ({int(lens_q.max())}, {int(lens_k.max())})")
+    D = q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+    left, right = _window(causal, window_size)
+    if use_triton(q, k, v, alibi_slopes):
+        from .ops import attention as op
+
+        cu_k = cu_seqlens_k.to(q.device)
+        k_start = torch.zeros_like(cu_k[:-1]) if block_table is not None else cu_k[:-1].contiguous()
+        k_len = (cu_k[1:] - cu_k[:-1]).contiguous()
+        if block_table is not None:
+            if q.requires_grad or k.requires_grad or v.requires_grad:
+                raise RuntimeError(f"{name}: a paged cache (block_table) is inference only (no backward)")
+            kv = [t.reshape(-1, *t.shape[2:]) for t in (k, v)]  # (pages * page_size, Hk, D) views
+            qh = _heads_view(q)
+            out, lse = op._flash_kvcache_fwd(
+                qh, _heads_view(kv[0]), _heads_view(kv[1]), cu_seqlens_q.to(q.device), k_start, k_len,
+                block_table.to(q.device), k.shape[1], alibi_slopes, scale, bool(causal), left, right, float(softcap),
+                int(max_seqlen_q), int(max_seqlen_k))
+        else:
+            res = op._flash_fwd(_heads_view(q), _heads_view(k), _heads_view(v), cu_seqlens_q.to(q.device), k_start,
+                                k_len, alibi_slopes, float(dropout_p), scale, bool(causal), left, right,
+                                float(softcap), int(max_seqlen_q), int(max_seqlen_k), _wants_fp32_out(q, k, v))
+            out, lse = res[0], res[1].detach()
+        out, lse = out[0].transpose(0, 1).contiguous(), lse[0]  # (total_q, H, D), (H, total_q)
+    else:
+        outs, lses = [], []
+        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+        for b in range(B):
+            if block_table is not None:
+                n = ck[b + 1] - ck[b]
+                pages = block_table[b, :_cdiv(n, k.shape[1])].long()
+                kb, vb = (t[pages].reshape(-1, *t.shape[2:])[:n] for t in (k, v))
+            else:
+                kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+            slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+            o, s = _torch_path(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], dropout_p, scale, causal, window_size,
+                               softcap, slopes)
+            outs.append(o[0])
+            lses.append(s[0])
+        H = q.shape[1]
+        out = torch.cat(outs) if outs else q.new_empty(q.shape)
+        lse = torch.cat(lses, dim=-1) if lses else q.new_empty((H, 0), dtype=torch.float32)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _rotary(x, cos, sin, pos, interleaved):
+    """flash-attn's rotary on the first rotary_dim = 2 * cos.shape[1] features of x (B, L, H, D) at
+    positions pos (B, L): pairs (2i, 2i+1) when interleaved (GPT-J), else (i, i + rotary_dim / 2)
+    (GPT-NeoX); fp32 math, cast back."""
+    rd = 2 * cos.shape[1]
+    c, s = cos.float()[pos][:, :, None], sin.float()[pos][:, :, None]  # (B, L, 1, rd / 2)
+    xr = x[..., :rd].float()
+    if interleaved:
+        x0, x1 = xr[..., 0::2], xr[..., 1::2]
+        rot = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
+    else:
+        x0, x1 = xr[..., :rd // 2], xr[..., rd // 2:]
+        rot = torch.cat((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)
+    return torch.cat((rot.to(x.dtype), x[..., rd:]), dim=-1)
+
+
+def _int_vec(name, arg, t, B, device):
+    if t is None:
+        return None
+    if isinstance(t, int):
+        return torch.full((B,), t, dtype=torch.int32, device=device)
+    if not isinstance(t, Tensor) or t.dtype != torch.int32 or t.shape != (B,):
+        raise ValueError(f"{name}: {arg} must be an int or an int32 tensor of shape ({B},), got "
+                         f"{(t.dtype, tuple(t.shape)) if isinstance(t, Tensor) else type(t).__name__}")
+    return t.to(device)
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    cache_seqlens=None,
+    cache_batch_idx: Optional[Tensor] = None,
+    cache_leftpad: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+):
+    """flash_attn.flash_attn_with_kvcache (inference: no autograd).
+
+    q (B, Lq, H, D); k_cache, v_cache (B_cache, S_cache, Hk, D), or with block_table (B, pages) int32
+    a paged cache (num_pages, page_size, Hk, D) (any page size); k, v (B, Lnew, Hk, D) optional: written
+    into the cache in place at positions cache_seqlens[b] + [0, Lnew) before attending. cache_seqlens
+    int or (B,) int32: filled length of each cache row (None: the whole cache). cache_batch_idx (B,)
+    int32: cache row of each batch entry (default arange). cache_leftpad (B,) int32: the cache row's
+    keys start there (not with a paged cache). Batch b attends to keys [leftpad_b, cache_seqlens_b +
+    Lnew) with causal / window bottom-right aligned to that length. rotary_cos/sin (seqlen_ro,
+    rotary_dim / 2), with k given: k rotated at positions cache_seqlens - leftpad + [0, Lnew), q at
+    the same positions + [0, Lq) when causal or windowed, else all at cache_seqlens - leftpad;
+    rotary_interleaved as flash-attn (True: pairs (0, 1), (2, 3), ...). num_splits: a hint, ignored
+    (the kernel sizes its flash-decoding split itself). Returns out (B, Lq, H, D), and
+    softmax_lse (B, H, Lq) fp32 when return_softmax_lse."""
+    name = "flash_attn_with_kvcache"
+    paged = block_table is not None
+    if not isinstance(q, Tensor) or q.dim() != 4:
+        raise ValueError(f"{name}: q must be a 4-D tensor (batch, seqlen, heads, headdim)")
+    B, Lq, H, D = q.shape
+    for arg, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor) or t.dim() != 4:
+            raise ValueError(f"{name}: {arg} must be a 4-D tensor")
+    if (k is None) != (v is None):
+        raise ValueError(f"{name}: k and v must be given together")
+    if paged and (block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B):
+        raise ValueError(f"{name}: block_table must be an int32 tensor (batch={B}, pages), got "
+                         f"{block_table.dtype} {tuple(block_table.shape)}")
+    if paged and cache_leftpad is not None:
+        raise ValueError(f"{name}: cache_leftpad is not supported with a paged cache (block_table), as in flash-attn")
+    if paged and cache_batch_idx is not None:
+        raise ValueError(f"{name}: cache_batch_idx is not supported with a paged cache (block_table)")
+    kb_probe = k_cache[:1].expand(B, *k_cache.shape[1:])  # shape-only stand-in for the checks
+    _check(q, kb_probe, v_cache[:1].expand(B, *v_cache.shape[1:]), 0.0, window_size, softcap, alibi_slopes, name=name)
+    Hk = k_cache.shape[2]
+    S_c = k_cache.shape[1]
+    cap = block_table.shape[1] * S_c if paged else S_c
+    dev = q.device
+    seqlens = _int_vec(name, "cache_seqlens", cache_seqlens, B, dev)
+    if seqlens is None:
+        seqlens = torch.full((B,), cap if k is None else cap - k.shape[1], dtype=torch.int32, device=dev)
+    leftpad = _int_vec(name, "cache_leftpad", cache_leftpad, B, dev)
+    if leftpad is None:
+        leftpad = torch.zeros_like(seqlens)
+    rows = _int_vec(name, "cache_batch_idx", cache_batch_idx, B, dev)
+    if rows is None:
+        rows = torch.arange(B, dtype=torch.int32, device=dev)
+    elif not paged and bool(((rows < 0) | (rows >= k_cache.shape[0])).any()):
+        raise ValueError(f"{name}: cache_batch_idx must index the cache's {k_cache.shape[0]} rows")
+    Lnew = 0
+    if k is not None:
+        if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (Hk, D):
+            raise ValueError(f"{name}: k and v must be (batch={B}, seqlen_new, heads_k={Hk}, headdim={D}), got "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        if k.dtype != q.dtype:
+            raise ValueError(f"{name}: k and v must have q's dtype {q.dtype}, got {k.dtype}")
+        Lnew = k.shape[1]
+    total = seqlens.long() + Lnew  # (B,) keys after the append
+    if bool((total > cap).any()) or bool((leftpad.long() > seqlens.long()).any()) or bool((seqlens < 0).any()):
+        raise ValueError(f"{name}: cache_seqlens + seqlen_new must fit the cache ({cap} keys) and "
+                         f"0 <= cache_leftpad <= cache_seqlens; got cache_seqlens {seqlens.tolist()}, "
+                         f"seqlen_new {Lnew}, cache_leftpad {leftpad.tolist()}")
+    with torch.no_grad():
+        if k is not None:
+            if rotary_cos is not None:
+                if rotary_sin is None or rotary_cos.shape != rotary_sin.shape or 2 * rotary_cos.shape[1] > D:
+                    raise ValueError(f"{name}: rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) "
+                                     f"with rotary_dim <= headdim {D}")
+                pos0 = (seqlens - leftpad).long()[:, None]  # (B, 1)
+                if int((pos0 + max(Lnew, Lq)).max()) > rotary_cos.shape[0]:
+                    raise ValueError(f"{name}: rotary_cos/sin have {rotary_cos.shape[0]} positions, too few")
+                k = _rotary(k, rotary_cos, rotary_sin, pos0 + torch.arange(Lnew, device=dev), rotary_interleaved)
+                local = causal or tuple(window_size) != (-1, -1)
+                qpos = pos0 + (torch.arange(Lq, device=dev) if local else torch.zeros(Lq, dtype=torch.long, device=dev))
+                q = _rotary(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
+            pos = seqlens.long()[:, None] + torch.arange(Lnew, device=dev)  # (B, Lnew) cache positions
+            if paged:
+                page = block_table.long().gather(1, pos // S_c)
+                k_cache[page, pos % S_c] = k
+                v_cache[page, pos % S_c] = v
+            else:
+                k_cache[rows.long()[:, None], pos] = k
+                v_cache[rows.long()[:, None], pos] = v
+        scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
+        left, right = _window(causal, window_size)
+        k_len = (total - leftpad.long()).to(torch.int32)
+        if use_triton(q, k_cache, v_cache, alibi_slopes):
+            from .ops import attention as op
+
+            k_start = (torch.zeros_like(rows) if paged else rows * S_c + leftpad).to(torch.int32)
+            kv = [_heads_view(t.reshape(-1, Hk, D)) for t in (k_cache, v_cache)]  # (1, Hk, rows, D) views
+            out, lse = op._flash_kvcache_fwd(
+                _heads_view(q), kv[0], kv[1], None, k_start.contiguous(), k_len.contiguous(),
+                block_table.contiguous() if paged else None, S_c, alibi_slopes, scale, bool(causal), left, right,
+                float(softcap), Lq, max(int(k_len.max()) if B else 0, 1))
+            out = out.transpose(1, 2).contiguous()  # (B, Lq, H, D)
+        else:
+            outs, lses = [], []
+            for b in range(B):
+                lo, hi = int(leftpad[b]), int(total[b])
+                if paged:
+                    pages = block_table[b, :_cdiv(hi, S_c)].long()
+                    kb, vb = (t[pages].reshape(-1, Hk, D)[lo:hi] for t in (k_cache, v_cache))
+                else:
+                    kb, vb = (t[int(rows[b]), lo:hi] for t in (k_cache, v_cache))
+                slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+                o, s = _torch_path(q[b:b + 1], kb[None], vb[None], 0.0, scale, causal, window_size, softcap, slopes)
+                outs.append(o)
+                lses.append(s)
+            out = torch.cat(outs) if outs else q.new_empty(q.shape)
+            lse = torch.cat(lses) if lses else q.new_empty((0, H, Lq), dtype=torch.float32)
+    return (out, lse) if return_softmax_lse else out

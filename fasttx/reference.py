@@ -215,7 +215,8 @@ def flash_attention(
     Returns (out (B, Lq, H, D), lse (B, H, Lq)).
 
     Query i and key j are aligned at the bottom-right corner: with d = i + Lk - Lq - j, key j is
-    visible when d <= left (if left >= 0) and -d <= right (if right >= 0); causal sets right = 0. Scores: s = scale q.k, then softcap * tanh(s / softcap)
+    visible when d <= left (if left >= 0) and -d <= right (if right >= 0); causal sets right = 0.
+    Scores: s = scale q.k, then softcap * tanh(s / softcap)
     if softcap > 0, then - slope_h |d| with ALiBi slopes (H,) or (B, H). A row without a visible key
     gives zeros (and lse -inf). dropout_mask (B, H, Lq, Lk) bool replays a keep-mask."""
     q, k, v = _up(q, upcast), _up(k, upcast), _up(v, upcast)

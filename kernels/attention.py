@@ -26,13 +26,14 @@ int64 index b*H*L*S + h*L*S + i*S + j of the (B, H, L, S) probability matrix; th
 regenerates it from the same seed; it is never stored. `dropout_mask` materialises it for tests.
 """
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import INTERPRETING, num_sms
-from ._math import dropout_keep
+from ._math import dropout_keep, tanh
 
 # ------------------------------------------------------------------------------------------------
 # Configuration. (BLOCK_M, BLOCK_N, num_warps, num_stages); autotuned per (head-dim block, causal,
@@ -130,7 +131,8 @@ def _prune_bwd(configs, named_args, **kwargs):
     return _fixed(kept) or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
 
-_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "L_BUCKET", "S_BUCKET"]
+_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "WINDOW", "SOFTCAP", "ALIBI", "VARLEN_Q", "VARLEN_K",
+        "PAGED", "L_BUCKET", "S_BUCKET"]
 
 
 @triton.jit
@@ -143,6 +145,38 @@ def _block_and_head(n_rows, BLOCK: tl.constexpr):
     return pid % n_blocks, pid // n_blocks
 
 
+@triton.jit
+def _sequence(CuQ, KStart, KLen, b, L, S, VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr):
+    """(q0, Lb, k0, Sb): first query row and query count, first key row and key count of sequence b.
+    VARLEN_Q: queries packed, sequence b owns rows [CuQ[b], CuQ[b+1]); else every sequence has L.
+    VARLEN_K: sequence b's keys are rows [KStart[b], KStart[b] + KLen[b]) (packed keys, or a kv-cache
+    with per-batch lengths); else keys [0, S) of batch b."""
+    if VARLEN_Q:
+        q0 = tl.load(CuQ + b).to(tl.int64)
+        Lb = (tl.load(CuQ + b + 1) - tl.load(CuQ + b)).to(tl.int32)
+    else:
+        q0 = 0
+        Lb = L
+    if VARLEN_K:
+        k0 = tl.load(KStart + b).to(tl.int64)
+        Sb = tl.load(KLen + b).to(tl.int32)
+    else:
+        k0 = 0
+        Sb = S
+    return q0, Lb, k0, Sb
+
+
+@triton.jit
+def _kv_rows(offs_n, k_end, bt_base, page_size, PAGED: tl.constexpr):
+    """int64 row of each key in its K/V view: the key itself, or through the page table (key j of a
+    paged cache lives in page bt[j // page_size] at row j % page_size; any page size)."""
+    if PAGED:
+        page = tl.load(bt_base + offs_n // page_size, mask=offs_n < k_end, other=0).to(tl.int64)
+        return page * page_size + (offs_n % page_size).to(tl.int64)
+    else:
+        return offs_n.to(tl.int64)
+
+
 # ------------------------------------------------------------------------------------------------
 # The scores of one tile, shared by the forward and both backward kernels
 # ------------------------------------------------------------------------------------------------
@@ -152,15 +186,28 @@ def _scores(
     qi, kj,                              # query / key index of each element, broadcastable to qk
     L, k_end,                            # queries < L and keys < k_end exist
     mask_base, stride_mm, stride_mn,     # the (L, S) mask of this (batch, head)
-    scale, causal_off,                   # causal: query i sees keys j <= i + causal_off
-    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr,
+    scale, causal_off, left_off,         # right bound: j <= i + causal_off; left bound: j >= i + left_off
+    alibi_off, slope, softcap,           # ALiBi: - slope |i + alibi_off - j|; softcap > 0
+    HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
-    """scale * q.k + bias with -inf wherever query qi may not see key kj. The tile may be in either
-    orientation: (queries, keys) with qi = offs_m[:, None], kj = offs_n[None, :], or transposed
-    (keys, queries, as the dK/dV kernel works) with qi = offs_m[None, :], kj = offs_n[:, None].
-    CAUSAL applies the diagonal (j <= i + causal_off: 0 is SDPA's top-left alignment, S - L
-    flash-attn's bottom-right); callers pass it only for blocks that cross it."""
+    """(s, t): s = the tile's scores, -inf wherever query qi may not see key kj; t = tanh of the
+    capped score (SOFTCAP; the backward's chain factor 1 - t^2), else s again (unused).
+
+    s = scale q.k, then softcap * tanh(s / softcap) (SOFTCAP), then - slope |i + alibi_off - j|
+    (ALIBI), then + the float mask. The tile may be in either orientation: (queries, keys) with
+    qi = offs_m[:, None], kj = offs_n[None, :], or transposed (keys, queries, as the dK/dV kernel
+    works) with qi = offs_m[None, :], kj = offs_n[:, None]. CAUSAL applies the right bound
+    (j <= i + causal_off: 0 is SDPA's top-left alignment, S - L flash-attn's bottom-right, plus a
+    window's right size); callers pass it only for blocks that cross it. WINDOW applies the left
+    bound j >= i + left_off on every block."""
     s = qk * scale
+    t = s
+    if SOFTCAP:
+        t = tanh(s / softcap)
+        s = softcap * t
+    if ALIBI:
+        s = s - slope * tl.abs(qi + alibi_off - kj).to(tl.float32)
     valid = (qi < L) & (kj < k_end)
     if HAS_MASK:
         bias = tl.load(mask_base + qi.to(tl.int64) * stride_mm + kj.to(tl.int64) * stride_mn, mask=valid, other=0)
@@ -170,7 +217,26 @@ def _scores(
             s = s + bias.to(tl.float32)
     if CAUSAL:
         valid = valid & (kj <= qi + causal_off)
-    return tl.where(valid, s, float("-inf"))
+    if WINDOW:
+        valid = valid & (kj >= qi + left_off)
+    return tl.where(valid, s, float("-inf")), t
+
+
+@triton.jit
+def _key_range(m0, lo, hi, causal_off, left_off, IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, mid, hi) for query rows [m0, m0 + BLOCK_M) within keys [lo, hi) (lo a multiple of
+    BLOCK_N): blocks before the window's left edge are skipped (lo rounded down to a block), none
+    past the last row's right bound are visited, and [lo, mid) lie wholly at or below the right
+    bound (n0 + BLOCK_N - 1 <= m0 + causal_off) and need no right-bound mask. Offsets are clamped
+    at 0 before the integer divisions (negative ones would round towards zero)."""
+    if WINDOW:
+        lo = tl.maximum(lo, (tl.maximum(m0 + left_off, 0) // BLOCK_N) * BLOCK_N)
+    mid = hi
+    if IS_CAUSAL:
+        hi = tl.maximum(lo, tl.minimum(hi, m0 + BLOCK_M + causal_off))
+        mid = tl.maximum(lo, tl.minimum(hi, (tl.maximum(m0 + 1 + causal_off, 0) // BLOCK_N) * BLOCK_N))
+    return lo, mid, hi
 
 
 # ------------------------------------------------------------------------------------------------
@@ -182,11 +248,13 @@ def _fwd_block_loop(
     q, offs_m, offs_d,                   # this block's query tile, its rows, the head-dim columns
     lo, hi, k_end,                       # key blocks [lo, hi) (lo a multiple of BLOCK_N); keys < k_end exist
     k_base, v_base, stride_kn, stride_vn,
+    bt_base, page_size,                  # PAGED: this sequence's page-table row, keys per page
     mask_base, stride_mm, stride_mn,
-    L, E, scale, causal_off,
+    L, E, scale, causal_off, left_off, alibi_off, slope, softcap,
     drop_row, drop_p, drop_scale, seed,  # drop_row: (BLOCK_M,) int64 dropout index of (i, j=0)
     DIAG: tl.constexpr,                  # these blocks cross the causal diagonal
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Online softmax: with m the running max and l = sum exp(s - m), a new block with max m' gives
@@ -197,14 +265,15 @@ def _fwd_block_loop(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n < k_end)[:, None] & d_ok[None, :]
-        kv_off = offs_n[:, None].to(tl.int64)
+        kv_off = _kv_rows(offs_n, k_end, bt_base, page_size, PAGED)[:, None]
         k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
         v = tl.load(v_base + kv_off * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
-                    L, k_end, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
+        s, _t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+                        L, k_end, mask_base, stride_mm, stride_mn, scale, causal_off, left_off, alibi_off, slope,
+                        softcap, HAS_MASK, MASK_BOOL, DIAG, WINDOW, SOFTCAP, ALIBI)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
@@ -224,17 +293,23 @@ def _attn_fwd(
     Q, K, V, Mask,                       # inputs (see the module docstring for layouts)
     Out, Lse, Out32,                     # (B, H, L, E) input dtype, (B, H, L) fp32, (B, H, L, E) fp32 if STORE_O32
     PartAcc, PartM, PartL,               # SPLIT: (B*H, n_splits, L, E), (B*H, n_splits, L) x2, fp32
+    CuQ, KStart, KLen, BlockTable, Alibi,  # VARLEN_Q / VARLEN_K / PAGED / ALIBI inputs (module docstring)
     stride_qb, stride_qh, stride_qm,     # element strides (the last dim has stride 1)
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
-    H, GROUPS, L, S, E,                  # query heads, query heads per kv head, sizes
+    stride_ab, stride_btb,               # ALiBi slopes' batch stride (0 for (H,)); page-table row stride
+    H, GROUPS, L, S, E,                  # query heads, query heads per kv head, sizes (max per sequence)
+    L_TOT,                               # rows of the q/out/lse views per head (L, or total_q when VARLEN_Q)
     scale, drop_p, drop_scale, seed,     # softmax scale; dropout p, 1/(1-p) (0 when p == 1), Philox seed
-    causal_off,                          # IS_CAUSAL: query i sees keys j <= i + causal_off
+    causal_off, left_off, alibi_off,     # right bound, left bound (WINDOW), ALiBi diagonal (+ Sb - Lb if VARLEN_K)
+    softcap, page_size,
     split_size, n_splits,                # SPLIT: keys per program (a multiple of BLOCK_N), programs per row
     L_BUCKET, S_BUCKET,                  # autotune key only
     BLOCK_D: tl.constexpr,               # head dim rounded up to a power of two (>= 16)
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
     SPLIT: tl.constexpr,                 # flash-decoding: write unnormalised partials per key split
     STORE_O32: tl.constexpr,             # also write the fp32 output (16-bit inputs, for the backward)
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,  # interpreter: fp32 dot operands; "ieee" for fp32
@@ -245,30 +320,38 @@ def _attn_fwd(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUPS  # the shared kv head (GQA/MQA)
+    q0, Lb, k0, Sb = _sequence(CuQ, KStart, KLen, b, L, S, VARLEN_Q, VARLEN_K)
+    if VARLEN_K:  # flash-attn's bottom-right alignment, per sequence
+        causal_off += Sb - Lb
+        left_off += Sb - Lb
+        alibi_off += Sb - Lb
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m < L)[:, None] & (offs_d < E)[None, :]
+    ok = (offs_m < Lb)[:, None] & (offs_d < E)[None, :]
+    if VARLEN_Q:
+        row0 = h * L_TOT + q0  # (1, H, total_q) layout
+    else:
+        row0 = (b * H + h) * L_TOT
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + h * stride_qh + (q0 + offs_m[:, None]).to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
 
-    # Keys [lo, hi) of this program; [lo, mid) lie wholly at or below the causal diagonal
-    # (n0 + BLOCK_N - 1 <= m0 + causal_off) and need no positional mask, [mid, hi) cross it (none
-    # past the block's last row's diagonal are visited). Clamped at 0 first: the integer division
-    # of a negative offset (L > S, bottom-right) would round towards zero.
     lo = 0
-    hi = S
+    hi = Sb
     if SPLIT:
         lo = pid_s * split_size
-        hi = tl.minimum(S, lo + split_size)
+        hi = tl.minimum(Sb, lo + split_size)
     k_end = hi
-    mid = hi
-    if IS_CAUSAL:
-        hi = tl.maximum(lo, tl.minimum(hi, m0 + BLOCK_M + causal_off))
-        mid = tl.maximum(lo, tl.minimum(hi, (tl.maximum(m0 + 1 + causal_off, 0) // BLOCK_N) * BLOCK_N))
+    lo, mid, hi = _key_range(m0, lo, hi, causal_off, left_off, IS_CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if VARLEN_Q:  # row blocks past this sequence's end visit no key
+        hi = tl.where(m0 < Lb, hi, lo)
+        mid = tl.minimum(mid, hi)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -276,32 +359,35 @@ def _attn_fwd(
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, offs_m, offs_d,
             lo=lo if diag == 0 else mid, hi=mid if diag == 0 else hi, k_end=k_end,
-            k_base=K + b * stride_kb + hk * stride_kh, v_base=V + b * stride_vb + hk * stride_vh,
+            k_base=K + b * stride_kb + hk * stride_kh + k0 * stride_kn,
+            v_base=V + b * stride_vb + hk * stride_vh + k0 * stride_vn,
             stride_kn=stride_kn, stride_vn=stride_vn,
+            bt_base=BlockTable + b * stride_btb, page_size=page_size,
             mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-            L=L, E=E, scale=scale, causal_off=causal_off,
-            drop_row=((b * H + h) * L + offs_m.to(tl.int64)) * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
+            L=Lb, E=E, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off, slope=slope,
+            softcap=softcap,
+            drop_row=(row0 + offs_m.to(tl.int64)) * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
             DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            WINDOW=WINDOW, SOFTCAP=SOFTCAP, ALIBI=ALIBI, PAGED=PAGED,
             UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N)
 
     if SPLIT:
         # Unnormalised partials; _attn_decode_combine merges the n_splits of each row.
         part = (pid_bh.to(tl.int64) * n_splits + pid_s) * L + offs_m
         tl.store(PartAcc + part[:, None] * E + offs_d[None, :], acc, mask=ok)
-        tl.store(PartM + part, m_i, mask=offs_m < L)
-        tl.store(PartL + part, l_i, mask=offs_m < L)
+        tl.store(PartM + part, m_i, mask=offs_m < Lb)
+        tl.store(PartL + part, l_i, mask=offs_m < Lb)
     else:
         # A fully masked row has l = 0 and acc = 0: output 0, lse = log 0 = -inf.
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
-        row = pid_bh.to(tl.int64) * L + offs_m
+        row = row0 + offs_m
         tl.store(Out + row[:, None] * E + offs_d[None, :], out.to(Out.dtype.element_ty), mask=ok)
         if STORE_O32:
             tl.store(Out32 + row[:, None] * E + offs_d[None, :], out, mask=ok)
-        tl.store(Lse + row, lse, mask=offs_m < L)
-
+        tl.store(Lse + row, lse, mask=offs_m < Lb)
 
 
 @triton.jit
@@ -394,10 +480,11 @@ def _dkdv_block_loop(
     q_base, do_base, stride_qm, stride_dom,
     lse_ptr, delta_ptr,                  # this (batch, head)'s rows of lse and delta
     mask_base, stride_mm, stride_mn,
-    L, S, E, scale, causal_off,
-    drop_base, drop_p, drop_scale, seed,  # drop_base: int64 dropout index of (b, h, 0, 0)
+    L, S, E, scale, causal_off, left_off, alibi_off, slope, softcap,
+    drop_base, drop_stride, drop_p, drop_scale, seed,  # dropout index of (i, j): drop_base + i * drop_stride + j
     DIAG: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate without transposes.
@@ -414,12 +501,13 @@ def _dkdv_block_loop(
         lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
-        sT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None],
-                     L, S, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
+        sT, tT = _scores(tl.dot(k, tl.trans(q), input_precision=DOT_PREC), offs_m[None, :], offs_n[:, None],
+                         L, S, mask_base, stride_mm, stride_mn, scale, causal_off, left_off, alibi_off, slope,
+                         softcap, HAS_MASK, MASK_BOOL, DIAG, WINDOW, SOFTCAP, ALIBI)
         pT = tl.exp(sT - lse[None, :])
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dZ^T
         if HAS_DROPOUT:
-            idx = drop_base + offs_m[None, :].to(tl.int64) * S + offs_n[:, None].to(tl.int64)  # (i, j) of P^T
+            idx = drop_base + offs_m[None, :].to(tl.int64) * drop_stride + offs_n[:, None].to(tl.int64)  # (i, j) of P^T
             keep = dropout_keep(seed, 0, idx, drop_p)
             zT = tl.where(keep, pT * drop_scale, 0.0)
             dpT = tl.where(keep, dpT * drop_scale, 0.0)
@@ -427,6 +515,8 @@ def _dkdv_block_loop(
             zT = pT
         dv += tl.dot(zT.to(do.dtype), do, input_precision=DOT_PREC)
         dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:  # d/dx softcap tanh(x / softcap) = 1 - tanh^2
+            dsT = dsT * (1.0 - tT * tT)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
@@ -435,56 +525,87 @@ def _dkdv_block_loop(
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta,       # Lse, Delta (B, H, L) fp32 contiguous
-    DK, DV,                              # (B, Hkv, S, E) contiguous outputs
+    DK, DV,                              # (B, Hkv, S, E) contiguous outputs ((1, Hkv, total_k, E) if VARLEN_K)
+    CuQ, KStart, KLen, BlockTable, Alibi,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
-    H, HKV, GROUPS, L, S, E,
-    scale, drop_p, drop_scale, seed, causal_off,
+    stride_ab, stride_btb,
+    H, HKV, GROUPS, L, S, E, L_TOT, S_TOT,
+    scale, drop_p, drop_scale, seed, causal_off, left_off, alibi_off, softcap, page_size,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_bk = _block_and_head(S, BLOCK_N)
     b = (pid_bk // HKV).to(tl.int64)
     hk = (pid_bk % HKV).to(tl.int64)
+    q0, Lb, k0, Sb = _sequence(CuQ, KStart, KLen, b, L, S, VARLEN_Q, VARLEN_K)
+    if VARLEN_K:
+        causal_off += Sb - Lb
+        left_off += Sb - Lb
+        alibi_off += Sb - Lb
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = (offs_n[:, None] < S) & (offs_d[None, :] < E)
-    kv_off = offs_n[:, None].to(tl.int64)
+    kv_ok = (offs_n[:, None] < Sb) & (offs_d[None, :] < E)
+    kv_off = (k0 + offs_n[:, None]).to(tl.int64)
     k = tl.load(K + b * stride_kb + hk * stride_kh + kv_off * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
     v = tl.load(V + b * stride_vb + hk * stride_vh + kv_off * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    # Query blocks that see these keys: [mid, L) see every key of the block (from the first with
-    # m0 >= n0 + BLOCK_N - 1 on), [lo, mid) cross the causal diagonal; rows i < n0 see none.
+    # Query rows that see these keys: [mid, hi) see every key of the block (from the first with
+    # m0 >= n0 + BLOCK_N - 1 on), [lo, mid) cross the causal diagonal; rows i < n0 - causal_off see
+    # none, nor (WINDOW) rows i > n0 + BLOCK_N - 1 - left_off (skipped).
     lo = 0
     mid = 0
+    hi = Lb
+    if WINDOW:
+        hi = tl.maximum(0, tl.minimum(Lb, n0 + BLOCK_N - left_off))
     if IS_CAUSAL:  # row i sees key j when i >= j - causal_off
-        lo = tl.minimum(L, (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M)
-        mid = tl.maximum(lo, tl.minimum(L, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M))
+        lo = tl.minimum(Lb, (tl.maximum(n0 - causal_off, 0) // BLOCK_M) * BLOCK_M)
+        mid = tl.maximum(lo, tl.minimum(Lb, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0), BLOCK_M) * BLOCK_M))
+        mid = tl.minimum(mid, hi)
+    if VARLEN_K:  # key blocks past this sequence's end see no query
+        hi = tl.where(n0 < Sb, hi, 0)
+        mid = tl.minimum(mid, hi)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
+        if VARLEN_Q:
+            row0 = h * L_TOT + q0
+        else:
+            row0 = (b * H + h) * L_TOT
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + b * stride_ab + h)
         for diag in tl.static_range(2 if IS_CAUSAL else 1):  # the full blocks first, then the diagonal
             dk, dv = _dkdv_block_loop(
                 dk, dv, k, v, offs_n, offs_d,
-                lo=mid if diag == 0 else lo, hi=L if diag == 0 else mid,
-                q_base=Q + b * stride_qb + h * stride_qh, do_base=DO + b * stride_dob + h * stride_doh,
+                lo=mid if diag == 0 else lo, hi=hi if diag == 0 else mid,
+                q_base=Q + b * stride_qb + h * stride_qh + q0 * stride_qm,
+                do_base=DO + b * stride_dob + h * stride_doh + q0 * stride_dom,
                 stride_qm=stride_qm, stride_dom=stride_dom,
-                lse_ptr=Lse + (b * H + h) * L, delta_ptr=Delta + (b * H + h) * L,
+                lse_ptr=Lse + row0, delta_ptr=Delta + row0,
                 mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-                L=L, S=S, E=E, scale=scale, causal_off=causal_off,
-                drop_base=(b * H + h) * L * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
+                L=Lb, S=Sb, E=E, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off,
+                slope=slope, softcap=softcap,
+                drop_base=row0 * S, drop_stride=S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
                 DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+                WINDOW=WINDOW, SOFTCAP=SOFTCAP, ALIBI=ALIBI,
                 UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_M=BLOCK_M)
-    out = ((b * HKV + hk) * S + offs_n)[:, None] * E + offs_d[None, :]
+    if VARLEN_K:
+        out_row = hk * S_TOT + k0 + offs_n
+    else:
+        out_row = (b * HKV + hk) * S_TOT + offs_n
+    out = out_row[:, None] * E + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
 
@@ -496,10 +617,11 @@ def _dq_block_loop(
     lo, hi,                              # key blocks [lo, hi), lo a multiple of BLOCK_N
     k_base, v_base, stride_kn, stride_vn,
     mask_base, stride_mm, stride_mn,
-    L, S, E, scale, causal_off,
+    L, S, E, scale, causal_off, left_off, alibi_off, slope, softcap,
     drop_row, drop_p, drop_scale, seed,
     DIAG: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     d_ok = offs_d < E
@@ -512,14 +634,17 @@ def _dq_block_loop(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
-                    L, S, mask_base, stride_mm, stride_mn, scale, causal_off, HAS_MASK, MASK_BOOL, DIAG)
+        s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
+                       L, S, mask_base, stride_mm, stride_mn, scale, causal_off, left_off, alibi_off, slope,
+                       softcap, HAS_MASK, MASK_BOOL, DIAG, WINDOW, SOFTCAP, ALIBI)
         p = tl.exp(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, 0, drop_row[:, None] + offs_n[None, :].to(tl.int64), drop_p)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
 
@@ -528,17 +653,21 @@ def _dq_block_loop(
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, Mask, DO, Lse, Delta,
-    DQ,                                  # (B, H, L, E) contiguous output
+    DQ,                                  # (B, H, L, E) contiguous output ((1, H, total_q, E) if VARLEN_Q)
+    CuQ, KStart, KLen, BlockTable, Alibi,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
-    H, HKV, GROUPS, L, S, E,
-    scale, drop_p, drop_scale, seed, causal_off,
+    stride_ab, stride_btb,
+    H, HKV, GROUPS, L, S, E, L_TOT, S_TOT,
+    scale, drop_p, drop_scale, seed, causal_off, left_off, alibi_off, softcap, page_size,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # BLOCK_N here plays the role of the streamed key block; the tables are shared with dK/dV.
@@ -546,38 +675,52 @@ def _attn_bwd_dq(
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     hk = h // GROUPS
+    q0, Lb, k0, Sb = _sequence(CuQ, KStart, KLen, b, L, S, VARLEN_Q, VARLEN_K)
+    if VARLEN_K:
+        causal_off += Sb - Lb
+        left_off += Sb - Lb
+        alibi_off += Sb - Lb
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + b * stride_ab + h)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < L
+    m_ok = offs_m < Lb
     ok = m_ok[:, None] & (offs_d[None, :] < E)
-    row_off = offs_m[:, None].to(tl.int64)
+    row_off = (q0 + offs_m[:, None]).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + row_off * stride_qm + offs_d[None, :], mask=ok, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + row_off * stride_dom + offs_d[None, :], mask=ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
-    row = (b * H + h) * L + offs_m
+    if VARLEN_Q:
+        row0 = h * L_TOT + q0
+    else:
+        row0 = (b * H + h) * L_TOT
+    row = row0 + offs_m
     lse = tl.load(Lse + row, mask=m_ok, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + row, mask=m_ok, other=0.0)
-    # Key blocks as in the forward: [0, mid) below the diagonal, [mid, hi) crossing it.
-    hi = S
-    mid = S
-    if IS_CAUSAL:
-        hi = tl.maximum(0, tl.minimum(S, m0 + BLOCK_M + causal_off))
-        mid = tl.minimum(hi, (tl.maximum(m0 + 1 + causal_off, 0) // BLOCK_N) * BLOCK_N)
+    # Key blocks as in the forward: [lo, mid) below the diagonal, [mid, hi) crossing it.
+    lo, mid, hi = _key_range(m0, 0, Sb, causal_off, left_off, IS_CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if VARLEN_Q:
+        hi = tl.where(m0 < Lb, hi, lo)
+        mid = tl.minimum(mid, hi)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for diag in tl.static_range(2 if IS_CAUSAL else 1):
         dq = _dq_block_loop(
             dq, q, do, lse, delta, offs_m, offs_d,
-            lo=0 if diag == 0 else mid, hi=mid if diag == 0 else hi,
-            k_base=K + b * stride_kb + hk * stride_kh, v_base=V + b * stride_vb + hk * stride_vh,
+            lo=lo if diag == 0 else mid, hi=mid if diag == 0 else hi,
+            k_base=K + b * stride_kb + hk * stride_kh + k0 * stride_kn,
+            v_base=V + b * stride_vb + hk * stride_vh + k0 * stride_vn,
             stride_kn=stride_kn, stride_vn=stride_vn,
             mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-            L=L, S=S, E=E, scale=scale, causal_off=causal_off,
+            L=Lb, S=Sb, E=E, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off,
+            slope=slope, softcap=softcap,
             drop_row=row * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
             DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
+            WINDOW=WINDOW, SOFTCAP=SOFTCAP, ALIBI=ALIBI,
             UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N)
     tl.store(DQ + row[:, None] * E + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=ok)
 
@@ -601,38 +744,90 @@ def _strides(name, t, dims="bhm"):
     return {f"stride_{name}{d}": t.stride(i) for i, d in enumerate(dims)}
 
 
-def _launch_args(q, k, v, mask, dropout_p):
+class Seqlens(NamedTuple):
+    """Per-sequence lengths for the VARLEN_Q / VARLEN_K kernel variants (all int32, on q's device).
+
+    cu_q: (B + 1,) cumulative query counts (queries packed as q (1, H, total_q, E)), or None for
+    dense q (B, H, L, E). k_start, k_len: (B,) first key row and key count of each sequence in the
+    k/v views (1, Hkv, rows, E) (packed keys: cu_k[:-1], diff(cu_k); a kv-cache: the cache row of
+    batch b and its filled length; a paged cache: zeros, and the rows are pages * page_size).
+    max_q, max_k: the longest sequence's query and key count (the grid and the dropout index).
+    With Seqlens every causal/window/ALiBi offset is relative: each sequence adds its own Sb - Lb
+    (flash-attn's bottom-right alignment)."""
+    cu_q: Optional[torch.Tensor]
+    k_start: torch.Tensor
+    k_len: torch.Tensor
+    max_q: int
+    max_k: int
+
+
+def _launch_args(q, k, v, mask, dropout_p, *, window_offset=None, softcap=0.0, alibi_slopes=None, alibi_offset=0,
+                 seqlens=None, block_table=None, page_size=0):
     """Checks (asserts: the op wrapper has checked with torch's rules) and the keyword arguments
     shared by the forward and both backward kernels: strides, sizes, constexpr flags."""
     assert q.dim() == k.dim() == v.dim() == 4, "attention launchers take q (B, H, L, E), k and v (B, Hkv, S, E)"
-    B, H, L, E = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == E and Hkv > 0 and H % Hkv == 0, \
+    H, L_TOT, E = q.shape[1], q.shape[2], q.shape[3]
+    Hkv, S_TOT = k.shape[1], k.shape[2]
+    if seqlens is None:
+        B, L, S = q.shape[0], L_TOT, S_TOT
+        assert k.shape[0] == B, f"bad attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}"
+    else:
+        B, S = seqlens.k_len.numel(), seqlens.max_k
+        L = seqlens.max_q if seqlens.cu_q is not None else L_TOT
+        assert k.shape[0] == 1 and (seqlens.cu_q is None and q.shape[0] == B or q.shape[0] == 1), \
+            "with seqlens, k/v are (1, Hkv, rows, E) views and q (1, H, total_q, E) or (B, H, L, E)"
+        assert all(t.dtype == torch.int32 for t in seqlens[:3] if t is not None), "seqlens must be int32"
+    assert k.shape == v.shape and k.shape[3] == E and Hkv > 0 and H % Hkv == 0, \
         f"bad attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32), \
         f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
     assert E <= MAX_HEAD_DIM, f"head dim E={E} exceeds the kernel's limit of {MAX_HEAD_DIM}"
     assert all(t.stride(-1) == 1 for t in (q, k, v)), "q, k, v need a contiguous last dim (stride 1)"
     assert 0.0 <= dropout_p <= 1.0, f"dropout probability has to be between 0 and 1, but got {dropout_p}"
+    assert block_table is None or (seqlens is not None and page_size > 0 and block_table.dtype == torch.int32
+                                   and block_table.dim() == 2 and block_table.shape[0] == B), \
+        "a paged cache needs seqlens, page_size > 0 and an int32 (B, pages) block_table"
+    if alibi_slopes is not None:
+        assert alibi_slopes.dtype == torch.float32 and alibi_slopes.shape in ((H,), (B, H)), \
+            "alibi_slopes (H,) or (B, H) fp32"
+        alibi_slopes = alibi_slopes.contiguous()
     if mask is not None:
-        assert mask.shape == (B, H, L, S), f"mask must be expanded to (B, H, L, S) = {(B, H, L, S)}, got {tuple(mask.shape)}"
+        assert seqlens is None, "no mask with seqlens"
+        assert mask.shape == (B, H, L, S), \
+            f"mask must be expanded to (B, H, L, S) = {(B, H, L, S)}, got {tuple(mask.shape)}"
         if mask.dtype == torch.bool:
             mask = mask.view(torch.uint8)  # same bytes; keeps stride-0 dims
     lb, sb = _buckets(L, S)
     args = dict(
-        Mask=mask if mask is not None else q,  # never read when HAS_MASK is False
+        Mask=mask if mask is not None else q,  # never read when HAS_MASK is False (nor the pointers below)
+        CuQ=seqlens.cu_q if seqlens is not None and seqlens.cu_q is not None else q,
+        KStart=seqlens.k_start if seqlens is not None else q, KLen=seqlens.k_len if seqlens is not None else q,
+        BlockTable=block_table if block_table is not None else q,
+        Alibi=alibi_slopes if alibi_slopes is not None else q,
         **_strides("q", q), **_strides("k", k, "bhn"), **_strides("v", v, "bhn"),
-        **(_strides("m", mask, "bhmn") if mask is not None else dict(stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0)),
-        H=H, GROUPS=H // Hkv, L=L, S=S, E=E,
+        **(_strides("m", mask, "bhmn") if mask is not None
+           else dict(stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0)),
+        stride_ab=H if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
+        stride_btb=block_table.stride(0) if block_table is not None else 0,
+        H=H, GROUPS=H // Hkv, L=L, S=S, E=E, L_TOT=L_TOT,
         drop_p=dropout_p, drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,  # p == 1 drops everything
+        left_off=0 if window_offset is None else int(window_offset), alibi_off=int(alibi_offset),
+        softcap=float(softcap) if softcap > 0.0 else 1.0, page_size=max(int(page_size), 1),
         L_BUCKET=lb, S_BUCKET=sb,
         BLOCK_D=max(16, triton.next_power_of_2(E)),
         HAS_MASK=mask is not None,
         MASK_BOOL=mask is not None and mask.dtype == torch.uint8,
         HAS_DROPOUT=dropout_p > 0.0,
+        WINDOW=window_offset is not None, SOFTCAP=softcap > 0.0, ALIBI=alibi_slopes is not None,
+        VARLEN_Q=seqlens is not None and seqlens.cu_q is not None, VARLEN_K=seqlens is not None,
+        PAGED=block_table is not None,
         UPCAST=_upcast_dots(q.dtype),
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit operands
     )
+    if args["VARLEN_Q"]:  # one packed row space: sequences are found through CuQ, not a batch stride
+        args["stride_qb"] = 0
+    if args["VARLEN_K"]:
+        args["stride_kb"] = args["stride_vb"] = 0
     return (B, H, Hkv, L, S, E), args
 
 
@@ -641,7 +836,9 @@ def _buckets(L, S):
 
 
 def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0.0, seed=0,
-                      decode=None, split_size=None, return_mask=False, return_fp32_out=False, causal_offset=0):
+                      decode=None, split_size=None, return_mask=False, return_fp32_out=False, causal_offset=0,
+                      window_offset=None, softcap=0.0, alibi_slopes=None, alibi_offset=0,
+                      seqlens=None, block_table=None, page_size=0):
     """Fused attention forward.
 
     q (B, H, L, E), k, v (B, Hkv, S, E) with a contiguous last dim, H % Hkv == 0; mask None or
@@ -655,27 +852,42 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
     return_fp32_out: also return the output in fp32 (B, H, L, E) before the cast (what
     attention_backward wants as `out` for 16-bit inputs); not with decode.
     causal_offset: with is_causal, query i sees keys j <= i + causal_offset (0: SDPA's top-left
-    alignment; S - L: flash-attn's bottom-right). Rows that see no key give 0 and lse -inf.
+    alignment; S - L: flash-attn's bottom-right; plus a window's right size). Rows that see no key
+    give 0 and lse -inf.
+    window_offset: None, or query i sees only keys j >= i + window_offset (flash-attn's left window:
+    S - L - left); key blocks wholly before it are skipped.
+    softcap > 0: scores softcap * tanh(scale q.k / softcap). alibi_slopes fp32 (H,) or (B, H): adds
+    - slope |i + alibi_offset - j| (after the softcap).
+    seqlens (a Seqlens): variable-length sequences (packed q/k/v or a kv-cache with per-batch
+    lengths); out and lse then have q's view shape, (1, H, total_q, E) / (1, H, total_q) for packed
+    queries. block_table (B, pages) int32 with page_size: key j of sequence b lives at row
+    block_table[b, j // page_size] * page_size + j % page_size of the k/v views (forward only).
     return_mask: test hook, also return the dropout keep-mask (B, H, L, S) bool that was applied.
     """
+    feats = dict(window_offset=window_offset, softcap=softcap, alibi_slopes=alibi_slopes, alibi_offset=alibi_offset,
+                 seqlens=seqlens, block_table=block_table, page_size=page_size)
     if return_mask:
+        assert seqlens is None, "return_mask is for dense inputs"
         res = attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p,
                                 seed=seed, decode=decode, split_size=split_size, return_fp32_out=return_fp32_out,
-                                causal_offset=causal_offset)
+                                causal_offset=causal_offset, **feats)
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return (*res, dropout_mask(shape, seed, dropout_p, q.device))
-    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p)
-    out = torch.empty((B, H, L, E), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
-    out32 = torch.empty((B, H, L, E) if return_fp32_out else (0,), dtype=torch.float32, device=q.device)
+    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p, **feats)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    out32 = torch.empty(q.shape if return_fp32_out else (0,), dtype=torch.float32, device=q.device)
     res = (out, lse, out32) if return_fp32_out else (out, lse)
-    if out.numel() == 0:
+    if out.numel() == 0 or B == 0:
         return res
     if decode is None:
-        decode = L <= _DECODE_MAX_L and S >= _DECODE_MIN_S and dropout_p == 0.0 and not return_fp32_out
+        decode = (L <= _DECODE_MAX_L and S >= _DECODE_MIN_S and dropout_p == 0.0 and not return_fp32_out
+                  and not args["VARLEN_Q"])
     assert not (decode and dropout_p > 0.0), "the decode (flash-decoding) path is for inference: dropout_p must be 0"
     assert not (decode and return_fp32_out), "the decode (flash-decoding) path does not write an fp32 output"
-    launch = dict(args, scale=scale, seed=seed, causal_off=causal_offset, IS_CAUSAL=is_causal, STORE_O32=return_fp32_out)
+    assert not (decode and args["VARLEN_Q"]), "the decode (flash-decoding) path takes dense queries"
+    launch = dict(args, scale=scale, seed=seed, causal_off=causal_offset, IS_CAUSAL=is_causal,
+                  STORE_O32=return_fp32_out)
     if not decode:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, 1)  # noqa: E731
         _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=out32 if return_fp32_out else lse,
@@ -700,30 +912,39 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
 
 
 def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, dropout_p=0.0, seed=0,
-                       causal_offset=0):
-    """Gradients of attention_forward. do (B, H, L, E) (contiguous last dim), out and lse the
-    forward's outputs: for 16-bit inputs pass its fp32 output (return_fp32_out=True), from which
-    delta = rowsum(dO * O) is accurate (the 16-bit one works, less accurately on sharp attention).
-    Returns (dq (B, H, L, E), dk, dv (B, Hkv, S, E)), contiguous, input dtype.
+                       causal_offset=0, window_offset=None, softcap=0.0, alibi_slopes=None, alibi_offset=0,
+                       seqlens=None):
+    """Gradients of attention_forward (same options; no paged cache). do like q (contiguous last
+    dim), out and lse the forward's outputs: for 16-bit inputs pass its fp32 output
+    (return_fp32_out=True), from which delta = rowsum(dO * O) is accurate (the 16-bit one works,
+    less accurately on sharp attention). Returns (dq like q, dk, dv like k), contiguous, input dtype.
     Reads its inputs only (nothing saved is overwritten); deterministic (no atomics)."""
-    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p)
+    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, dropout_p, window_offset=window_offset, softcap=softcap,
+                                              alibi_slopes=alibi_slopes, alibi_offset=alibi_offset, seqlens=seqlens)
     if do.stride(-1) != 1:
         do = do.contiguous()
     out = out.contiguous()
-    dq = torch.empty((B, H, L, E), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, Hkv, S, E), dtype=k.dtype, device=k.device)
-    dv = torch.empty((B, Hkv, S, E), dtype=v.dtype, device=v.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0 and dk.numel() == 0:
         return dq, dk, dv
-    if L == 0 or E == 0:  # no query rows (or an empty head dim): every gradient is 0
+    if L == 0 or E == 0 or B == 0 or dq.numel() == 0:  # no query rows (or an empty head dim): every gradient is 0
         return dq.zero_(), dk.zero_(), dv.zero_()
-    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    if args["VARLEN_K"]:  # rows of the k/v views outside every sequence get no gradient from the kernel
+        dk.zero_()
+        dv.zero_()
+    Bq, Lq = q.shape[0], q.shape[2]
+    delta = torch.empty((Bq, H, Lq), dtype=torch.float32, device=q.device)
     pre_m = 64 if args["BLOCK_D"] <= 128 else 32
-    _attn_bwd_preprocess[(triton.cdiv(L, pre_m) * B * H,)](
-        out, do, delta, do.stride(0), do.stride(1), do.stride(2), H, L, E,
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m) * Bq * H,)](
+        out, do, delta, do.stride(0), do.stride(1), do.stride(2), H, Lq, E,
         BLOCK_M=pre_m, BLOCK_D=args["BLOCK_D"])
-    launch = dict(args, **_strides("do", do), HKV=Hkv, scale=scale, seed=seed, causal_off=causal_offset,
-                  IS_CAUSAL=is_causal)
+    do_strides = _strides("do", do)
+    if args["VARLEN_Q"]:
+        do_strides["stride_dob"] = 0
+    launch = dict(args, **do_strides, HKV=Hkv, S_TOT=k.shape[2], scale=scale, seed=seed,
+                  causal_off=causal_offset, IS_CAUSAL=is_causal)
     if dk.numel():
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DK=dk, DV=dv, **launch)
@@ -745,7 +966,8 @@ def dropout_mask(shape, seed, dropout_p, device):
 
 def compile_variants(quick: bool):
     """Call the launchers over every variant that selects different code (dtypes, head dims, causal,
-    masks, dropout, GQA, the fp32-output store, decode); tools/gpu_compile_check.py compiles them."""
+    masks, dropout, GQA, the fp32-output store, decode, and fasttx.flash's window, softcap, ALiBi,
+    varlen and paged flags); tools/gpu_compile_check.py compiles them."""
     dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
 
@@ -770,6 +992,40 @@ def compile_variants(quick: bool):
                                    scale=e ** -0.5, **kw)
             kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
             attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True)
+            _compile_flash_variants(r, dt, e, quick)
 
 
-__all__ = ["attention_forward", "attention_backward", "dropout_mask", "compile_variants", "MAX_HEAD_DIM"]
+def _compile_flash_variants(r, dt, e, quick):
+    """fasttx.flash's flags: WINDOW, SOFTCAP, ALIBI (fwd + bwd), VARLEN_Q + VARLEN_K (packed, fwd +
+    bwd), VARLEN_K alone (kv-cache, dense and decode) and PAGED (forward, plain and decode)."""
+    fp32_out = dt != torch.float32
+    q, k, v = r(2, 4, 128, e, dtype=dt), r(2, 2, 160, e, dtype=dt), r(2, 2, 160, e, dtype=dt)
+    alibi = torch.rand(2, 4)
+    variants = [dict(is_causal=True, causal_offset=32, window_offset=-96), dict(softcap=30.0),
+                dict(alibi_slopes=alibi, alibi_offset=32)]
+    if not quick:
+        variants.append(dict(is_causal=True, causal_offset=40, window_offset=-40, softcap=20.0,
+                             alibi_slopes=alibi[0], alibi_offset=32, dropout_p=0.1, seed=1))
+    for kw in variants:
+        out, lse, *o32 = attention_forward(q, k, v, None, scale=e ** -0.5, return_fp32_out=fp32_out, **kw)
+        attention_backward(r(2, 4, 128, e, dtype=dt), q, k, v, None, o32[0] if fp32_out else out, lse,
+                           scale=e ** -0.5, **kw)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    qp, kp, vp = r(1, 4, 200, e, dtype=dt), r(1, 2, 230, e, dtype=dt), r(1, 2, 230, e, dtype=dt)
+    seq = Seqlens(i32([0, 1, 200]), i32([0, 30]), i32([30, 200]), 199, 200)
+    out, lse, *o32 = attention_forward(qp, kp, vp, None, scale=e ** -0.5, seqlens=seq, is_causal=True,
+                                       window_offset=-64, return_fp32_out=fp32_out)
+    attention_backward(r(1, 4, 200, e, dtype=dt), qp, kp, vp, None, o32[0] if fp32_out else out, lse,
+                       scale=e ** -0.5, seqlens=seq, is_causal=True, window_offset=-64)
+    kc, vc = r(1, 2, 4 * 1024, e, dtype=dt), r(1, 2, 4 * 1024, e, dtype=dt)  # 4 cache rows (or pages) of 1024
+    cache = Seqlens(None, i32([0, 2048]), i32([700, 1024]), 1, 1024)
+    table = i32([[3], [1]])
+    for L, decode in ((1, True), (16, False)):
+        qd = r(2, 4, L, e, dtype=dt)
+        attention_forward(qd, kc, vc, None, scale=e ** -0.5, seqlens=cache, decode=decode, is_causal=True)
+        paged = Seqlens(None, i32([0, 0]), i32([700, 1024]), 1, 1024)
+        attention_forward(qd, kc, vc, None, scale=e ** -0.5, seqlens=paged, decode=decode, block_table=table,
+                          page_size=1024)
+
+
+__all__ = ["attention_forward", "attention_backward", "Seqlens", "dropout_mask", "compile_variants", "MAX_HEAD_DIM"]

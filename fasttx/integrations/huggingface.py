@@ -167,6 +167,10 @@ def fasttx_attention_forward(
     causal = getattr(module, "is_causal", True) if is_causal is None else bool(is_causal)
     attn_mask = attention_mask
     window = kwargs.get("sliding_window")
+    if head_mask is None and not kwargs.get("output_attentions", False):
+        out = _flash_path(query, key, value, attn_mask, dropout, scaling, causal, window, kwargs)
+        if out is not None:
+            return out, None
     if window is not None and attn_mask is None and S >= window:
         attn_mask = _window_mask(L, S, int(window), query.device)  # (L, S) bool
     if attn_mask is not None and causal and L > 1 and attn_mask.shape[-2] == 1:
@@ -200,6 +204,52 @@ def fasttx_attention_forward(
         if weights is not None:
             weights = weights * head_mask
     return out.transpose(1, 2).contiguous(), weights  # (B, L, Hq, Ev)
+
+
+def _packed_cu_seqlens(query: Tensor, kwargs) -> Optional[Tuple[Tensor, Tensor, int, int]]:
+    """(cu_q, cu_k, max_q, max_k) of a packed batch, or None: transformers' flash kwargs
+    (cu_seq_lens_q/k, max_length_q/k), or position_ids (1, L) that restart at 0 (what
+    DataCollatorWithFlattening gives) without a kv-cache (S == L)."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None:
+        max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+        lens = lambda cu: int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0  # noqa: E731
+        return (cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q) if max_q is not None else lens(cu_q),
+                int(max_k) if max_k is not None else lens(cu_k))
+    pos = kwargs.get("position_ids")
+    if not isinstance(pos, Tensor) or pos.dim() != 2 or pos.shape[0] != 1 or pos.shape[1] != query.shape[-2]:
+        return None
+    starts = (pos[0] == 0).nonzero().flatten()
+    if starts.numel() < 2 or int(starts[0]) != 0:  # one sequence (or no restart): not packed
+        return None
+    L = pos.shape[1]
+    cu = torch.cat([starts, starts.new_tensor([L])]).to(torch.int32)
+    m = int((cu[1:] - cu[:-1]).max())
+    return cu, cu, m, m
+
+
+def _flash_path(query, key, value, attn_mask, dropout, scaling, causal, window, kwargs) -> Optional[Tensor]:
+    """fasttx.flash where it fits, else None: a packed batch (B == 1) runs as varlen attention, each
+    sequence attending only within itself, no padding; a sliding window without a mask runs in the
+    kernel (window_size=(window - 1, 0), bottom-right aligned like transformers' overlay) instead of
+    a materialised (L, S) mask. Returns (B, L, Hq, E) like fasttx_attention_forward."""
+    if key.shape != value.shape or query.shape[-1] != key.shape[-1] or query.shape[1] % key.shape[1]:
+        return None
+    from fasttx import flash
+
+    S = key.shape[-2]
+    win = (int(window) - 1, 0) if window is not None and causal else (-1, -1)
+    packed = _packed_cu_seqlens(query, kwargs) if query.shape[0] == 1 and query.shape[-2] == S else None
+    if packed is not None:
+        cu_q, cu_k, max_q, max_k = packed
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, H, E)
+        out = flash.flash_attn_varlen_func(q, k, v, cu_q.to(q.device), cu_k.to(q.device), max_q, max_k,
+                                           dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=win)
+        return out[None]  # (1, L, Hq, E)
+    if window is not None and causal and attn_mask is None and S >= window:
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (B, L, H, E)
+        return flash.flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scaling, causal=True, window_size=win)
+    return None
 
 
 def _with_causal(mask: Tensor, L: int, S: int, dtype: torch.dtype) -> Tensor:

@@ -229,6 +229,105 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     return out.reshape(*out_lead, L, E)  # (N, ..., Hq, L, E)
 
 
+# ------------------------------------------------------------------------------------------------
+# fasttx.flash: flash-attn's semantics (bottom-right alignment, window, softcap, ALiBi, varlen)
+# ------------------------------------------------------------------------------------------------
+def _flash_opts(q, k, seqlens, causal, left, right, softcap, alibi):
+    """The launchers' keyword arguments for flash-attn's (causal, window (left, right), softcap,
+    ALiBi). Dense inputs get absolute offsets from Lk - Lq; with seqlens the kernels add each
+    sequence's own Sb - Lb."""
+    base = 0 if seqlens is not None else k.shape[2] - q.shape[2]
+    has_right = causal or right >= 0
+    return dict(is_causal=has_right, causal_offset=base + (0 if causal else right),
+                window_offset=base - left if left >= 0 else None, softcap=softcap,
+                alibi_slopes=alibi, alibi_offset=base)
+
+
+def _seqlens(cu_q, k_start, k_len, max_q, max_k):
+    return None if k_len is None else K.Seqlens(cu_q, k_start, k_len, max_q, max_k)
+
+
+@torch.library.custom_op("fasttx::flash_fwd", mutates_args=())
+def _flash_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], k_start: Optional[Tensor], k_len: Optional[Tensor],
+    alibi: Optional[Tensor], dropout_p: float, scale: float, causal: bool, left: int, right: int, softcap: float,
+    max_q: int, max_k: int, fp32_out: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """q (B, H, L, E) (or (1, H, total_q, E) with cu_q), k/v (B, Hkv, S, E) (or (1, Hkv, rows, E)
+    with k_start/k_len) -> (out like q, lse q.shape[:3] fp32, seed, out32). left/right: flash-attn's
+    window sizes (-1 unbounded); causal forces right = 0."""
+    seed = draw_philox_seed() if dropout_p > 0.0 else 0
+    seqlens = _seqlens(cu_q, k_start, k_len, max_q, max_k)
+    res = K.attention_forward(q, k, v, None, scale=scale, dropout_p=dropout_p, seed=seed, return_fp32_out=fp32_out,
+                              seqlens=seqlens, decode=False if cu_q is not None else None,
+                              **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
+    return res[0], res[1], torch.tensor(seed, dtype=torch.int64), out32
+
+
+@_flash_fwd.register_fake
+def _(q, k, v, cu_q, k_start, k_len, alibi, dropout_p, scale, causal, left, right, softcap, max_q, max_k, fp32_out):
+    return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
+            torch.empty((), dtype=torch.int64, device="cpu"),
+            q.new_empty(q.shape if fp32_out else (0,), dtype=torch.float32))
+
+
+@torch.library.custom_op("fasttx::flash_bwd", mutates_args=())
+def _flash_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
+    cu_q: Optional[Tensor], k_start: Optional[Tensor], k_len: Optional[Tensor], alibi: Optional[Tensor],
+    dropout_p: float, scale: float, causal: bool, left: int, right: int, softcap: float, max_q: int, max_k: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    seqlens = _seqlens(cu_q, k_start, k_len, max_q, max_k)
+    return K.attention_backward(dout, q, k, v, None, out, lse, scale=scale, dropout_p=dropout_p,
+                                seed=int(seed.item()), seqlens=seqlens,
+                                **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+
+
+@_flash_bwd.register_fake
+def _(dout, q, k, v, out, lse, seed, cu_q, k_start, k_len, alibi, dropout_p, scale, causal, left, right, softcap,
+      max_q, max_k):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _flash_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, k_start, k_len, alibi, *opts = inputs
+    out, lse, seed, out32 = output
+    fp32_out = opts[-1]
+    ctx.save_for_backward(q, k, v, out32 if fp32_out else out, lse, seed, cu_q, k_start, k_len, alibi)
+    ctx.opts = tuple(opts[:-1])  # dropout_p, scale, causal, left, right, softcap, max_q, max_k
+
+
+def _flash_backward(ctx, dout, _dlse, _dseed, _dout32):
+    q, k, v, out, lse, seed, cu_q, k_start, k_len, alibi = ctx.saved_tensors
+    dq, dk, dv = _flash_bwd(dout, q, k, v, out, lse, seed, cu_q, k_start, k_len, alibi, *ctx.opts)
+    return (dq, dk, dv) + (None,) * 13
+
+
+_flash_fwd.register_autograd(_flash_backward, setup_context=_flash_setup_context)
+
+
+@torch.library.custom_op("fasttx::flash_kvcache_fwd", mutates_args=())
+def _flash_kvcache_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], k_start: Tensor, k_len: Tensor,
+    block_table: Optional[Tensor], page_size: int, alibi: Optional[Tensor], scale: float, causal: bool, left: int,
+    right: int, softcap: float, max_q: int, max_k: int,
+) -> Tuple[Tensor, Tensor]:
+    """Inference over a kv-cache: q (B, H, L, E) dense (or (1, H, total_q, E) packed with cu_q),
+    k/v (1, Hkv, rows, E) views of the cache,
+    sequence b's keys at rows k_start[b] + [0, k_len[b]) (or through block_table, pages of
+    page_size rows) -> (out (B, H, L, E), lse (B, H, L))."""
+    seqlens = K.Seqlens(cu_q, k_start, k_len, max_q if cu_q is not None else q.shape[2], max_k)
+    return K.attention_forward(q, k, v, None, scale=scale, seqlens=seqlens, block_table=block_table,
+                               decode=False if cu_q is not None else None,
+                               page_size=page_size, **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+
+
+@_flash_kvcache_fwd.register_fake
+def _(q, k, v, cu_q, k_start, k_len, block_table, page_size, alibi, scale, causal, left, right, softcap, max_q, max_k):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
 # DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
 from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
 
