@@ -231,6 +231,68 @@ def _rotary(q, k, cos, sin, position_ids, interleaved):
             ([S(1), S(1)], [S(1), S(1), R, R, _opt(position_ids, R), None])]
 
 
+def _cross_entropy(logits, target, weight, ignore_index, label_smoothing):
+    # logits (M, C) row-wise: rows (the batch) sharded with their targets; the class weight
+    # replicated. -> (per-row loss (M,), lse (M,)); the reduction runs outside the op on DTensors.
+    R, S, _ = _placements()
+    return [([R, R], [R, R, _opt(weight, R), None, None]),
+            ([S(0), S(0)], [S(0), S(0), _opt(weight, R), None, None])]
+
+
+def _cross_entropy_backward(grad, logits, target, weight, lse, ignore_index, label_smoothing):
+    R, S, _ = _placements()
+    return [([R], [R, R, R, _opt(weight, R), R, None, None]),
+            ([S(0)], [S(0), S(0), S(0), _opt(weight, R), S(0), None, None])]
+
+
+def _linear_cross_entropy(x, w, b, target, weight, ignore_index, label_smoothing):
+    # x (M, H) rows sharded (the batch), the LM head w (C, H) and bias replicated -> (loss, lse) (M,)
+    R, S, _ = _placements()
+    return [([R, R], [R, R, _opt(b, R), R, _opt(weight, R), None, None]),
+            ([S(0), S(0)], [S(0), R, _opt(b, R), S(0), _opt(weight, R), None, None])]
+
+
+def _linear_cross_entropy_backward(grad, x, w, b, target, weight, ignore_index, label_smoothing):
+    # dx follows the rows; dw and db sum over rows: a partial sum on each rank (reduced by DTensor)
+    R, S, P = _placements()
+    db = P if b is not None else R  # an empty stand-in without a bias
+    return [([R, R, R], [R, R, R, _opt(b, R), R, _opt(weight, R), None, None]),
+            ([S(0), P, db], [S(0), S(0), R, _opt(b, R), S(0), _opt(weight, R), None, None])]
+
+
+def _heads(t, S):
+    """ALiBi slopes (H,) or (B, H) sharded with the heads (their last dim)."""
+    return None if t is None else S(t.ndim - 1)
+
+
+def _flash_fwd(q, k, v, cu_q, k_start, k_len, alibi, dropout_p, scale, causal, left, right, softcap,
+               max_q, max_k, fp32_out):
+    # fasttx.flash: q (B, H, L, E) (packed: (1, H, total, E)), k/v likewise with Hkv heads: sharded on
+    # heads, the sequence tables replicated. -> (out, lse (B, H, L), seed, out32 or empty)
+    R, S, _ = _placements()
+    tail = [None] * 9
+    seq = [_opt(cu_q, R), _opt(k_start, R), _opt(k_len, R)]
+    return [([R, R, R, R], [R, R, R, *seq, _opt(alibi, R), *tail]),
+            ([S(1), S(1), R, S(1) if fp32_out else R], [S(1), S(1), S(1), *seq, _heads(alibi, S), *tail])]
+
+
+def _flash_bwd(dout, q, k, v, out_, lse, seed, cu_q, k_start, k_len, alibi, *scalars):
+    R, S, _ = _placements()
+    tail = [None] * len(scalars)
+    seq = [_opt(cu_q, R), _opt(k_start, R), _opt(k_len, R)]
+    out = [([R, R, R], [R] * 7 + seq + [_opt(alibi, R), *tail]),
+           ([S(1)] * 3, [S(1)] * 6 + [R] + seq + [_heads(alibi, S), *tail])]
+    return _matching(out, lse, 5)  # the backward keeps the forward's placement (its dropout mask)
+
+
+def _flash_kvcache_fwd(q, k, v, cu_q, k_start, k_len, block_table, page_size, alibi, *scalars):
+    R, S, _ = _placements()
+    tail = [None] * len(scalars)
+    seq = [_opt(cu_q, R), R, R, _opt(block_table, R), None]
+    return [([R, R], [R, R, R, *seq, _opt(alibi, R), *tail]),
+            ([S(1), S(1)], [S(1), S(1), S(1), *seq, _heads(alibi, S), *tail])]
+
+
 _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
     "layer_norm": _layer_norm_fwd,
     "dropout_add_layer_norm": _dropout_add_layer_norm_fwd,
@@ -249,6 +311,13 @@ _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
     "softmax_backward": _softmax_backward,
     "sdpa_fwd": _sdpa_fwd,
     "sdpa_bwd": _sdpa_bwd,
+    "flash_fwd": _flash_fwd,
+    "flash_bwd": _flash_bwd,
+    "flash_kvcache_fwd": _flash_kvcache_fwd,
+    "cross_entropy": _cross_entropy,
+    "cross_entropy_backward": _cross_entropy_backward,
+    "linear_cross_entropy": _linear_cross_entropy,
+    "linear_cross_entropy_backward": _linear_cross_entropy_backward,
 }
 
 

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETING, num_sms
+from ._common import INTERPRETING, num_sms, seed_tensor
 from ._math import dropout_keep, tanh
 
 # ------------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def _attn_fwd(
     stride_ab, stride_btb,               # ALiBi slopes' batch stride (0 for (H,)); page-table row stride
     H, GROUPS, L, S, E,                  # query heads, query heads per kv head, sizes (max per sequence)
     L_TOT,                               # rows of the q/out/lse views per head (L, or total_q when VARLEN_Q)
-    scale, drop_p, drop_scale, seed,     # softmax scale; dropout p, 1/(1-p) (0 when p == 1), Philox seed
+    scale, drop_p, drop_scale, SEED,     # softmax scale; dropout p, 1/(1-p) (0 when p == 1), Philox seed
     causal_off, left_off, alibi_off,     # right bound, left bound (WINDOW), ALiBi diagonal (+ Sb - Lb if VARLEN_K)
     softcap, page_size,
     split_size, n_splits,                # SPLIT: keys per program (a multiple of BLOCK_N), programs per row
@@ -315,6 +315,10 @@ def _attn_fwd(
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,  # interpreter: fp32 dot operands; "ieee" for fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)  # (1,) int64 on the device: a CUDA graph replay's new draw takes effect
+    else:
+        seed = 0
     pid_m, pid_bh = _block_and_head(L, BLOCK_M)
     pid_s = tl.program_id(2)
     b = (pid_bh // H).to(tl.int64)
@@ -534,7 +538,7 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom,
     stride_ab, stride_btb,
     H, HKV, GROUPS, L, S, E, L_TOT, S_TOT,
-    scale, drop_p, drop_scale, seed, causal_off, left_off, alibi_off, softcap, page_size,
+    scale, drop_p, drop_scale, SEED, causal_off, left_off, alibi_off, softcap, page_size,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -542,6 +546,10 @@ def _attn_bwd_dkdv(
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)  # (1,) int64 on the device: a CUDA graph replay's new draw takes effect
+    else:
+        seed = 0
     pid_n, pid_bk = _block_and_head(S, BLOCK_N)
     b = (pid_bk // HKV).to(tl.int64)
     hk = (pid_bk % HKV).to(tl.int64)
@@ -662,7 +670,7 @@ def _attn_bwd_dq(
     stride_dob, stride_doh, stride_dom,
     stride_ab, stride_btb,
     H, HKV, GROUPS, L, S, E, L_TOT, S_TOT,
-    scale, drop_p, drop_scale, seed, causal_off, left_off, alibi_off, softcap, page_size,
+    scale, drop_p, drop_scale, SEED, causal_off, left_off, alibi_off, softcap, page_size,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -670,6 +678,10 @@ def _attn_bwd_dq(
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)  # (1,) int64 on the device: a CUDA graph replay's new draw takes effect
+    else:
+        seed = 0
     # BLOCK_N here plays the role of the streamed key block; the tables are shared with dK/dV.
     pid_m, pid_bh = _block_and_head(L, BLOCK_M)
     b = (pid_bh // H).to(tl.int64)
@@ -835,6 +847,12 @@ def _buckets(L, S):
     return triton.next_power_of_2(max(L, 1)), triton.next_power_of_2(max(S, 1))
 
 
+def _seed_arg(seed, dropout_p, q):
+    """The kernels' SEED pointer: the (1,) int64 device tensor (an int is copied there); any
+    pointer when there is no dropout (never read)."""
+    return seed_tensor(seed, q.device) if dropout_p > 0.0 else q
+
+
 def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0.0, seed=0,
                       decode=None, split_size=None, return_mask=False, return_fp32_out=False, causal_offset=0,
                       window_offset=None, softcap=0.0, alibi_slopes=None, alibi_offset=0,
@@ -886,7 +904,7 @@ def attention_forward(q, k, v, mask=None, *, scale, is_causal=False, dropout_p=0
     assert not (decode and dropout_p > 0.0), "the decode (flash-decoding) path is for inference: dropout_p must be 0"
     assert not (decode and return_fp32_out), "the decode (flash-decoding) path does not write an fp32 output"
     assert not (decode and args["VARLEN_Q"]), "the decode (flash-decoding) path takes dense queries"
-    launch = dict(args, scale=scale, seed=seed, causal_off=causal_offset, IS_CAUSAL=is_causal,
+    launch = dict(args, scale=scale, SEED=_seed_arg(seed, dropout_p, q), causal_off=causal_offset, IS_CAUSAL=is_causal,
                   STORE_O32=return_fp32_out)
     if not decode:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, 1)  # noqa: E731
@@ -943,7 +961,7 @@ def attention_backward(do, q, k, v, mask, out, lse, *, scale, is_causal=False, d
     do_strides = _strides("do", do)
     if args["VARLEN_Q"]:
         do_strides["stride_dob"] = 0
-    launch = dict(args, **do_strides, HKV=Hkv, S_TOT=k.shape[2], scale=scale, seed=seed,
+    launch = dict(args, **do_strides, HKV=Hkv, S_TOT=k.shape[2], scale=scale, SEED=_seed_arg(seed, dropout_p, q),
                   causal_off=causal_offset, IS_CAUSAL=is_causal)
     if dk.numel():
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
@@ -960,6 +978,7 @@ def dropout_mask(shape, seed, dropout_p, device):
     n = keep.numel()
     if n:
         block = 1024
+        seed = int(seed) if isinstance(seed, torch.Tensor) else seed  # a host copy: a test hook
         _dropout_mask_kernel[(triton.cdiv(n, block),)](keep, n, seed, dropout_p, BLOCK=block)
     return keep.bool()
 

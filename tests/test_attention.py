@@ -345,7 +345,7 @@ def test_dropout_through_public_api_replays(device, monkeypatch):
     K = _kernels()
     import fasttx.ops.attention as ops
 
-    monkeypatch.setattr(ops, "draw_philox_seed", lambda: 4321)
+    monkeypatch.setattr(ops, "draw_seed", lambda dev: torch.tensor([4321], dtype=torch.int64, device=dev))
     p = 0.2
     q, k, v = _qkv(1, 2, 2, 32, 64, 16, fp16, device)
     keep = K.dropout_mask((1, 2, 32, 64), 4321, p, device)

@@ -241,6 +241,22 @@ def check_dtensor_ops(mesh, rank):
     rope = lambda q, k, c, s_: FF.apply_rotary_emb(q, k, c, s_)  # noqa: E731
     _dt_compare(mesh, rope, [q, k, cos, sin], [S(1), S(1), R, R], expect=[[S(1)], [S(1)]])
 
+    # cross-entropy on the batch (rows), the LM head replicated; the reduction runs on DTensors
+    logits, tgt = torch.randn(8, 11), torch.randint(0, 11, (8,))
+    ce_rows = lambda z, t: FF.cross_entropy(z, t, reduction="none", label_smoothing=0.1)  # noqa: E731
+    _dt_compare(mesh, ce_rows, [logits, tgt], [S(0), S(0)], expect=[[S(0)]])
+    _dt_compare(mesh, FF.cross_entropy, [logits, tgt], [S(0), S(0)])  # mean
+    xh, head = torch.randn(8, 6), torch.randn(11, 6)
+    lce_rows = lambda a, w, t: FF.linear_cross_entropy(a, w, t, reduction="none")  # noqa: E731
+    _dt_compare(mesh, lce_rows, [xh, head, tgt], [S(0), R, S(0)], expect=[[S(0)]])
+    _dt_compare(mesh, FF.linear_cross_entropy, [xh, head, tgt], [S(0), R, S(0)])  # mean; dW a partial sum
+    # fasttx.flash on heads ((B, L, H, D): dim 2), window and softcap in the kernel
+    from fasttx.flash import flash_attn_func
+
+    qf, kf, vf = (torch.randn(2, 6, 4, 8) for _ in range(3))
+    fl = lambda q, k, v: flash_attn_func(q, k, v, causal=True, window_size=(2, 0), softcap=5.0)  # noqa: E731
+    _dt_compare(mesh, fl, [qf, kf, vf], [S(2)] * 3, expect=[[S(2)]])
+
     # Dropout: every rank's mask is the single-process mask, for a Replicate input and for a
     # sharded one (which DTensor all-gathers first, with a one-time warning).
     torch.manual_seed(5)
@@ -591,3 +607,23 @@ def test_fsdp2_mixed_precision_on_cuda():
         assert runs["triton"][-1] < runs["triton"][0]
     finally:
         dist.destroy_process_group()
+
+
+def test_every_fasttx_custom_op_has_a_sharding_rule_registered_when_dtensor_loads():
+    # A new custom op without a rule (or an op module that does not register its rules as it
+    # loads) would make DTensor fail with "no sharding strategy" only for users of that op.
+    code = (
+        "import importlib, pkgutil, torch, torch.distributed.tensor\n"
+        "import fasttx.ops, fasttx.distributed as D\n"
+        "for m in pkgutil.iter_modules(fasttx.ops.__path__):\n"
+        "    importlib.import_module('fasttx.ops.' + m.name)\n"
+        "defined = set(D._defined_fasttx_ops())\n"
+        "missing = sorted(defined - set(D.registered_ops()))\n"
+        "print('missing', missing, len(defined))\n"
+    )
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().startswith("missing []"), r.stdout

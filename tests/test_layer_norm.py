@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fasttx.functional as FF
 from fasttx import reference as R
-from fasttx.ops._common import draw_philox_seed
+from fasttx.ops._common import draw_seed
 
 from utils import DTYPES, TOL, assert_2x_rule, assert_close, noncontig
 
@@ -352,7 +352,7 @@ def _kernel_mask(K, x, p, seed):
     """The keep-mask the Triton path draws after torch.manual_seed(seed): the same Philox seed
     (drawn the way the op draws it), replayed through the launcher's return_mask hook."""
     torch.manual_seed(seed)
-    philox = draw_philox_seed()
+    philox = draw_seed(x.device)
     N = x.shape[-1]
     return K.layer_norm_forward(x, N, None, None, 1e-5, p=p, seed=philox, return_mask=True)[-1]
 

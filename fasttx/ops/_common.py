@@ -15,24 +15,6 @@ def draw_seed(device: torch.device) -> torch.Tensor:
     return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device)
 
 
-def draw_philox_seed() -> int:
-    """A host Philox seed (the fused LayerNorm and attention kernels still take one), drawn from
-    torch's default (CPU) generator, so that
-    `torch.manual_seed` reproduces a run. Drawn on the host: no device sync. Call it inside a
-    custom op's implementation (not in traced Python) so torch.compile sees no `.item()`.
-
-    A host seed would be baked into a captured CUDA graph, and every replay would then drop the
-    same elements: refused with a clear error rather than silently repeating one mask."""
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError(
-            "fasttx's fused dropout (p > 0 in training) cannot be captured in a CUDA graph yet: its Philox "
-            "seed is drawn on the host, so every replay would reuse one dropout mask. Capture the "
-            "model in eval() mode or with dropout p=0, or use fasttx.use_backend('torch') "
-            "for the captured region."
-        )
-    return int(torch.randint(0, _SEED_HIGH, (1,)).item())
-
-
 def keep_layout(fn, input: torch.Tensor) -> torch.Tensor:
     """fn(input) for an elementwise fn whose kernel writes contiguous outputs, with the output in
     input's layout, as torch's elementwise ops give it (memory_format=torch.preserve_format).

@@ -25,7 +25,7 @@ from fasttx.kernels import attention as K
 
 from fasttx import _checks
 
-from ._common import draw_philox_seed
+from ._common import draw_seed
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -33,28 +33,35 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # ------------------------------------------------------------------------------------------------
 # Custom ops
 # ------------------------------------------------------------------------------------------------
+def _draw(q: Tensor, dropout_p: float) -> Tensor:
+    """The dropout's Philox seed as a (1,) int64 tensor on q's device, drawn inside the op (no
+    `.item()` for torch.compile to trace) and read by the kernels there, so a captured CUDA graph
+    draws a new mask on every replay; (0,) without dropout."""
+    return draw_seed(q.device) if dropout_p > 0.0 else q.new_empty((0,), dtype=torch.int64)
+
+
 @torch.library.custom_op("fasttx::sdpa_fwd", mutates_args=())
 def _sdpa_fwd(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
     fp32_out: bool, causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """q (B, Hq, L, E), k/v (B, Hkv, S, E), mask (B, Hq, L, S) or None ->
-    (out (B, Hq, L, E), lse fp32 (B, Hq, L), seed int64 () on the CPU, out32): out32 is the fp32
+    (out (B, Hq, L, E), lse fp32 (B, Hq, L), seed (1,) int64 on q's device ((0,) without dropout), out32): out32 is the fp32
     output (B, Hq, L, E) when fp32_out (16-bit inputs that will be differentiated: the backward's
     delta comes from it), else an empty fp32 tensor. causal_offset: query i sees keys
     j <= i + causal_offset when is_causal (0 for SDPA, S - L for fasttx.flash)."""
-    seed = draw_philox_seed() if dropout_p > 0.0 else 0  # drawn here: torch.compile traces no .item()
+    seed = _draw(q, dropout_p)
     res = K.attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
                               return_fp32_out=fp32_out, causal_offset=causal_offset)
     out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
-    return res[0], res[1], torch.tensor(seed, dtype=torch.int64), out32
+    return res[0], res[1], seed, out32
 
 
 @_sdpa_fwd.register_fake
 def _(q, k, v, mask, dropout_p, is_causal, scale, fp32_out, causal_offset=0):
     B, H, L, E = q.shape
     return (q.new_empty((B, H, L, E)), q.new_empty((B, H, L), dtype=torch.float32),
-            torch.empty((), dtype=torch.int64, device="cpu"),
+            q.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64),
             q.new_empty((B, H, L, E) if fp32_out else (0,), dtype=torch.float32))
 
 
@@ -66,7 +73,7 @@ def _sdpa_bwd(
     """Gradients (dq like q, dk and dv like k) from the forward's output (fp32 for 16-bit inputs),
     lse and dropout seed."""
     return K.attention_backward(dout, q, k, v, mask, out, lse, scale=scale, is_causal=is_causal,
-                                dropout_p=dropout_p, seed=int(seed.item()), causal_offset=causal_offset)
+                                dropout_p=dropout_p, seed=seed, causal_offset=causal_offset)
 
 
 @_sdpa_bwd.register_fake
@@ -256,19 +263,19 @@ def _flash_fwd(
     """q (B, H, L, E) (or (1, H, total_q, E) with cu_q), k/v (B, Hkv, S, E) (or (1, Hkv, rows, E)
     with k_start/k_len) -> (out like q, lse q.shape[:3] fp32, seed, out32). left/right: flash-attn's
     window sizes (-1 unbounded); causal forces right = 0."""
-    seed = draw_philox_seed() if dropout_p > 0.0 else 0
+    seed = _draw(q, dropout_p)
     seqlens = _seqlens(cu_q, k_start, k_len, max_q, max_k)
     res = K.attention_forward(q, k, v, None, scale=scale, dropout_p=dropout_p, seed=seed, return_fp32_out=fp32_out,
                               seqlens=seqlens, decode=False if cu_q is not None else None,
                               **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
     out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
-    return res[0], res[1], torch.tensor(seed, dtype=torch.int64), out32
+    return res[0], res[1], seed, out32
 
 
 @_flash_fwd.register_fake
 def _(q, k, v, cu_q, k_start, k_len, alibi, dropout_p, scale, causal, left, right, softcap, max_q, max_k, fp32_out):
     return (q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32),
-            torch.empty((), dtype=torch.int64, device="cpu"),
+            q.new_empty((1,) if dropout_p > 0.0 else (0,), dtype=torch.int64),
             q.new_empty(q.shape if fp32_out else (0,), dtype=torch.float32))
 
 
@@ -280,7 +287,7 @@ def _flash_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     seqlens = _seqlens(cu_q, k_start, k_len, max_q, max_k)
     return K.attention_backward(dout, q, k, v, None, out, lse, scale=scale, dropout_p=dropout_p,
-                                seed=int(seed.item()), seqlens=seqlens,
+                                seed=seed, seqlens=seqlens,
                                 **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
 
 

@@ -426,3 +426,9 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
     t_rows = tp if P == 1 else (t.movedim(1, -1).reshape(-1, C) if prob else t.reshape(-1))
     shape = (*input.shape[:-1], *out)
     return reduce(loss, t_rows, weight, ignore_index, reduction, shape, input.dtype)
+
+
+# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
+from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+
+register_if_dtensor_loaded()
