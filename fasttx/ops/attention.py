@@ -5,8 +5,8 @@ reason, and functional runs torch's own op with one warning), then `check(...)` 
 rules and exception types, raised here rather than inside a kernel), then calls
 `scaled_dot_product_attention`, which normalises the arguments to the kernels' layout
 (q (B, Hq, L, E), k/v (B, Hkv, S, E) with a contiguous last dim, the mask expand()ed to
-(B, Hq, L, S) without copying) and calls the custom op `fasttx::sdpa_fwd`, whose autograd calls
-`fasttx::sdpa_bwd`. Broadcasting and reshapes happen outside the custom op, so autograd sums the
+(B, Hq, L, S) without copying) and calls the custom op `fasttx::attention`, whose autograd calls
+`fasttx::attention_backward`. Broadcasting and reshapes happen outside the custom op, so autograd sums the
 gradients of broadcast (stride-0) batch and head dims by itself.
 
 Not covered by the kernels: E != Ev, head dims above 256, dtypes other than fp16/bf16/fp32, and a
@@ -40,7 +40,7 @@ def _draw(q: Tensor, dropout_p: float) -> Tensor:
     return draw_seed(q.device) if dropout_p > 0.0 else q.new_empty((0,), dtype=torch.int64)
 
 
-@torch.library.custom_op("fasttx::sdpa_fwd", mutates_args=())
+@torch.library.custom_op("fasttx::attention", mutates_args=())
 def _sdpa_fwd(
     q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float, is_causal: bool, scale: float,
     fp32_out: bool, causal_offset: int = 0,
@@ -65,7 +65,7 @@ def _(q, k, v, mask, dropout_p, is_causal, scale, fp32_out, causal_offset=0):
             q.new_empty((B, H, L, E) if fp32_out else (0,), dtype=torch.float32))
 
 
-@torch.library.custom_op("fasttx::sdpa_bwd", mutates_args=())
+@torch.library.custom_op("fasttx::attention_backward", mutates_args=())
 def _sdpa_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], out: Tensor, lse: Tensor,
     seed: Tensor, dropout_p: float, is_causal: bool, scale: float, causal_offset: int = 0,
@@ -254,7 +254,7 @@ def _seqlens(cu_q, k_start, k_len, max_q, max_k):
     return None if k_len is None else K.Seqlens(cu_q, k_start, k_len, max_q, max_k)
 
 
-@torch.library.custom_op("fasttx::flash_fwd", mutates_args=())
+@torch.library.custom_op("fasttx::flash_attention", mutates_args=())
 def _flash_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], k_start: Optional[Tensor], k_len: Optional[Tensor],
     alibi: Optional[Tensor], dropout_p: float, scale: float, causal: bool, left: int, right: int, softcap: float,
@@ -279,7 +279,7 @@ def _(q, k, v, cu_q, k_start, k_len, alibi, dropout_p, scale, causal, left, righ
             q.new_empty(q.shape if fp32_out else (0,), dtype=torch.float32))
 
 
-@torch.library.custom_op("fasttx::flash_bwd", mutates_args=())
+@torch.library.custom_op("fasttx::flash_attention_backward", mutates_args=())
 def _flash_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
     cu_q: Optional[Tensor], k_start: Optional[Tensor], k_len: Optional[Tensor], alibi: Optional[Tensor],
@@ -314,7 +314,7 @@ def _flash_backward(ctx, dout, _dlse, _dseed, _dout32):
 _flash_fwd.register_autograd(_flash_backward, setup_context=_flash_setup_context)
 
 
-@torch.library.custom_op("fasttx::flash_kvcache_fwd", mutates_args=())
+@torch.library.custom_op("fasttx::flash_attention_kvcache", mutates_args=())
 def _flash_kvcache_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_q: Optional[Tensor], k_start: Tensor, k_len: Tensor,
     block_table: Optional[Tensor], page_size: int, alibi: Optional[Tensor], scale: float, causal: bool, left: int,
