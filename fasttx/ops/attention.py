@@ -46,9 +46,9 @@ def _sdpa_fwd(
     fp32_out: bool, causal_offset: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """q (B, Hq, L, E), k/v (B, Hkv, S, E), mask (B, Hq, L, S) or None ->
-    (out (B, Hq, L, E), lse fp32 (B, Hq, L), seed (1,) int64 on q's device ((0,) without dropout), out32): out32 is the fp32
-    output (B, Hq, L, E) when fp32_out (16-bit inputs that will be differentiated: the backward's
-    delta comes from it), else an empty fp32 tensor. causal_offset: query i sees keys
+    (out (B, Hq, L, E), lse fp32 (B, Hq, L), seed (1,) int64 on q's device ((0,) without dropout),
+    out32): out32 is the fp32 output (B, Hq, L, E) when fp32_out (16-bit inputs that will be
+    differentiated: the backward's delta comes from it), else an empty fp32 tensor. causal_offset: query i sees keys
     j <= i + causal_offset when is_causal (0 for SDPA, S - L for fasttx.flash)."""
     seed = _draw(q, dropout_p)
     res = K.attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
