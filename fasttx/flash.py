@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import use_triton
+from .ops._common import acc_dtype
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
@@ -82,7 +83,7 @@ def _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_s
     the (Lq, Lk) visibility built from the bottom-right-aligned distances."""
     B, Lq, H, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = acc_dtype(q.dtype)
     qh = q.transpose(1, 2).to(dt)  # (B, H, Lq, D)
     kh = k.transpose(1, 2).to(dt).repeat_interleave(H // Hk, dim=1)  # (B, H, Lk, D)
     vh = v.transpose(1, 2).to(dt).repeat_interleave(H // Hk, dim=1)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, as_rows
+from ._common import acc_dtype, as_rows, stat_dtype
 
 MAX_BLOCK_C = 4096  # class-dim chunk of the row kernel
 
@@ -308,7 +308,7 @@ def _linear_ce_loop(x, w, b, target, weight, ignore_index, label_smoothing, grad
     C = w.shape[0]
     loss = torch.empty(M, dtype=torch.float32, device=x.device)
     lse = torch.empty(M, dtype=torch.float32, device=x.device)
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    acc = stat_dtype(w.dtype)
     dx = torch.empty_like(x) if grad is not None else None
     dw = torch.zeros(C, H, dtype=acc, device=x.device) if grad is not None else None
     db = torch.zeros(C, dtype=acc, device=x.device) if grad is not None and b is not None else None

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._math import gelu, gelu_grad
-from ._common import MAX_ROW_PROGRAMS, acc_dtype, as_rows, elementwise_config
+from ._common import MAX_ROW_PROGRAMS, acc_dtype, as_rows, elementwise_config, stat_dtype
 
 # Activation codes (constexpr ACT); constexpr globals so the kernels can compare against them.
 _GELU = tl.constexpr(0)
@@ -198,9 +198,9 @@ def bias_act_backward(dy: torch.Tensor, x: torch.Tensor, bias, activation: str):
     M, N = x2.shape
     max_rows = _MAX_DBIAS_STRIPS if bias is not None else MAX_ROW_PROGRAMS
     block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows)
-    acc = acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
-    acc_torch = torch.float64 if acc == tl.float64 else torch.float32
-    partial = torch.empty((grid[1], N) if bias is not None else (1,), dtype=acc_torch, device=x.device)
+    compute = torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype
+    acc = acc_dtype(compute)
+    partial = torch.empty((grid[1], N) if bias is not None else (1,), dtype=stat_dtype(compute), device=x.device)
     _bias_act_bwd_kernel[grid](
         dy2, x2, bias if bias is not None else x2, x2, dx2, dx2, partial, M, N,
         dy2.stride(0), x2.stride(0), 0, dx2.stride(0), 0, rows_per_prog,

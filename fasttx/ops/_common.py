@@ -6,6 +6,12 @@ import torch
 _SEED_HIGH = 2**31 - 1
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype fasttx computes and keeps statistics in for inputs of `dtype`: fp64 for fp64,
+    fp32 for everything else (16-bit inputs are upcast, as torch's fused ops do)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def draw_seed(device: torch.device) -> torch.Tensor:
     """A Philox seed for one dropout call as a (1,) int64 tensor on `device`, drawn by torch's
     generator of that device (torch.manual_seed reproduces a run). The kernel reads it on the

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import acc_dtype
+
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -279,7 +281,7 @@ def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None):
     clobbered). The formulas of kernels/cross_entropy.py, in place: e = exp(z - max) is computed
     once, lse = max + log(sum e) and p = e / sum e come from it; one fp32 (m, C) buffer at most
     (none for fp32 logits)."""
-    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(z.dtype)
     zf = z.to(acc)  # z itself for fp32 logits
     C = z.shape[1]
     w = weight.to(acc) if weight is not None else None
@@ -351,7 +353,7 @@ class _TorchLinearCE(torch.autograd.Function):
     def forward(ctx, x, w, b, target, weight, ignore_index, eps):
         M, H = x.shape
         C = w.shape[0]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         wsum = weight.sum(dtype=acc) if weight is not None else float(C)  # a tensor: no host sync
         chunk = _chunk(M, H, C)
         loss = torch.empty(M, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,

@@ -22,6 +22,8 @@ from torch import Tensor
 
 from fasttx.kernels import layer_norm as K
 
+from ._common import acc_dtype
+
 _Shape = Union[int, Sequence[int], torch.Size]
 CASTS = K.CASTS
 # torch's scalar type names, as its "not implemented for 'Int'" messages spell them
@@ -36,7 +38,7 @@ def _shape(normalized_shape: _Shape) -> tuple:
 def default_eps(dtype: torch.dtype) -> float:
     """eps=None: torch's F.rms_norm takes the machine epsilon of the dtype it computes in, fp32 for
     16-bit and fp32 inputs (not bf16's 2^-7), fp64 for fp64."""
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    return torch.finfo(acc_dtype(dtype)).eps
 
 
 def unsupported(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residual=None,
@@ -110,7 +112,7 @@ def _add_rms_norm(
 def _(input, residual, N, weight, eps, cast):
     h_dtype = _h_dtype(input, residual)
     rows = input.numel() // N if N > 0 else 0
-    rstd = input.new_empty(rows, dtype=torch.float64 if h_dtype == torch.float64 else torch.float32)
+    rstd = input.new_empty(rows, dtype=acc_dtype(h_dtype))
     y = input.new_empty(input.shape, dtype=K.rms_norm_out_dtype(h_dtype, weight, cast))
     h = input.new_empty(input.shape, dtype=h_dtype) if residual is not None else input.new_empty(0)
     return y, h, rstd
