@@ -72,3 +72,15 @@ def check_dropout_p(p) -> float:
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     return float(p)
+
+
+def check_residual(op: str, input, residual) -> None:
+    """A fused op's residual: None, or a floating-point tensor of input's shape on its device."""
+    if residual is None:
+        return
+    if residual.shape != input.shape:
+        raise RuntimeError(f"{op}: expected residual of the input's shape {list(input.shape)}, got "
+                           f"{list(residual.shape)}")
+    if not residual.is_floating_point() or residual.device != input.device:
+        raise RuntimeError(f"{op}: expected residual a floating-point tensor on {input.device}, got "
+                           f"{residual.dtype} on {residual.device}")

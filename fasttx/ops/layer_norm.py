@@ -21,6 +21,8 @@ from torch import Tensor
 
 from fasttx.kernels import layer_norm as K
 
+from fasttx._checks import check_residual
+
 from ._common import draw_seed
 
 _LOW = (torch.float16, torch.bfloat16)
@@ -206,17 +208,7 @@ def dropout_add_layer_norm(
     normalized_shape or None. Both outputs in torch.result_type(input, residual); both take
     gradients. The keep-mask is Philox(seed, flat element index of input), seed drawn from
     torch's generator (torch.manual_seed reproduces it) and regenerated in the backward."""
-    if residual is not None:
-        if residual.shape != input.shape:
-            raise RuntimeError(
-                f"dropout_add_layer_norm: expected residual of the input's shape "
-                f"{list(input.shape)}, got {list(residual.shape)}"
-            )
-        if not residual.is_floating_point() or residual.device != input.device:
-            raise RuntimeError(
-                f"dropout_add_layer_norm: expected residual a floating-point tensor on "
-                f"{input.device}, got {residual.dtype} on {residual.device}"
-            )
+    check_residual("dropout_add_layer_norm", input, residual)
     # h (and y) take the promoted dtype; the parameters must suit that dtype.
     # (promote_types, not result_type: dynamo folds the former, the latter breaks the graph)
     dtype = input.dtype if residual is None else torch.promote_types(input.dtype, residual.dtype)

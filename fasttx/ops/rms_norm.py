@@ -22,6 +22,8 @@ from torch import Tensor
 
 from fasttx.kernels import layer_norm as K
 
+from fasttx._checks import check_residual
+
 from ._common import acc_dtype
 
 _Shape = Union[int, Sequence[int], torch.Size]
@@ -79,17 +81,7 @@ def check(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residu
             )
         if weight.device != input.device:
             raise RuntimeError(f"{op}: expected weight on the input's device {input.device}, got {weight.device}")
-    if residual is not None:
-        if residual.shape != input.shape:
-            raise RuntimeError(
-                f"{op}: expected residual of the input's shape {list(input.shape)}, got "
-                f"{list(residual.shape)}"
-            )
-        if not residual.is_floating_point() or residual.device != input.device:
-            raise RuntimeError(
-                f"{op}: expected residual a floating-point tensor on {input.device}, got "
-                f"{residual.dtype} on {residual.device}"
-            )
+    check_residual(op, input, residual)
 
 
 # ----------------------------------------------------------------------------------------------
