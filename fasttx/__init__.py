@@ -13,19 +13,22 @@ import sys as _sys
 
 
 def _bind_kernels_from_source_tree() -> None:
-    # Installed, `fasttx.kernels` comes from setuptools' package-dir mapping. From a source
-    # checkout that is not installed (pytest from the repository root), bind ../kernels under
-    # that name: there is never a top-level `kernels` module.
+    # The repository's top-level kernels/ is installed only as `fasttx.kernels`. It has no
+    # __init__.py on purpose: with the repository root on sys.path (pytest, `python -c`, a notebook
+    # or a README snippet run from the root), a folder without __init__.py is only a namespace
+    # candidate, and Python prefers any regular `kernels` package further down sys.path, so
+    # `import kernels` gives Hugging Face's package (transformers imports it), never ours.
+    # Wheel installs: setuptools copies the folder to fasttx/kernels/, found as a namespace
+    # subpackage. Editable installs and a bare checkout: setuptools' editable finder skips a
+    # mapped folder without __init__.py, so fasttx.kernels is bound here to ../kernels.
     if "fasttx.kernels" in _sys.modules or _ilu.find_spec("fasttx.kernels") is not None:
         return
     src = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
-    init = _os.path.join(src, "__init__.py")
-    if not _os.path.isfile(init):
+    if not _os.path.isfile(_os.path.join(src, "_common.py")):
         return
-    spec = _ilu.spec_from_file_location("fasttx.kernels", init, submodule_search_locations=[src])
-    module = _ilu.module_from_spec(spec)
-    _sys.modules["fasttx.kernels"] = module
-    spec.loader.exec_module(module)
+    spec = _ilu.spec_from_loader("fasttx.kernels", None, is_package=True)
+    spec.submodule_search_locations = [src]
+    _sys.modules["fasttx.kernels"] = _ilu.module_from_spec(spec)
 
 
 _bind_kernels_from_source_tree()

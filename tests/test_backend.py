@@ -92,29 +92,92 @@ def test_missing_triton_leaves_torch_path_working():
     assert r.returncode != 0 and "triton is not installed" in r.stderr
 
 
-def test_kernels_importable_as_subpackage_only(tmp_path):
-    """Installed, fasttx's kernels exist only as fasttx.kernels: importing every part of fasttx
-    (outside the source tree, where the repository root is not on sys.path) never binds a
-    top-level `kernels`, a name another PyPI package owns, and none is importable."""
-    import fasttx.kernels
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_OURS = os.path.join(_ROOT, "kernels")
 
-    assert os.path.basename(os.path.dirname(fasttx.kernels.__file__)) == "kernels"
-    code = (
-        "import sys, importlib, pkgutil\n"
-        "import fasttx, fasttx.functional, fasttx.nn, fasttx.models, fasttx.kernels\n"
-        "for m in pkgutil.iter_modules(fasttx.kernels.__path__):\n"
-        "    importlib.import_module('fasttx.kernels.' + m.name)\n"
-        "for name in ('layer_norm', 'activation', 'dropout', 'softmax', 'attention'):\n"
-        "    importlib.import_module('fasttx.ops.' + name)\n"
-        "assert 'kernels' not in sys.modules, sys.modules['kernels']\n"
-        "try:\n"
-        "    import kernels\n"
-        "except ImportError:\n"
-        "    print('ok')\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
-                       env=dict(os.environ, PYTHONPATH=""))
+
+def _run_at(cwd, code):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd,
+                          env=dict(os.environ, PYTHONPATH=""))
+
+
+_IMPORT_ALL_OF_FASTTX = (
+    "import sys, importlib, pkgutil, os\n"
+    "import fasttx, fasttx.functional, fasttx.nn, fasttx.models, fasttx.flash, fasttx.kernels\n"
+    "for pkg in ('fasttx.kernels', 'fasttx.ops', 'fasttx.nn', 'fasttx.models'):\n"
+    "    for m in pkgutil.iter_modules(importlib.import_module(pkg).__path__):\n"
+    "        importlib.import_module(pkg + '.' + m.name)\n"
+    "k = sys.modules.get('kernels')\n"
+    "paths = [os.path.realpath(p) for p in getattr(k, '__path__', [])] if k is not None else []\n"
+    "print('kernels', 'absent' if k is None else paths)\n"
+)
+
+
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+def test_importing_fasttx_binds_no_top_level_kernels_of_ours(tmp_path, where):
+    """fasttx's kernels exist only as fasttx.kernels: importing every part of fasttx, from the
+    repository root (on sys.path) or from anywhere else, binds no top-level `kernels` (a name
+    Hugging Face's package owns), and fasttx.kernels is our folder."""
+    import fasttx.kernels
+    import fasttx.kernels.attention
+
+    assert os.path.realpath(os.path.dirname(fasttx.kernels.attention.__file__)) == os.path.realpath(_OURS)
+    r = _run_at(_ROOT if where == "root" else tmp_path, _IMPORT_ALL_OF_FASTTX)
     if "No module named 'fasttx'" in r.stderr:
         pytest.skip("fasttx is not installed (pytest run from a bare checkout)")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "ok"
+    assert os.path.realpath(_OURS) not in r.stdout, r.stdout
+    assert r.stdout.startswith("kernels absent"), r.stdout
+
+
+def test_import_kernels_from_the_root_is_never_ours():
+    """With the repository root on sys.path, `import kernels` finds Hugging Face's package when it
+    is installed; ours (a folder without __init__.py) never wins over it, and is never a regular
+    package of that name."""
+    code = (
+        "import os, importlib.util\n"
+        "spec = importlib.util.find_spec('kernels')\n"
+        "print('none' if spec is None else (spec.origin, [os.path.realpath(p) for p in "
+        "spec.submodule_search_locations or []]))\n"
+    )
+    r = _run_at(_ROOT, code)
+    assert r.returncode == 0, r.stderr
+    assert not os.path.isfile(os.path.join(_OURS, "__init__.py"))
+    hf = _run_at(os.path.dirname(_ROOT), "import importlib.util as u, sys; sys.path = [p for p in sys.path if p]\n"
+                 "print(u.find_spec('kernels') is not None)")
+    if hf.stdout.strip() == "True":  # Hugging Face's kernels is installed: it is what the root finds
+        assert "site-packages" in r.stdout and os.path.realpath(_OURS) not in r.stdout, r.stdout
+
+
+def test_transformers_hub_kernels_imports_from_the_root():
+    """transformers imports Hugging Face's `kernels` (transformers.integrations.hub_kernels); from
+    the repository root that import must find theirs, not our kernels/ folder."""
+    pytest.importorskip("transformers")
+    r = _run_at(_ROOT, "import transformers.integrations.hub_kernels\n"
+                "import fasttx.integrations.huggingface\nprint('ok')")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("case", ["missing", "broken"])
+def test_hf_integration_reports_import_errors_as_they_are(tmp_path, case):
+    """Only a missing transformers is told to install the extra; any other import error of
+    transformers is named, with the real exception chained."""
+    if case == "missing":
+        (tmp_path / "sitecustomize.py").write_text("import sys\nsys.modules['transformers'] = None\n")
+    else:
+        (tmp_path / "transformers").mkdir()
+        (tmp_path / "transformers" / "__init__.py").write_text(
+            "from kernels import CUDAProperties  # what a shadowed dependency looks like\n")
+        (tmp_path / "kernels").mkdir()
+        (tmp_path / "kernels" / "__init__.py").write_text("")
+    code = ("try:\n    import fasttx.integrations.huggingface\n"
+            "except ImportError as e:\n    print(repr(e)); print(repr(e.__cause__))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert r.returncode == 0, r.stderr
+    if case == "missing":
+        assert "pip install 'fasttx[hf]'" in r.stdout, r.stdout
+    else:
+        assert "fasttx[hf]" not in r.stdout, r.stdout
+        assert "importing transformers failed" in r.stdout and "CUDAProperties" in r.stdout, r.stdout

@@ -65,9 +65,15 @@ from torch import Tensor, nn
 try:
     import transformers
     from transformers import activations as _hf_act
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
+except ImportError as exc:
+    if isinstance(exc, ModuleNotFoundError) and exc.name == "transformers":
+        raise ImportError(
+            "fasttx.integrations.huggingface needs transformers>=4.48: pip install 'fasttx[hf]'"
+        ) from exc
+    # transformers is installed but failed to import (a broken or shadowed dependency, a version
+    # mismatch): say what failed instead of sending the user to reinstall.
     raise ImportError(
-        "fasttx.integrations.huggingface needs transformers>=4.48: pip install 'fasttx[hf]'"
+        f"fasttx.integrations.huggingface: importing transformers failed: {type(exc).__name__}: {exc}"
     ) from exc
 
 import fasttx.functional as FF
