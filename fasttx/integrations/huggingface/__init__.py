@@ -54,7 +54,7 @@ from fasttx._convert import convert as _convert_torch_modules
 from . import modules as M
 from . import recognition as R
 from .attention import (ATTN_IMPLEMENTATION, attention_policy, fasttx_attention_forward, register,
-                        rotary_attention_forward, set_attention)
+                        rotary_attention_forward, rotary_fn, rotary_fn_forward, set_attention)
 from .loss import fasttx_causal_lm_loss, patch_model_forward
 
 __all__ = [
@@ -114,10 +114,9 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
         left["attention"] = why_not
         return
     candidates = R.rotary_candidates(model)
-    for m in model.modules():
-        if m not in candidates and type(m).__name__.endswith("Attention") and R.takes_rotary_tables(m):
-            left[f"{type(m).__name__} rotary"] = "its projections are not the q/k/v/o layout fasttx reproduces"
-    delegated, matched, captured, failed = R.model_probe(model, use_fasttx, candidates)
+    fn_candidates = R.rotary_fn_candidates(model, set(candidates))
+    fn_captured = {}
+    delegated, matched, captured, failed = R.model_probe(model, use_fasttx, candidates, fn_candidates, fn_captured)
     for m in candidates:
         cls = type(m).__name__
         if m not in captured:
@@ -129,6 +128,24 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
         else:
             M.set_forward(m, rotary_attention_forward)
             swapped.add(f"{cls} ({form})")
+    for m in fn_candidates:
+        cls = type(m).__name__
+        if m not in fn_captured:
+            if R.takes_rotary_tables(m):
+                left[f"{cls} rotary"] = failed or "its apply_rotary_pos_emb was not reached by the probe forward"
+            continue
+        form, why = R.probe_rotary_fn(fn_captured[m])
+        if form is None:
+            left[f"{cls} rotary"] = why
+        else:
+            single = R.rotary_fn_params(fn_captured[m][0])[:1] == ["tensor"]
+            m.__dict__["_fasttx_rotary_fn"] = rotary_fn(form, single)
+            M.set_forward(m, rotary_fn_forward)
+            swapped.add(f"{cls} (rotary({form}) in apply_rotary_pos_emb)")
+    done = set(candidates) | set(fn_captured)
+    for m in model.modules():
+        if m not in done and type(m).__name__.endswith("Attention") and R.takes_rotary_tables(m):
+            left.setdefault(f"{type(m).__name__} rotary", "its rotary is not a form fasttx reproduces")
     if not use_fasttx:
         left["attention function"] = why_not
         return
@@ -145,7 +162,8 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
         if why is not None:
             left[f"{type(m).__name__} attention"] = why
     names = sorted({type(m).__name__ for m, why in delegated.items() if why is None})
-    swapped.add("attention function" + (f" ({', '.join(names)})" if names else ""))
+    if names:  # (every call delegated: nothing of the attention runs on fasttx)
+        swapped.add(f"attention function ({', '.join(names)})")
 
 
 def apply_fasttx(model: nn.Module, *, keep_logits: bool = False, attention=None) -> nn.Module:

@@ -435,3 +435,51 @@ def rotary_attention_forward(
 # form name -> how the (B, L, R) cos/sin tables are read (rotary_attention_forward)
 ROTARY_FORMS = {"rotary(halves)": "halves", "rotary(interleaved pairs)": "interleaved",
                 "rotary(half tables)": "half tables"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Other attention layouts (fused qkv projections, partial rotary, GPT-J's single-tensor form):
+# the modeling file's own `apply_rotary_pos_emb` is swapped for a fasttx one while the module's
+# forward runs (and only then), after the probe showed the two compute the same.
+# ----------------------------------------------------------------------------------------------
+ROTARY_FN = "apply_rotary_pos_emb"
+
+
+def _tables(cos: Tensor, sin: Tensor, tables: str):
+    if tables == "interleaved":
+        half = cos.shape[-1] // 2
+        return cos[..., :half].repeat_interleave(2, -1), sin[..., :half].repeat_interleave(2, -1)
+    if tables == "half tables":
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+    if tables == "pairs":  # one entry per pair (GPT-J's sincos): each entry twice, in order
+        return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+    return cos, sin
+
+
+def rotary_fn(tables: str, single: bool = False) -> Callable:
+    """A drop-in for a modeling file's apply_rotary_pos_emb built on FF.apply_rotary_emb:
+    (q, k, cos, sin, position_ids=None, unsqueeze_dim=1) -> (q, k) with heads at dim 1
+    (unsqueeze_dim=1) or 2; or, single=True, GPT-J's (tensor (B, L, H, D), sin, cos) -> tensor."""
+    interleaved = tables in ("interleaved", "pairs")
+    if single:
+        def apply_one(tensor, sin, cos):
+            cos, sin = _tables(cos, sin, tables)
+            return FF.apply_rotary_emb(tensor, tensor, cos, sin, interleaved=interleaved, seq_dim=-3)[0]
+        return apply_one
+
+    def apply(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        cos, sin = _tables(cos, sin, tables)
+        return FF.apply_rotary_emb(q, k, cos, sin, interleaved=interleaved, seq_dim=-2 if unsqueeze_dim == 1 else -3)
+    return apply
+
+
+def rotary_fn_forward(self, *args, **kwargs):
+    """The module's own forward with its modeling file's apply_rotary_pos_emb pointing at the
+    fasttx form the probe chose, for the duration of this call."""
+    mod = sys.modules[type(self).__module__]
+    previous = getattr(mod, ROTARY_FN)
+    setattr(mod, ROTARY_FN, self.__dict__["_fasttx_rotary_fn"])
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        setattr(mod, ROTARY_FN, previous)

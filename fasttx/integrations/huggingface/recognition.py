@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import modules as M
-from .attention import (ATTN_IMPLEMENTATION, ROTARY_FORMS, attention_layout, fasttx_attention_forward,
-                        rotary_attention_forward)
+from .attention import (ATTN_IMPLEMENTATION, ROTARY_FN, ROTARY_FORMS, attention_layout, fasttx_attention_forward,
+                        rotary_attention_forward, rotary_fn)
 from .attention import _delegate_reason as delegate_reason
 
 _TOL = {torch.float32: (1e-5, 1e-5), torch.float64: (1e-7, 1e-7), torch.float16: (1e-2, 1e-2),
@@ -246,13 +247,16 @@ def _run(model: nn.Module, inputs: dict):
         return _first_tensor(type(model).forward(model, **kwargs))
 
 
-def model_probe(model: nn.Module, want_attention_fn: bool, rotary_candidates: List[nn.Module]):
+def model_probe(model: nn.Module, want_attention_fn: bool, rotary_candidates: List[nn.Module],
+                fn_candidates: List[nn.Module] = (), fn_captured: Optional[dict] = None):
     """Eval, no-grad forwards on a padded batch of 2 x 8 tokens: the model as it is (capturing the
     inputs of the rotary candidates), then with "fasttx" attention (through a recording alias with
     the same mask builder). Returns (delegated: {module: reason or None} for every module that
     called the attention function, the reason when its calls go to the model's eager attention;
     whether the outputs matched; captured (args, kwargs) per rotary candidate; why the probe could
-    not run, or None)."""
+    not run, or None). fn_captured (filled): {module: (its file's apply_rotary_pos_emb, args, kwargs)}
+    for the first call each fn_candidate makes."""
+    fn_captured = {} if fn_captured is None else fn_captured
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -277,13 +281,37 @@ def model_probe(model: nn.Module, want_attention_fn: bool, rotary_candidates: Li
         def pre(mod, args, kwargs):
             captured.setdefault(mod, (args, dict(kwargs)))
         hooks.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+    # the modeling files' apply_rotary_pos_emb, recorded per calling module (fn_candidates)
+    stack: List[nn.Module] = []
+    def enter(mod, args):
+        stack.append(mod)
+
+    def leave(mod, args, out):  # returns None: the output is kept
+        stack.pop()
+
+    for m in fn_candidates:
+        hooks.append(m.register_forward_pre_hook(enter))
+        hooks.append(m.register_forward_hook(leave))
+    files = {sys.modules[type(m).__module__] for m in fn_candidates}
+    originals = {f: getattr(f, ROTARY_FN) for f in files}
+
+    def recorder(original):
+        def record(*args, **kwargs):
+            if stack:
+                fn_captured.setdefault(stack[-1], (original, args, dict(kwargs)))
+            return original(*args, **kwargs)
+        return record
     states = {m: m.training for m in model.modules()}
     matched = False
     try:
         model.eval()
         try:
+            for f, fn in originals.items():
+                setattr(f, ROTARY_FN, recorder(fn))
             ref = _run(model, inputs)
         finally:
+            for f, fn in originals.items():
+                setattr(f, ROTARY_FN, fn)
             for h in hooks:
                 h.remove()
         if want_attention_fn:
@@ -334,6 +362,66 @@ def probe_rotary(m: nn.Module, captured: tuple) -> Tuple[Optional[str], str]:
     except Exception as exc:
         return None, f"probe failed ({type(exc).__name__}: {str(exc)[:60]})"
     return None, "no rotary form matches its forward"
+
+
+def rotary_fn_candidates(model: nn.Module, exclude) -> List[nn.Module]:
+    """Modules whose class forward calls their modeling file's apply_rotary_pos_emb."""
+    out = []
+    for m in model.modules():
+        if m in exclude or not callable(getattr(sys.modules.get(type(m).__module__), ROTARY_FN, None)):
+            continue
+        try:
+            source = inspect.getsource(type(m).forward)
+        except (OSError, TypeError):
+            continue
+        if ROTARY_FN + "(" in source:
+            out.append(m)
+    return out
+
+
+def _randn_like(x, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(x.shape, generator=g).to(x.device, x.dtype) if isinstance(x, Tensor) else x
+
+
+def rotary_fn_params(fn) -> List[str]:
+    """Parameter names of a modeling file's apply_rotary_pos_emb (hub-kernel decorated ones are
+    modules whose forward is the function)."""
+    return list(inspect.signature(fn.forward if isinstance(fn, nn.Module) else fn).parameters)
+
+
+def _tuple(x) -> tuple:
+    return (x,) if isinstance(x, Tensor) else tuple(x)
+
+
+def probe_rotary_fn(captured: tuple) -> Tuple[Optional[str], str]:
+    """(form, why not): the fasttx apply_rotary_pos_emb form that reproduces the recorded call,
+    on the recorded tables with the recorded and with random queries/keys."""
+    original, args, kwargs = captured
+    try:
+        params = rotary_fn_params(original)
+    except (TypeError, ValueError):
+        return None, "its apply_rotary_pos_emb has no signature"
+    single = params[:3] == ["tensor", "sin", "cos"]  # GPT-J
+    if not single and params[:4] != ["q", "k", "cos", "sin"]:
+        return None, f"its apply_rotary_pos_emb takes ({', '.join(params)})"
+    n = 1 if single else 2  # the leading tensors to rotate
+    trials = [args, tuple(_randn_like(a, i) for i, a in enumerate(args[:n])) + tuple(args[n:])]
+    forms = ("pairs",) if single else ("halves", "interleaved", "half tables")
+    try:
+        with torch.no_grad():
+            for form in forms:
+                fn = rotary_fn(form, single)
+                ok = True
+                for a in trials:
+                    ref, ours = _tuple(original(*a, **kwargs)), _tuple(fn(*a, **kwargs))
+                    ok = ok and len(ref) == len(ours) and all(
+                        _close(o, r, r.dtype, scaled=True) for o, r in zip(ours, ref))
+                if ok:
+                    return form, ""
+    except Exception as exc:
+        return None, f"probe failed ({type(exc).__name__}: {str(exc)[:60]})"
+    return None, "no fasttx rotary form matches its apply_rotary_pos_emb"
 
 
 def takes_rotary_tables(m: nn.Module) -> bool:
