@@ -157,7 +157,8 @@ def _cross_entropy_fwd_kernel(
             w_y = 1.0
         w_y = tl.where(valid, w_y, 0.0)
         pm1 = _expm1(x_y - lse)
-        loss = (1.0 - eps) * w_y * (lse - x_y)
+        # (max - x_y) + log s, not lse - x_y: no rounding of lse at the logits' magnitude
+        loss = (1.0 - eps) * w_y * ((row_max - x_y) + tl.log(s_row))
         if SMOOTH:
             loss += eps / C * (wsum * lse - tl.sum(sum_wx, axis=0))
         loss = tl.where(valid, loss, 0.0)

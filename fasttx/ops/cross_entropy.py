@@ -325,7 +325,7 @@ def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None, s
         if g is not None:  # d = g (A p - w t')
             d = e.mul_((A / se)[:, None]).sub_(wt).mul_(g.to(acc).reshape(-1, 1))
     else:
-        loss = (1 - eps) * w_y * (lse - x_y)
+        loss = (1 - eps) * w_y * ((mx - x_y) + se.log())  # not lse - x_y: no rounding at the logits' size
         if eps:
             loss = loss + torch.where(valid, eps / C * (wsum * lse - sum_wx), torch.zeros_like(lse))
         if g is not None:
