@@ -429,7 +429,8 @@ def compile_variants(quick: bool):
     """Every variant that selects different code: dtypes, class weights, smoothing, probability
     targets, the forward with and without the in-place gradient, the backward; block sizes from
     short to looped class dims. `quick`: bf16 only, one looped class dim, weights and smoothing
-    together (12 kernels instead of 144)."""
+    together (12 kernels instead of 144); plus, per dtype, the log-prob forward with ENTROPY and a
+    logit scale, with and without the in-place gradient."""
     dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     options = [(False, 0.0), (True, 0.1)] if quick else [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1)]
     for dt in dtypes:
