@@ -214,3 +214,15 @@ def test_bad_arguments_raise(backend, bad, exc):
 def test_listed_as_a_fasttx_op():
     assert {"linear_log_probs", "linear_jsd", "linear_kl_div"} <= set(FF.__all__)
     assert fasttx.functional.linear_log_probs is FF.linear_log_probs
+
+
+def test_torch_compile_fullgraph(backend):
+    x, w, b, t = _inputs((9,), 8, 13)
+    eager = FF.linear_log_probs(x, w, t, bias=b, temperature=0.5, return_entropy=True)  # also: warnings said
+    want = _grads(eager, [torch.ones(9), torch.ones(9)], (x, w, b))
+    f = torch.compile(lambda a, w_, b_: FF.linear_log_probs(a, w_, t, bias=b_, temperature=0.5, return_entropy=True),
+                      fullgraph=True, backend="aot_eager")
+    out = f(x, w, b)
+    got = _grads(out, [torch.ones(9), torch.ones(9)], (x, w, b))
+    for a, e in zip((*out, *got), (*eager, *want)):
+        torch.testing.assert_close(a, e)
