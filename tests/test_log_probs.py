@@ -226,3 +226,13 @@ def test_torch_compile_fullgraph(backend):
     got = _grads(out, [torch.ones(9), torch.ones(9)], (x, w, b))
     for a, e in zip((*out, *got), (*eager, *want)):
         torch.testing.assert_close(a, e)
+
+
+def test_nan_propagates_to_its_row_only(backend):
+    x, w, b, t = _inputs((4,), 8, 13, bias=False)
+    x = x.detach().clone()
+    x[1, 0] = float("nan")
+    t = torch.tensor([1, 2, -100, 3])
+    logp, ent = FF.linear_log_probs(x, w.detach(), t, return_entropy=True)
+    assert logp[1].isnan() and ent[1].isnan()
+    assert torch.isfinite(logp[[0, 2, 3]]).all() and torch.isfinite(ent[[0, 2, 3]]).all()
