@@ -453,7 +453,8 @@ def linear_log_probs(
     valid = target != ignore_index
     tc = torch.where(valid, target, torch.zeros_like(target))
     logp = logp_all.gather(-1, tc.unsqueeze(-1)).squeeze(-1)
-    ent = -(logp_all.exp() * logp_all).sum(-1)
+    plogp = logp_all.exp() * logp_all  # p log p; 0 for p = 0 (an -inf logit), not 0 * -inf
+    ent = -torch.where(logp_all == float("-inf"), torch.zeros_like(plogp), plogp).sum(-1)
     zero = torch.zeros_like(logp)
     return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
 

@@ -236,3 +236,18 @@ def test_nan_propagates_to_its_row_only(backend):
     logp, ent = FF.linear_log_probs(x, w.detach(), t, return_entropy=True)
     assert logp[1].isnan() and ent[1].isnan()
     assert torch.isfinite(logp[[0, 2, 3]]).all() and torch.isfinite(ent[[0, 2, 3]]).all()
+
+
+def test_a_minus_inf_logit_is_probability_zero_not_nan(backend):
+    # a vocabulary entry masked by a -inf bias: p = 0 there, its p log p term 0, finite gradients
+    x, w, b, t = _inputs((6,), 8, 13)
+    b = b.detach().clone()
+    b[5] = float("-inf")
+    t = torch.tensor([1, 2, -100, 3, 0, 12])
+    b.requires_grad_()
+    logp, ent = FF.linear_log_probs(x, w, t, bias=b, return_entropy=True)
+    r_logp, r_ent = ref.linear_log_probs(x, w, t, b, upcast=torch.float64)
+    torch.testing.assert_close(logp.double(), r_logp, atol=ATOL, rtol=ATOL)
+    torch.testing.assert_close(ent.double(), r_ent.detach(), atol=ATOL, rtol=ATOL)
+    gx, gw = _grads((logp, ent), [torch.ones(6), torch.ones(6)], (x, w))
+    assert torch.isfinite(gx).all() and torch.isfinite(gw).all()

@@ -309,13 +309,15 @@ def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None, s
         zm = zf.sub_(mx[:, None])  # z - max
         e = zm.exp()
         se = e.sum(1)
-        # H = log s - sum e (z - max) / s: relative to the max, no cancellation of large logits
-        h = se.log() - torch.where(e == 0, 0.0, e * zm).sum(1) / se
+        # H = log s - sum e (z - max) / s: relative to the max, no cancellation of large logits.
+        # e (z - max) is NaN only as 0 * -inf (an -inf logit: its term is 0) or in a row holding a
+        # NaN logit, whose s is NaN already: nan_to_num_ in place, one (m, C) buffer
+        h = se.log() - (e * zm).nan_to_num_(nan=0.0).sum(1) / se
         ent.copy_(torch.where(valid, h, torch.zeros_like(h)))
         if g is not None:
             # dH/dz_c = -p_c (z_c - lse + H) = -p_c (zm_c - log s + H), p_c = e_c / s
             gh = torch.where(valid, (g_ent.to(acc).reshape(-1) if g_ent is not None else 0.0) / se, 0.0)
-            d_ent = torch.where(e == 0, 0.0, e * zm.sub_((se.log() - h)[:, None])).mul_(-gh[:, None])
+            d_ent = (e * zm.sub_((se.log() - h)[:, None])).nan_to_num_(nan=0.0).mul_(-gh[:, None])
     else:
         e = zf.sub_(mx[:, None]).exp_()  # exp(z - max), over zf
         se = e.sum(1)
