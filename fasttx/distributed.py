@@ -22,6 +22,8 @@ The rules, per mesh dimension (every op also accepts all-Replicate):
     swiglu, geglu                                       Shard(d) for any d (gate and up alike); with
                                                         the concatenated (gate | up) input, not its last dim
     apply_rotary_emb                                    q, k sharded on heads, cos/sin replicated
+    linear_cross_entropy, linear_log_probs              rows (tokens) sharded with their targets, the
+                                                        head replicated; backward: dW, db Partial
 
 Dropout masks under sharding. Each rank draws the Philox seed from its own torch generator (ranks
 seeded alike draw the same seed, as a Replicate DTensor needs) and masks the local tensors by
@@ -260,6 +262,23 @@ def _linear_cross_entropy_backward(grad, x, w, b, target, weight, ignore_index, 
             ([S(0), P, db], [S(0), S(0), R, _opt(b, R), S(0), _opt(weight, R), None, None])]
 
 
+def _linear_log_probs(x, w, b, target, ignore_index, temperature, entropy):
+    # as linear_cross_entropy: rows (tokens) sharded with their targets, the head replicated
+    # -> (logp (M,), ent (M,) or an empty stand-in)
+    R, S, _ = _placements()
+    e = S(0) if entropy else R
+    return [([R, R], [R, R, _opt(b, R), R, None, None, None]),
+            ([S(0), e], [S(0), R, _opt(b, R), S(0), None, None, None])]
+
+
+def _linear_log_probs_backward(grad_logp, grad_ent, x, w, b, target, ignore_index, temperature, entropy):
+    # dx follows the rows; dw and db sum over rows: partial sums (reduced by DTensor)
+    R, S, P = _placements()
+    db = P if b is not None else R
+    return [([R, R, R], [R, _opt(grad_ent, R), R, R, _opt(b, R), R, None, None, None]),
+            ([S(0), P, db], [S(0), _opt(grad_ent, S(0)), S(0), R, _opt(b, R), S(0), None, None, None])]
+
+
 def _heads(t, S):
     """ALiBi slopes (H,) or (B, H) sharded with the heads (their last dim)."""
     return None if t is None else S(t.ndim - 1)
@@ -318,6 +337,8 @@ _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
     "cross_entropy_backward": _cross_entropy_backward,
     "linear_cross_entropy": _linear_cross_entropy,
     "linear_cross_entropy_backward": _linear_cross_entropy_backward,
+    "linear_log_probs": _linear_log_probs,
+    "linear_log_probs_backward": _linear_log_probs_backward,
 }
 
 

