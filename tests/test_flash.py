@@ -39,8 +39,7 @@ def check_flash(q, k, v, do, **kw):
             torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
     else:
         low, gl = _grads(lambda *t: R.flash_attention(*t, **ref_kw)[0], q, k, v, do)
-        # bf16 stores under the interpreter truncate (1 ulp); outputs here stay below 4
-        atol = ATOL_FLOOR[q.dtype] * (2 if q.dtype == bf16 else 1)
+        atol = ATOL_FLOOR[q.dtype]  # bf16 stores round as on a GPU (tests/_interpreter_bf16.py)
         assert_2x_rule(ours, low, ref, atol=atol)
         for name, a, b, c in zip("qkv", g, gl, gr):
             assert_2x_rule(a, b, c, mult=3.0, atol=atol, name=f"d{name}")
