@@ -58,3 +58,14 @@ def raise_as_torch(call: Callable[[StandIn], object], sizes: Iterable[int], larg
             call(m)
     except (RuntimeError, ValueError, IndexError, TypeError, NotImplementedError) as e:
         raise type(e)(m.translate(str(e))) from None
+
+
+def rms_norm_shapes_ok(input: torch.Tensor, normalized_shape: Sequence[int], weight: Optional[torch.Tensor]) -> bool:
+    """The cheap test that F.rms_norm accepts these arguments (a floating input whose trailing dims
+    are normalized_shape, non-empty; weight None or of that shape): only when it fails do the
+    callers run torch's op on stand-ins for its exact exception, so the hot path pays nothing."""
+    shape = tuple(normalized_shape)
+    return (len(shape) > 0 and input.is_floating_point() and input.dim() >= len(shape)
+            and tuple(input.shape[input.dim() - len(shape):]) == shape
+            and (weight is None or tuple(weight.shape) == shape))
+

@@ -24,7 +24,7 @@ from torch import Tensor
 from fasttx.kernels import layer_norm as K
 
 from fasttx._checks import check_residual
-from fasttx._torch_errors import raise_as_torch
+from fasttx._torch_errors import raise_as_torch, rms_norm_shapes_ok
 
 from ._common import acc_dtype
 
@@ -61,8 +61,9 @@ def check(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residu
     add_rms_norm also the residual's and cast's."""
     if cast not in CASTS:
         raise ValueError(f"{op}: cast must be one of {CASTS}, got {cast!r}")
-    if not torch.compiler.is_compiling():  # torch's own checks in torch's order, exactly
-        shape = _shape(normalized_shape)
+    shape = _shape(normalized_shape)
+    if not rms_norm_shapes_ok(input, shape, weight) and not torch.compiler.is_compiling():
+        # a bad call: torch's own checks, in torch's order, raise exactly what torch raises
         raise_as_torch(lambda m: F.rms_norm(m.tensor(input), m.shape(shape), m.tensor(weight), eps),
                        (*input.shape, *shape, *(() if weight is None else weight.shape)), input.shape,
                        input.device.type)
