@@ -266,6 +266,13 @@ def _rms_norm_cast(h: Tensor, normalized_shape, weight: Optional[Tensor], eps: O
     """torch ops for the three casting orders of add_rms_norm (the Triton path's semantics)."""
     if cast == "torch":
         return F.rms_norm(h, normalized_shape, weight, eps)
+    from ._torch_errors import raise_as_torch, rms_norm_shapes_ok
+
+    if not rms_norm_shapes_ok(h, normalized_shape, weight) and not torch.compiler.is_compiling():
+        # a bad call: F.rms_norm's own checks raise exactly what it raises, as for the "torch" cast
+        raise_as_torch(lambda m: F.rms_norm(m.tensor(h), m.shape(normalized_shape), m.tensor(weight), eps),
+                       (*h.shape, *normalized_shape, *(() if weight is None else weight.shape)), h.shape,
+                       h.device.type)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     eps = torch.finfo(acc).eps if eps is None else eps
     dims = tuple(range(-len(normalized_shape), 0))

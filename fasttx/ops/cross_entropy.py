@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fasttx._torch_errors import raise_as_torch
+
 from ._common import acc_dtype
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -37,11 +39,26 @@ def _meta(t: Optional[Tensor], shape=None) -> Optional[Tensor]:
     return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device="meta")
 
 
+def _torch_raises(logits_shape, dtype, target, weight, ignore_index, reduction, label_smoothing, device_type):
+    """Raise exactly what torch's own F.cross_entropy raises for arguments of these shapes and
+    dtypes (fasttx/_torch_errors.py; its meta kernels differ: AssertionError, missing dtype
+    rules). Target values are checked by the caller."""
+    logits = torch.empty(logits_shape, dtype=dtype, device="meta")
+    sizes = (*logits_shape, *target.shape, *(() if weight is None else weight.shape))
+    raise_as_torch(lambda m: F.cross_entropy(m.tensor(logits), m.tensor(target), m.tensor(weight),
+                                             ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing),
+                   sizes, logits_shape, device_type)
+
+
 def _check_ce(logits_shape, dtype, device, target, weight, ignore_index, reduction, label_smoothing):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # torch's own checks, exactly
+        _torch_raises(logits_shape, dtype, target, weight, ignore_index, reduction, label_smoothing, device.type)
     C = logits_shape[0] if len(logits_shape) == 1 else logits_shape[1]
-    if weight is not None and (weight.dim() != 1 or weight.numel() != C):
+    if compiling and weight is not None and (weight.dim() != 1 or weight.numel() != C):
         # torch's messages (its meta kernels raise an AssertionError here instead)
         if target.is_floating_point():
             raise RuntimeError(
@@ -54,15 +71,16 @@ def _check_ce(logits_shape, dtype, device, target, weight, ignore_index, reducti
             f"weight tensor should be defined either for all {C} classes or no classes but got "
             f"weight tensor of shape: {list(weight.shape)}"
         )
-    logits = torch.empty(logits_shape, dtype=dtype, device="meta")
-    F.cross_entropy(logits, _meta(target), _meta(weight), ignore_index=ignore_index,
-                    reduction=reduction, label_smoothing=label_smoothing)
+    if compiling:  # traceable: torch's meta kernels (their types differ from torch's in places)
+        logits = torch.empty(logits_shape, dtype=dtype, device="meta")
+        F.cross_entropy(logits, _meta(target), _meta(weight), ignore_index=ignore_index,
+                        reduction=reduction, label_smoothing=label_smoothing)
     for name, t in (("target", target), ("weight", weight)):
         if t is not None and t.device != device:
             raise RuntimeError(
                 f"cross_entropy: expected {name} on the input's device {device}, got {t.device}"
             )
-    if not target.is_floating_point() and not torch.compiler.is_compiling() and target.numel():
+    if not target.is_floating_point() and not compiling and target.numel():
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
             raise IndexError(f"Target {int(target[bad].reshape(-1)[0])} is out of bounds.")
@@ -70,7 +88,8 @@ def _check_ce(logits_shape, dtype, device, target, weight, ignore_index, reducti
 
 def check(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Raise what torch.nn.functional.cross_entropy raises for these arguments: shapes, dtypes
-    and options by running torch's own checks on meta tensors (no data touched), then the target
+    and options by running torch's own op on tiny CPU stand-ins (`_torch_raises`; under
+    torch.compile on meta tensors, no data touched), then the target
     range, which meta tensors cannot see (outside torch.compile: it needs the values)."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError(
@@ -433,6 +452,8 @@ class _TorchLinearCE(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Triton path of torch.nn.functional.cross_entropy (arguments already checked)."""
+    if target.dtype == torch.uint8:  # torch takes Byte class indices too; the kernels read int64
+        target = target.long()
     x, t, shape = _class_last(input, target)
     loss, _ = _ce(x, t, weight, ignore_index, float(label_smoothing))
     return reduce(loss, t, weight, ignore_index, reduction, shape, input.dtype)
@@ -445,6 +466,8 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
     input (H,) or (N, H); linear_weight (C, *out_features, H); target (N, *out_features) class
     indices or (N, C, *out_features) probabilities. With out_features, each position p has its own
     (C, H) matrix linear_weight[:, p]: one chunked pass per position."""
+    if target.dtype == torch.uint8:  # torch takes Byte class indices too; the kernels read int64
+        target = target.long()
     C, H = linear_weight.shape[0], linear_weight.shape[-1]
     x = input.reshape(-1, H)  # (N, H)
     N = x.shape[0]
