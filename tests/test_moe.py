@@ -208,3 +208,90 @@ def test_fp64_runs_the_torch_path_with_one_warning():
     with fasttx.use_backend("triton"), pytest.warns(UserWarning, match="moe_experts: fp64"):
         out = FF.moe_experts(ts[0], index, *ts[1:4])
     torch.testing.assert_close(out, R.moe_experts(ts[0], index, *ts[1:4]))
+
+
+# ----------------------------------------------------------------------------------------------
+# fasttx.nn.MoE and the MoE GPT
+# ----------------------------------------------------------------------------------------------
+def test_moe_module_matches_its_definition_and_trains_the_router(backend):
+    import fasttx.nn as fnn
+
+    torch.manual_seed(0)
+    m = fnn.MoE(16, 12, 5, 2, shared_intermediate_size=8, bias=True)
+    x = torch.randn(2, 7, 16)
+    y = m(x)
+    # by hand, in fp64: softmax top-2 renormalised, the oracle experts, the shared SwiGLU expert
+    xf = x.reshape(-1, 16).double()
+    logits = xf @ m.gate.weight.double().T
+    probs = logits.softmax(-1)
+    w, idx = probs.topk(2, -1)
+    w = w / w.sum(-1, keepdim=True)
+    want = R.moe_experts(xf, idx, w, m.gate_up_proj.double(), m.down_proj.double(),
+                         gate_up_bias=m.gate_up_bias.double(), down_bias=m.down_bias.double())
+    gu = xf @ m.shared_expert.gate_up.weight.double().T
+    g, u = gu.chunk(2, -1)
+    want = want + (torch.nn.functional.silu(g) * u) @ m.shared_expert.down.weight.double().T
+    torch.testing.assert_close(y.reshape(-1, 16).double(), want, atol=2e-5, rtol=2e-5)
+    f = torch.stack([(idx == e).sum() for e in range(5)]).double() / 14
+    torch.testing.assert_close(m.aux_loss.double(), 5 * (f * probs.mean(0)).sum(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(m.z_loss.double(), torch.logsumexp(logits, -1).square().mean(), atol=1e-5, rtol=1e-5)
+    # the router learns from the task loss (through the routing weights) and from the aux losses
+    (y.square().sum()).backward(retain_graph=True)
+    assert m.gate.weight.grad is not None and m.gate.weight.grad.abs().sum() > 0
+    m.gate.weight.grad = None
+    (m.aux_loss + m.z_loss).backward()
+    assert m.gate.weight.grad.abs().sum() > 0
+
+
+def test_moe_module_argument_rules():
+    import fasttx.nn as fnn
+
+    with pytest.raises(ValueError, match="top_k"):
+        fnn.MoE(8, 8, 2, 3)
+    with pytest.raises(ValueError, match="activation"):
+        fnn.MoE(8, 8, 2, 1, activation="relu")
+    m = fnn.MoE(8, 8, 4, 1, norm_topk_prob=False)
+    m(torch.randn(3, 8))
+    _, _, w, probs = m.route(torch.randn(3, 8))
+    assert torch.equal(w[:, 0], probs.max(-1).values)  # no renormalisation
+
+
+def _moe_gpt(**kw):
+    from fasttx.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    cfg = GPTConfig.llama(vocab_size=37, block_size=12, n_layer=2, n_head=2, n_embd=16, n_experts=3,
+                          moe_top_k=2, moe_z_loss_coef=1e-3, **kw)
+    return GPT(cfg)
+
+
+def test_moe_gpt_layers_and_loss():
+    from fasttx.nn.moe import MoE
+
+    m = _moe_gpt(moe_every=2)
+    assert [isinstance(b.mlp, MoE) for b in m.transformer.h] == [False, True]
+    idx = torch.randint(0, 37, (2, 9))
+    logits, loss = m(idx, idx, return_logits=True)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, 37).float(), idx.reshape(-1))
+    moe = m.transformer.h[1].mlp
+    torch.testing.assert_close(loss, ce + 0.01 * moe.aux_loss + 1e-3 * moe.z_loss)
+    loss.backward()
+    assert moe.gate.weight.grad.abs().sum() > 0 and moe.gate_up_proj.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_moe_gpt_kv_cache_decode_and_greedy_generation_are_exact(backend_name):
+    from fasttx.models.gpt import KVCache
+
+    m = _moe_gpt().eval()
+    idx = torch.randint(0, 37, (2, 7))
+    with fasttx.use_backend(backend_name), torch.no_grad():
+        full = m._forward_hidden(idx)
+        cache = KVCache(m.config.n_layer, m.config.block_size)
+        parts = [m._forward_hidden(idx[:, :5], cache, 0)]
+        for t in range(5, 7):
+            parts.append(m._forward_hidden(idx[:, t: t + 1], cache, t))
+        cached = m.generate(idx[:, :3], 3, temperature=0.0, use_cache=True)
+        recomputed = m.generate(idx[:, :3], 3, temperature=0.0, use_cache=False)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=2e-5)
+    assert torch.equal(cached, recomputed)
