@@ -378,6 +378,7 @@ class Routing(NamedTuple):
     offsets: torch.Tensor  # (E+1,) int32: rows of expert e are offsets[e]:offsets[e+1]
     tile_expert: torch.Tensor  # (n_tiles,) int32: expert of each row tile, E when unused
     tile_row0: torch.Tensor  # (n_tiles,) int32: first row of each tile
+    block_m: int  # rows per tile
 
 
 def routing(top_k_index: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> Routing:
@@ -400,7 +401,15 @@ def routing(top_k_index: torch.Tensor, num_experts: int, block_m: int = BLOCK_M)
     inv = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=dev, dtype=order.dtype))
     i32 = torch.int32
     return Routing(order.to(i32), (order // k).to(i32), inv.to(i32), offsets.to(i32),
-                   tile_expert.to(i32), tile_row0.to(i32))
+                   tile_expert.to(i32), tile_row0.to(i32), block_m)
+
+
+def block_m_for(n_pairs: int, num_experts: int) -> int:
+    """Rows per tile: BLOCK_M, or fewer (down to 16, tl.dot's minimum) when the average expert gets
+    fewer pairs than that (many small experts, e.g. E = 128, k = 8 at 4k tokens: 256 pairs each, but
+    decode batches give a handful), so that partial tiles do not pad the GEMMs with masked rows."""
+    avg = triton.cdiv(max(n_pairs, 1), max(num_experts, 1))
+    return max(min(BLOCK_M, triton.next_power_of_2(avg)), min(16, BLOCK_M))
 
 
 def _w1_view(w1, transposed, interleaved, NI):
@@ -439,7 +448,7 @@ def _grouped(a, w_strides, w, bias, scale, rt, nout, E, dtype):
         rt.sorted_pair, rt.tile_expert, rt.tile_row0, rt.offsets,
         E, nout, K, a.stride(0), *w_strides, bias.stride(0) if bias is not None else 0, y.stride(0),
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, UPCAST=upcast, DOT_PREC=prec,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
     return y
 
 
@@ -451,7 +460,7 @@ def moe_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
     E = w1.shape[0]
     NI = w2.shape[1] if transposed else w2.shape[2]
     assert x.stride(-1) == 1 or H <= 1
-    rt = routing(top_k_index, E)
+    rt = routing(top_k_index, E, block_m_for(T * k, E))
     N = T * k
     a = torch.empty(N, NI, device=x.device, dtype=x.dtype)
     upcast, prec = _dot_flags(x.dtype)
@@ -463,7 +472,7 @@ def moe_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
             E, NI, H, x.stride(0), se, sn, sk, b1.stride(0) if b1 is not None else 0, a.stride(0),
             up_off, float(alpha), float(limit), N_STEP=n_step, ACT=ACTIVATIONS[activation],
             HAS_BIAS=b1 is not None, UPCAST=upcast, DOT_PREC=prec,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
     else:
         a.zero_()
     y = _grouped(a, _w2_view(w2, transposed), w2, b2, top_k_weights.reshape(N), rt, H, E, x.dtype)
@@ -479,7 +488,7 @@ def moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
     NI = w2.shape[1] if transposed else w2.shape[2]
     N = T * k
     dev, dt = x.device, x.dtype
-    rt = routing(top_k_index, E)
+    rt = routing(top_k_index, E, block_m_for(T * k, E))
     rw = top_k_weights.reshape(N)
     a = torch.empty(N, NI, device=dev, dtype=dt)
     dgu = torch.empty(N, 2 * NI, device=dev, dtype=dt)
@@ -497,7 +506,7 @@ def moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
             *s2, b2.stride(0) if b2 is not None else 0, a.stride(0), dgu.stride(0),
             up_off, float(alpha), float(limit), N_STEP=n_step, ACT=ACTIVATIONS[activation],
             HAS_BIAS=b1 is not None, UPCAST=upcast, DOT_PREC=prec,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
     # d w (T, k): the column-block partials summed in a fixed order, back in pair order
     dw = dw_part.sum(0)[rt.inv.long()].reshape(T, k).to(top_k_weights.dtype)
     # d x: per pair d(gate|up) W1[e], then the fixed-order combine (weight 1)
@@ -536,20 +545,23 @@ def _wgrad_launch(aop, bop, scale, rt, E, nw, cw, dw, strides, db, gather_a, gat
 
 def compile_variants(quick: bool):
     """Every launch that selects different code: each activation, both layouts, with and without
-    biases, forward and backward, per 16-bit dtype (tools/gpu_compile_check.py compiles them)."""
+    biases, forward and backward, per dtype, and the row-tile sizes block_m_for picks (64 with many
+    pairs per expert, 32, 16 with few) (tools/gpu_compile_check.py compiles them)."""
     dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
-    T, H, NI, E, k = 64, 64, 64, 4, 2
+    H, NI, k = 64, 64, 2
+    shapes = [(64, 16)] if quick else [(256, 4), (64, 4), (64, 16)]  # (T, E): block_m 64, 32, 16
     for dt in dtypes:
-        x = torch.randn(T, H, dtype=dt)
-        idx = torch.randint(0, E, (T, k))
-        w = torch.rand(T, k, dtype=dt)
-        acts = ["silu", "clamped_swiglu"] if quick else list(ACTIVATIONS)
-        for act in acts:
-            for transposed, interleaved, bias in ((False, False, False), (True, True, True)):
-                w1 = torch.randn(E, H, 2 * NI, dtype=dt) if transposed else torch.randn(E, 2 * NI, H, dtype=dt)
-                w2 = torch.randn(E, NI, H, dtype=dt) if transposed else torch.randn(E, H, NI, dtype=dt)
-                b1 = torch.randn(E, 2 * NI, dtype=dt) if bias else None
-                b2 = torch.randn(E, H, dtype=dt) if bias else None
-                cfg = (act, 1.702, 7.0, interleaved, transposed)
-                moe_forward(x, idx, w, w1, w2, b1, b2, cfg)
-                moe_backward(torch.randn(T, H, dtype=dt), x, idx, w, w1, w2, b1, b2, cfg)
+        for T, E in shapes:
+            x = torch.randn(T, H, dtype=dt)
+            idx = torch.randint(0, E, (T, k))
+            w = torch.rand(T, k, dtype=dt)
+            acts = ["silu", "clamped_swiglu"] if quick or (T, E) != (64, 4) else list(ACTIVATIONS)
+            for act in acts:
+                for transposed, interleaved, bias in ((False, False, False), (True, True, True)):
+                    w1 = torch.randn(E, H, 2 * NI, dtype=dt) if transposed else torch.randn(E, 2 * NI, H, dtype=dt)
+                    w2 = torch.randn(E, NI, H, dtype=dt) if transposed else torch.randn(E, H, NI, dtype=dt)
+                    b1 = torch.randn(E, 2 * NI, dtype=dt) if bias else None
+                    b2 = torch.randn(E, H, dtype=dt) if bias else None
+                    cfg = (act, 1.702, 7.0, interleaved, transposed)
+                    moe_forward(x, idx, w, w1, w2, b1, b2, cfg)
+                    moe_backward(torch.randn(T, H, dtype=dt), x, idx, w, w1, w2, b1, b2, cfg)
