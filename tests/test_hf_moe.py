@@ -17,7 +17,7 @@ TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_he
 
 
 def _configs():
-    from transformers import GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import Glm4MoeConfig, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     return {
         "mixtral": MixtralConfig(**TINY, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
@@ -27,6 +27,9 @@ def _configs():
         "qwen2_moe": Qwen2MoeConfig(**TINY, moe_intermediate_size=20, shared_expert_intermediate_size=24,
                                     num_experts=4, num_experts_per_tok=2),
         "olmoe": OlmoeConfig(**TINY, intermediate_size=20, num_experts=4, num_experts_per_tok=2),
+        "glm4_moe": Glm4MoeConfig(**TINY, head_dim=8, intermediate_size=32, moe_intermediate_size=16,
+                                  n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                                  first_k_dense_replace=1, n_group=1, topk_group=1),
         "gpt_oss": GptOssConfig(**{**TINY, "num_attention_heads": 4}, head_dim=8, intermediate_size=16,
                                 num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
                                 swiglu_limit=0.5, swiglu_alpha=1.3,  # small: the clamps are reached
@@ -76,7 +79,7 @@ def _compare(name, backend, generate=True):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "gpt_oss"])
 def test_fasttx_experts_equal_eager_torch_path(name):
     _compare(name, "torch")
 
