@@ -250,6 +250,14 @@ def check_dtensor_ops(mesh, rank):
     lce_rows = lambda a, w, t: FF.linear_cross_entropy(a, w, t, reduction="none")  # noqa: E731
     _dt_compare(mesh, lce_rows, [xh, head, tgt], [S(0), R, S(0)], expect=[[S(0)]])
     _dt_compare(mesh, FF.linear_cross_entropy, [xh, head, tgt], [S(0), R, S(0)])  # mean; dW a partial sum
+    # mixture-of-experts experts: tokens sharded, experts replicated; expert-sharded weights are
+    # all-gathered by DTensor (no expert-parallel rule), still the single-process result
+    gen = torch.Generator().manual_seed(4)
+    xm, wm = torch.randn(8, 6, generator=gen), torch.rand(8, 2, generator=gen)
+    im = torch.rand(8, 3, generator=gen).argsort(-1)[:, :2]
+    w1m, w2m = torch.randn(3, 10, 6, generator=gen), torch.randn(3, 6, 5, generator=gen)
+    _dt_compare(mesh, FF.moe_experts, [xm, im, wm, w1m, w2m], [S(0), S(0), S(0), R, R], expect=[[S(0)]])
+    _dt_compare(mesh, FF.moe_experts, [xm, im, wm, w1m, w2m], [R, R, R, S(0), S(0)])
     # fasttx.flash on heads ((B, L, H, D): dim 2), window and softcap in the kernel
     from fasttx.flash import flash_attn_func
 

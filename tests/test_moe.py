@@ -295,3 +295,27 @@ def test_moe_gpt_kv_cache_decode_and_greedy_generation_are_exact(backend_name):
         recomputed = m.generate(idx[:, :3], 3, temperature=0.0, use_cache=False)
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=2e-5)
     assert torch.equal(cached, recomputed)
+
+
+def test_non_contiguous_inputs_and_weight_views(backend):
+    T, H, NI, E, k = 9, 16, 12, 3, 2
+    ts, index = _make(T, H, NI, E, k, bias=True)
+    x, w, w1, w2, b1, b2 = ts
+    # hidden_states every other column of a wider buffer, weights as transposed views of other layouts
+    xs = torch.empty(T, 2 * H)
+    xs[:, ::2] = x
+    w1v = w1.transpose(1, 2).contiguous().transpose(1, 2)
+    w2v = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not xs[:, ::2].is_contiguous() and not w1v.is_contiguous() and not w2v.is_contiguous()
+    out = FF.moe_experts(xs[:, ::2], index.t().contiguous().t(), w, w1v, w2v, gate_up_bias=b1, down_bias=b2)
+    ref = R.moe_experts(x, index, w, w1, w2, gate_up_bias=b1, down_bias=b2, upcast=F64)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_autocast_runs_in_the_autocast_dtype(backend):
+    ts, index = _make(5, 16, 8, 3, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FF.moe_experts(ts[0], index, *ts[1:4])
+    assert out.dtype == torch.bfloat16
+    ref = R.moe_experts(ts[0], index, *ts[1:4], upcast=F64)
+    torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=5e-2)  # bf16 inputs and output
