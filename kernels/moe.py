@@ -46,9 +46,10 @@ backward runs are bit-identical. d w sums its column-block partials with torch's
 
 Memory: the forward keeps nothing of (N, 2I) or (N, I): the backward recomputes g and u from x in
 the same K loop that computes G = dout W2 (both read H), so the recompute costs one gate/up GEMM
-(2 N H 2I FLOPs, a third more than the backward's four other GEMMs... see bench/bench_moe.py) but
-saves N * 2I elements between forward and backward; storing them would not be faster at equal
-memory (it is the same memory plus the store and the reload). The routing metadata is also
+(4 N H I FLOPs, a third on top of the backward's 12 N H I) but keeps N * 2I elements from living
+between forward and backward. Storing them is not faster at equal memory: at equal memory there is
+nothing to store, and storing them (the alternative) trades N * 2I elements of activation memory per
+layer for that third. The routing metadata is also
 recomputed (a sort of N ints) instead of saved.
 
 Launchers:
@@ -247,9 +248,9 @@ def _up_bwd_kernel(
     DOUT,  # (T, H) upstream gradient, unit column stride
     X,  # (T, H)
     W1,  # gate_up weights, as in _up_kernel
-    B1,  # (E, 2I) (unused unless HAS_BIAS)
+    B1,  # (E, 2I) (unused unless HAS_B1)
     W2,  # down weights: element (e, h, i) at e*stride_2e + h*stride_2h + i*stride_2i
-    B2,  # (E, H) (unused unless HAS_BIAS)
+    B2,  # (E, H) (unused unless HAS_B2)
     RW,  # (T*k,) routing weights
     A,  # (N, NI) out: recomputed act(g, u)
     DGU,  # (N, 2I) out: d(gate|up) in W1's row order
@@ -260,7 +261,7 @@ def _up_bwd_kernel(
     stride_dt, stride_xt, stride_we, stride_wn, stride_wk, stride_be,
     stride_2e, stride_2h, stride_2i, stride_b2e, stride_a, stride_dgu,
     UP_OFF, ALPHA, LIMIT,
-    N_STEP: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    N_STEP: tl.constexpr, ACT: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -290,7 +291,7 @@ def _up_bwd_kernel(
             wg = tl.load(w1 + g_rows[None, :] * stride_wn + ks[:, None] * stride_wk, mask=wmask, other=0.0)
             wu = tl.load(w1 + u_rows[None, :] * stride_wn + ks[:, None] * stride_wk, mask=wmask, other=0.0)
             wd = tl.load(w2 + ks[:, None] * stride_2h + cols[None, :] * stride_2i, mask=wmask, other=0.0)
-            if HAS_BIAS:
+            if HAS_B2:
                 b2 = tl.load(B2 + e64 * stride_b2e + ks, mask=kmask, other=0.0).to(tl.float32)
                 dob += tl.sum(do.to(tl.float32) * b2[None, :], 1)
             if UPCAST:
@@ -299,7 +300,7 @@ def _up_bwd_kernel(
             acc_g = tl.dot(x, wg, acc_g, input_precision=DOT_PREC)
             acc_u = tl.dot(x, wu, acc_u, input_precision=DOT_PREC)
             acc_G = tl.dot(do, wd, acc_G, input_precision=DOT_PREC)
-        if HAS_BIAS:
+        if HAS_B1:
             b1 = B1 + e64 * stride_be
             acc_g += tl.load(b1 + g_rows, mask=cmask, other=0.0).to(tl.float32)[None, :]
             acc_u += tl.load(b1 + u_rows, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -505,7 +506,7 @@ def moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
             E, NI, H, N, dout.stride(0), x.stride(0), se, sn, sk, b1.stride(0) if b1 is not None else 0,
             *s2, b2.stride(0) if b2 is not None else 0, a.stride(0), dgu.stride(0),
             up_off, float(alpha), float(limit), N_STEP=n_step, ACT=ACTIVATIONS[activation],
-            HAS_BIAS=b1 is not None, UPCAST=upcast, DOT_PREC=prec,
+            HAS_B1=b1 is not None, HAS_B2=b2 is not None, UPCAST=upcast, DOT_PREC=prec,
             BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
     # d w (T, k): the column-block partials summed in a fixed order, back in pair order
     dw = dw_part.sum(0)[rt.inv.long()].reshape(T, k).to(top_k_weights.dtype)
@@ -555,13 +556,17 @@ def compile_variants(quick: bool):
             x = torch.randn(T, H, dtype=dt)
             idx = torch.randint(0, E, (T, k))
             w = torch.rand(T, k, dtype=dt)
-            acts = ["silu", "clamped_swiglu"] if quick or (T, E) != (64, 4) else list(ACTIVATIONS)
-            for act in acts:
-                for transposed, interleaved, bias in ((False, False, False), (True, True, True)):
-                    w1 = torch.randn(E, H, 2 * NI, dtype=dt) if transposed else torch.randn(E, 2 * NI, H, dtype=dt)
-                    w2 = torch.randn(E, NI, H, dtype=dt) if transposed else torch.randn(E, H, NI, dtype=dt)
-                    b1 = torch.randn(E, 2 * NI, dtype=dt) if bias else None
-                    b2 = torch.randn(E, H, dtype=dt) if bias else None
-                    cfg = (act, 1.702, 7.0, interleaved, transposed)
-                    moe_forward(x, idx, w, w1, w2, b1, b2, cfg)
-                    moe_backward(torch.randn(T, H, dtype=dt), x, idx, w, w1, w2, b1, b2, cfg)
+            # (transposed, interleaved, gate_up bias, down bias)
+            layouts = ((False, False, False, False), (True, True, True, True), (False, True, True, False),
+                       (True, False, False, True))
+            combos = [(a, lay) for a in ACTIVATIONS for lay in layouts]
+            if quick or (T, E) != (64, 4):  # plain SwiGLU, and gpt-oss's layout and activation
+                combos = [("silu", layouts[0]), ("clamped_swiglu", layouts[1])]
+            for act, (transposed, interleaved, bias1, bias2) in combos:
+                w1 = torch.randn(E, H, 2 * NI, dtype=dt) if transposed else torch.randn(E, 2 * NI, H, dtype=dt)
+                w2 = torch.randn(E, NI, H, dtype=dt) if transposed else torch.randn(E, H, NI, dtype=dt)
+                b1 = torch.randn(E, 2 * NI, dtype=dt) if bias1 else None
+                b2 = torch.randn(E, H, dtype=dt) if bias2 else None
+                cfg = (act, 1.702, 7.0, interleaved, transposed)
+                moe_forward(x, idx, w, w1, w2, b1, b2, cfg)
+                moe_backward(torch.randn(T, H, dtype=dt), x, idx, w, w1, w2, b1, b2, cfg)

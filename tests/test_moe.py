@@ -319,3 +319,13 @@ def test_autocast_runs_in_the_autocast_dtype(backend):
     assert out.dtype == torch.bfloat16
     ref = R.moe_experts(ts[0], index, *ts[1:4], upcast=F64)
     torch.testing.assert_close(out.double(), ref, atol=5e-2, rtol=5e-2)  # bf16 inputs and output
+
+
+@pytest.mark.parametrize("which", ["gate_up_bias", "down_bias"])
+def test_only_one_bias(backend, which):
+    ts, index = _make(11, 16, 12, 3, 2, bias=True)
+    if which == "gate_up_bias":
+        ts[5] = None
+    else:
+        ts[4] = None
+    _check_fp32(ts, index, {"activation": "gelu"})
