@@ -387,7 +387,7 @@ def routing(top_k_index: torch.Tensor, num_experts: int, block_m: int = BLOCK_M)
     static shapes (a function of T, k, E and block_m), no host synchronisation."""
     T, k = top_k_index.shape
     N, E, dev = T * k, num_experts, top_k_index.device
-    flat = top_k_index.reshape(N)
+    flat = top_k_index.reshape(N).to(torch.int32)  # any integer dtype; int32 sorts and searches everywhere
     sorted_e, order = torch.sort(flat, stable=True)  # stable: ties keep pair order
     arange_e = torch.arange(E + 1, device=dev, dtype=sorted_e.dtype)
     offsets = torch.searchsorted(sorted_e, arange_e)  # (E+1,) int64: first row of each expert

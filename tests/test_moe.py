@@ -86,7 +86,7 @@ def test_clamped_swiglu_clamps_in_the_case_above():
     assert (gu[..., 0::2] > kw["limit"]).any() and (gu[..., 1::2].abs() > kw["limit"]).any()
 
 
-@pytest.mark.parametrize("routing", ["empty_batch", "k1", "one_expert", "all_on_one", "imbalanced", "int32"])
+@pytest.mark.parametrize("routing", ["empty_batch", "k1", "one_expert", "all_on_one", "imbalanced", "int32", "uint8"])
 def test_degenerate_and_imbalanced_routing(backend, routing):
     T, H, NI, E, k = 19, 16, 24, 6, 2
     index = None
@@ -102,8 +102,8 @@ def test_degenerate_and_imbalanced_routing(backend, routing):
         index = torch.stack([torch.where(torch.arange(T) % 7 == 0, 5, 2), torch.full((T,), 4)], 1)
     ts, auto = _make(T, H, NI, E, k, bias=True)
     index = auto if index is None else index
-    if routing == "int32":
-        index = index.to(torch.int32)
+    if routing in ("int32", "uint8"):
+        index = index.to(getattr(torch, routing))
     _check_fp32(ts, index, {"activation": "silu"})
 
 
