@@ -329,3 +329,30 @@ def test_only_one_bias(backend, which):
     else:
         ts[4] = None
     _check_fp32(ts, index, {"activation": "gelu"})
+
+
+@pytest.mark.gpu
+def test_cuda_no_host_sync_and_graph_replay_with_new_routing(device):
+    """Forward and backward on the Triton path never synchronise with the host (CUDA's sync debug
+    mode raises on any), and a captured CUDA graph replays with routing changed in place."""
+    ts, index = _make(64, 64, 96, 8, 2, dtype=torch.bfloat16, bias=True)
+    x, w, w1, w2, b1, b2 = [t.to(device) for t in ts]
+    index = index.to(device)
+    x.requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = FF.moe_experts(x, index, w, w1, w2, gate_up_bias=b1, down_bias=b2)
+        out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    static_idx = index.clone()
+    with torch.no_grad():
+        FF.moe_experts(x, static_idx, w, w1, w2)  # warm-up (compiles) outside the capture
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            static_out = FF.moe_experts(x, static_idx, w, w1, w2)
+        new = torch.stack([torch.full((64,), 7), torch.arange(64) % 3], 1).to(device)  # imbalanced
+        static_idx.copy_(new)
+        g.replay()
+        torch.testing.assert_close(static_out, FF.moe_experts(x, new, w, w1, w2), atol=0, rtol=0)
