@@ -690,6 +690,57 @@ def linear_kl_div(
                       ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch)
 
 
+# ----------------------------------------------------------------------------------------------
+# Mixture-of-experts MLP (fasttx's own; the argument rules are checked here, for both backends)
+# ----------------------------------------------------------------------------------------------
+@fasttx_op(autocast="lower")
+def moe_experts(
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: Optional[Tensor] = None,
+    down_bias: Optional[Tensor] = None,
+    gate_up_interleaved: bool = False,
+    transposed: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> Tensor:
+    """The routed experts of a mixture-of-experts MLP (transformers' experts layout):
+
+        out[t] = sum_j top_k_weights[t, j] * down[e](act(gate[e] x_t, up[e] x_t)),  e = top_k_index[t, j]
+
+    hidden_states (T, H); top_k_index (T, k) integer in [0, E); top_k_weights (T, k);
+    gate_up_proj (E, 2I, H), rows [gate; up] (gate_up_interleaved: gate0, up0, gate1, up1, ...);
+    down_proj (E, H, I); transposed=True: gate_up_proj (E, H, 2I) and down_proj (E, I, H) (gpt-oss);
+    gate_up_bias (E, 2I), down_bias (E, H) (added before the routing weight). activation: "silu"
+    (silu(g) u), "gelu", "gelu_tanh" (gelu(g) u), "clamped_swiglu" (gpt-oss:
+    (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)). Returns (T, H).
+    Gradients flow to hidden_states, top_k_weights (the router) and every weight and bias.
+    Triton path: grouped GEMMs over the pairs sorted by expert, no host synchronisation
+    (kernels/moe.py); torch path: per-expert F.linear (fasttx/_moe.py)."""
+    from . import _moe
+
+    if all(isinstance(t, Tensor) for t in (hidden_states, gate_up_proj, down_proj)):  # else check() says which
+        hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias = autocast_inputs(
+            "moe_experts", hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias)
+    _moe.check(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, gate_up_bias,
+               down_bias, gate_up_interleaved, transposed, alpha, limit)
+    args = (hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+            activation, float(alpha), float(limit), gate_up_interleaved, transposed)
+    if use_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias):
+        from .ops import moe as op
+
+        reason = op.unsupported(hidden_states, gate_up_proj, down_proj)
+        if reason is None:
+            return op.moe_experts(*args)
+        warn_fallback("moe_experts", reason)
+    return _moe.moe_torch(*args)
+
+
 __all__ = list(OPS)
 
 
