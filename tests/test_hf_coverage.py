@@ -28,6 +28,7 @@ FLOOR = ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_mo
          "falcon", "starcoder2", "bert", "roberta", "xlm-roberta", "distilbert", "modernbert"]
 # What a floor family may still leave: the attention-kernel features of issue 24's item 3.
 ALLOWED_LEFT = ("attention sinks need kernel flags", "MLA Ev!=E needs kernel flags")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")  # experts through moe_experts
 TRITON_SUBSET = ["llama", "gemma2", "gpt2", "bert", "gpt_neox"]
 
 
@@ -64,6 +65,8 @@ def _check_floor(rows):
         extra = {k: v for k, v in r["left"].items() if k not in allowed}
         assert not extra, (mt, extra)
         assert r["swapped"], mt
+        if mt in MOE:
+            assert any("(moe_experts)" in piece for piece in r["swapped"]), (mt, r["swapped"])
 
 
 @pytest.mark.parametrize("model_type", TRITON_SUBSET)

@@ -18,11 +18,13 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fasttx.kernels import layer_norm as K
 
 from fasttx._checks import check_residual
+from fasttx._torch_errors import raise_as_torch, rms_norm_shapes_ok
 
 from ._common import acc_dtype
 
@@ -59,6 +61,12 @@ def check(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residu
     add_rms_norm also the residual's and cast's."""
     if cast not in CASTS:
         raise ValueError(f"{op}: cast must be one of {CASTS}, got {cast!r}")
+    shape = _shape(normalized_shape)
+    if not rms_norm_shapes_ok(input, shape, weight) and not torch.compiler.is_compiling():
+        # a bad call: torch's own checks, in torch's order, raise exactly what torch raises
+        raise_as_torch(lambda m: F.rms_norm(m.tensor(input), m.shape(shape), m.tensor(weight), eps),
+                       (*input.shape, *shape, *(() if weight is None else weight.shape)), input.shape,
+                       input.device.type)
     if not input.is_floating_point():
         dtype = _TORCH_TYPE_NAMES.get(input.dtype, str(input.dtype).replace("torch.", ""))
         raise NotImplementedError(f'"rms_norm" not implemented for \'{dtype}\'')

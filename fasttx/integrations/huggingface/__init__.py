@@ -18,7 +18,9 @@ Pieces left as transformers has them are named, with the reason, in one warning.
 
 The package, by concern: modules.py (the fasttx forms of norms, activations, gated MLPs),
 recognition.py (candidates and probes), attention.py (the attention function and policy, the
-rotary attention forward), loss.py (the loss and the model-level forward's contracts).
+rotary attention forward), loss.py (the loss and the model-level forward's contracts), experts.py
+(MoE experts through transformers' ExpertsInterface, "fasttx"), posttraining.py (hidden states and
+the LM head for log-probs without logits).
 
 transformers' contracts kept:
   - output_attentions=True (argument or config, also under generate) runs that call on
@@ -51,15 +53,17 @@ from torch import nn
 
 from fasttx._convert import convert as _convert_torch_modules
 
+from . import experts  # noqa: F401  (registers "fasttx" in transformers' ExpertsInterface)
 from . import modules as M
 from . import recognition as R
 from .attention import (ATTN_IMPLEMENTATION, attention_policy, fasttx_attention_forward, register,
                         rotary_attention_forward, rotary_fn, rotary_fn_forward, set_attention)
 from .loss import fasttx_causal_lm_loss, patch_model_forward
+from .posttraining import causal_lm_log_probs, hidden_states_and_head
 
 __all__ = [
     "apply_fasttx", "fasttx_attention_forward", "fasttx_causal_lm_loss", "register", "ATTN_IMPLEMENTATION",
-    "fasttx_report",
+    "fasttx_report", "hidden_states_and_head", "causal_lm_log_probs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -166,6 +170,22 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
         swapped.add(f"attention function ({', '.join(names)})")
 
 
+def _swap_experts(model: nn.Module, swapped: set, left: dict) -> None:
+    """MoE experts: transformers' ExpertsInterface entry "fasttx" (experts.py, issue 25's op)."""
+    mods = [m for m in model.modules() if hasattr(type(m), "_apply_gate")]
+    if not mods:
+        return
+    if not experts.set_experts(model):
+        left["experts"] = "the model does not dispatch its experts through transformers' ExpertsInterface"
+        return
+    for m in mods:
+        why = experts.unsupported(m)
+        if why is None:
+            swapped.add(f"{type(m).__name__} (moe_experts)")
+        else:
+            left[type(m).__name__] = f"{why}: transformers' eager experts"
+
+
 def apply_fasttx(model: nn.Module, *, keep_logits: bool = False, attention=None) -> nn.Module:
     """Patch a transformers model instance in place to run fasttx's ops; returns the model.
 
@@ -195,6 +215,7 @@ def apply_fasttx(model: nn.Module, *, keep_logits: bool = False, attention=None)
             swapped.add(f"{before[id(m)].__name__} (fasttx.nn)")
     _swap_modules(model, dtype, swapped, left)
     _swap_attention(model, attention, dtype, swapped, left)
+    _swap_experts(model, swapped, left)
     swapped_list = []
     patch_model_forward(model, keep_logits, swapped_list, left)
     swapped.update(swapped_list)
