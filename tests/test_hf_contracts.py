@@ -177,3 +177,19 @@ def test_bf16_model_probed_in_its_dtype():
                                    num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     model = apply_fasttx(transformers.Olmo2ForCausalLM(cfg).to(torch.bfloat16))
     assert model.model.norm.__dict__["forward"].__func__ is M.rms_fp32_weight
+
+
+def test_falcon_alibi_through_the_patched_attention():
+    # Falcon with ALiBi hands its bias to the attention function inside the float mask: fasttx's
+    # attention takes it on the masked (torch) path; loss, gradients, eval logits, generate exact.
+    import hf_tiny as H
+
+    cfg = H.tiny_config("falcon")
+    cfg.alibi = True
+    torch.manual_seed(0)
+    ref = transformers.FalconForCausalLM(copy.deepcopy(cfg))
+    ours = copy.deepcopy(ref)
+    expected = H.measure(ref, "causal-lm")
+    apply_fasttx(ours)
+    assert ours.config._attn_implementation == "fasttx"
+    assert H.compare(expected, H.measure(ours, "causal-lm")) == []
