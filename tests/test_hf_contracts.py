@@ -193,3 +193,16 @@ def test_falcon_alibi_through_the_patched_attention():
     apply_fasttx(ours)
     assert ours.config._attn_implementation == "fasttx"
     assert H.compare(expected, H.measure(ours, "causal-lm")) == []
+
+
+@pytest.mark.parametrize("model_type", ["gpt_neox", "phi", "llama"])
+def test_second_apply_keeps_every_swap(model_type):
+    import hf_tiny as H
+
+    (task, cls), = [(t, c) for mt, t, c in H.model_types() if mt == model_type]
+    _, model = H.build_pair(model_type, task, cls)
+    first = fasttx_report(apply_fasttx(model))
+    forwards = {id(m): m.__dict__.get("forward") for m in model.modules()}
+    assert fasttx_report(apply_fasttx(model)) == first
+    assert {id(m): m.__dict__.get("forward") for m in model.modules()}.keys() == forwards.keys()
+    assert any("rotary" in piece for piece in first["swapped"]), first

@@ -219,6 +219,7 @@ def apply_fasttx(model: nn.Module, *, keep_logits: bool = False, attention=None)
     swapped_list = []
     patch_model_forward(model, keep_logits, swapped_list, left)
     swapped.update(swapped_list)
+    swapped.update(fasttx_report(model)["swapped"])  # a second call: what the first one swapped stays
     model.__dict__["_fasttx_report"] = {"swapped": sorted(swapped), "left": dict(sorted(left.items()))}
     shown = {k: v for k, v in left.items() if not (k == "attention" and attention is False)}
     if shown:

@@ -305,6 +305,8 @@ def model_probe(model: nn.Module, want_attention_fn: bool, rotary_candidates: Li
     matched = False
     try:
         model.eval()
+        # a second apply_fasttx: the class forwards run (an instance forward would swap the recorder out)
+        own = {m: m.__dict__.pop("forward") for m in fn_candidates if "forward" in m.__dict__}
         try:
             for f, fn in originals.items():
                 setattr(f, ROTARY_FN, recorder(fn))
@@ -312,6 +314,8 @@ def model_probe(model: nn.Module, want_attention_fn: bool, rotary_candidates: Li
         finally:
             for f, fn in originals.items():
                 setattr(f, ROTARY_FN, fn)
+            for m, fwd in own.items():
+                m.forward = fwd
             for h in hooks:
                 h.remove()
         if want_attention_fn:
