@@ -260,6 +260,23 @@ def check_dtensor_ops(mesh, rank):
     w1m, w2m = torch.randn(3, 10, 6, generator=gen), torch.randn(3, 6, 5, generator=gen)
     _dt_compare(mesh, FF.moe_experts, [xm, im, wm, w1m, w2m], [S(0), S(0), S(0), R, R], expect=[[S(0)]])
     _dt_compare(mesh, FF.moe_experts, [xm, im, wm, w1m, w2m], [R, R, R, S(0), S(0)])
+    # expert parallel: weights, biases and the global expert ids Shard(0), tokens replicated: each
+    # rank runs its own experts' pairs and the output is a partial sum (Partial, no all-gather of
+    # the weights); d hidden and d top_k_weights partial, weight and bias grads sharded
+    from torch.distributed.tensor import Partial
+
+    w1e, w2e = torch.randn(4, 10, 6, generator=gen), torch.randn(4, 6, 5, generator=gen)
+    b1e, b2e = torch.randn(4, 10, generator=gen), torch.randn(4, 6, generator=gen)
+    ie = torch.rand(8, 4, generator=gen).argsort(-1)[:, :2]
+    ep = lambda x, i, w, w1, w2, b1, b2, ids: FF.moe_experts(  # noqa: E731
+        x, i, w, w1, w2, gate_up_bias=b1, down_bias=b2, expert_ids=ids)
+    _dt_compare(mesh, ep, [xm, ie, wm, w1e, w2e, b1e, b2e, torch.arange(4)], [R, R, R] + [S(0)] * 5,
+                expect=[[Partial()]])
+    dts = [distribute_tensor(t, mesh, [pl]).requires_grad_(t.is_floating_point())
+           for t, pl in zip([xm, ie, wm, w1e, w2e, b1e, b2e, torch.arange(4)], [R, R, R] + [S(0)] * 5)]
+    ep(*dts).to_local().sum().backward()
+    assert tuple(dts[0].grad.placements) == (Partial(),) and tuple(dts[2].grad.placements) == (Partial(),)
+    assert all(tuple(t.grad.placements) == (S(0),) for t in dts[3:7]), [t.grad.placements for t in dts[3:7]]
     # fasttx.flash on heads ((B, L, H, D): dim 2), window and softcap in the kernel
     from fasttx.flash import flash_attn_func
 
