@@ -26,7 +26,10 @@ The rules, per mesh dimension (every op also accepts all-Replicate):
                                                         head replicated; backward: dW, db Partial
     moe_experts                                         tokens Shard(0) (hidden_states, top_k_index,
                                                         top_k_weights), experts replicated; backward:
-                                                        weight/bias grads Partial
+                                                        weight/bias grads Partial. Expert parallel (with
+                                                        expert_ids): weights, biases, expert_ids Shard(0),
+                                                        tokens Replicate -> output Partial; backward:
+                                                        d hidden, d top_k_weights Partial, weight grads Shard(0)
 
 Dropout masks under sharding. Each rank draws the Philox seed from its own torch generator (ranks
 seeded alike draw the same seed, as a Replicate DTensor needs) and masks the local tensors by
@@ -315,24 +318,35 @@ def _flash_kvcache_fwd(q, k, v, cu_q, k_start, k_len, block_table, page_size, al
             ([S(1), S(1)], [S(1), S(1), S(1), *seq, _heads(alibi, S), *tail])]
 
 
-def _moe_experts(x, idx, w, w1, w2, b1, b2, *scalars):
+def _moe_experts(x, idx, w, w1, w2, b1, b2, eids, *scalars):
     # Tokens sharded (Shard(0) of hidden_states, top_k_index, top_k_weights) with the experts
-    # replicated: each rank runs its tokens. Expert-dim sharding of the weights needs the global
-    # expert ids remapped to the local shard, which a placement rule cannot do: DTensor all-gathers
-    # expert-sharded weights (FSDP2 does the same before the forward).
-    R, S, _ = _placements()
-    tail = [None] * len(scalars)
-    return [([R], [R, R, R, R, R, _opt(b1, R), _opt(b2, R), *tail]),
-            ([S(0)], [S(0), S(0), S(0), R, R, _opt(b1, R), _opt(b2, R), *tail])]
-
-
-def _moe_experts_backward(dout, x, idx, w, w1, w2, b1, b2, *scalars):
-    # token-sharded: d x and d top_k_weights stay sharded, the weight and bias grads are partial sums
+    # replicated: each rank runs its tokens. Expert parallel: with expert_ids (the global ids of the
+    # weights' experts) sharded like the weights, each rank's local expert_ids say which experts its
+    # shard holds; the tokens replicated, each rank runs the pairs routed to its experts and the
+    # output is the sum over ranks (Partial). Without expert_ids, expert-sharded weights are
+    # all-gathered by DTensor (a rank could not tell which global experts its shard holds).
     R, S, P = _placements()
     tail = [None] * len(scalars)
-    rep = [R, R, R, R, R, R, _opt(b1, R), _opt(b2, R), *tail]
-    shard = [S(0), S(0), S(0), S(0), R, R, _opt(b1, R), _opt(b2, R), *tail]
-    return [([R] * 6, rep), ([S(0), S(0), P, P, P if b1 is not None else R, P if b2 is not None else R], shard)]
+    out = [([R], [R, R, R, R, R, _opt(b1, R), _opt(b2, R), _opt(eids, R), *tail]),
+           ([S(0)], [S(0), S(0), S(0), R, R, _opt(b1, R), _opt(b2, R), _opt(eids, R), *tail])]
+    if eids is not None:
+        out.append(([P], [R, R, R, S(0), S(0), _opt(b1, S(0)), _opt(b2, S(0)), S(0), *tail]))
+    return out
+
+
+def _moe_experts_backward(dout, x, idx, w, w1, w2, b1, b2, eids, *scalars):
+    # token-sharded: d x and d top_k_weights stay sharded, the weight and bias grads are partial sums;
+    # expert parallel: d x and d top_k_weights are partial sums (each rank's experts' share), the
+    # weight and bias grads sharded as the weights (each rank's experts' own)
+    R, S, P = _placements()
+    tail = [None] * len(scalars)
+    rep = [R, R, R, R, R, R, _opt(b1, R), _opt(b2, R), _opt(eids, R), *tail]
+    shard = [S(0), S(0), S(0), S(0), R, R, _opt(b1, R), _opt(b2, R), _opt(eids, R), *tail]
+    out = [([R] * 6, rep), ([S(0), S(0), P, P, P if b1 is not None else R, P if b2 is not None else R], shard)]
+    if eids is not None:
+        ep = [R, R, R, R, S(0), S(0), _opt(b1, S(0)), _opt(b2, S(0)), S(0), *tail]
+        out.append(([P, P, S(0), S(0), S(0) if b1 is not None else R, S(0) if b2 is not None else R], ep))
+    return out
 
 
 _RULES: Dict[str, Callable[..., List[Tuple[list, list]]]] = {

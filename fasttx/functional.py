@@ -708,6 +708,7 @@ def moe_experts(
     transposed: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    expert_ids: Optional[Tensor] = None,
 ) -> Tensor:
     """The routed experts of a mixture-of-experts MLP (transformers' experts layout):
 
@@ -720,6 +721,11 @@ def moe_experts(
     (silu(g) u), "gelu", "gelu_tanh" (gelu(g) u), "clamped_swiglu" (gpt-oss:
     (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)). Returns (T, H).
     Gradients flow to hidden_states, top_k_weights (the router) and every weight and bias.
+    expert_ids (E,) integer (expert parallel; default None = arange(E)): the global ids of the
+    experts the weights hold (slot i is expert expert_ids[i]); top_k_index then holds global ids and
+    pairs routed to experts not in expert_ids contribute zero, so the sum of the outputs over shards
+    that split the experts is the full result. With DTensors, weights, biases and expert_ids
+    Shard(0) and the rest Replicate run expert parallel (fasttx/distributed.py).
     Triton path: grouped GEMMs over the pairs sorted by expert, no host synchronisation
     (kernels/moe.py); torch path: per-expert F.linear (fasttx/_moe.py)."""
     from . import _moe
@@ -728,17 +734,18 @@ def moe_experts(
         hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias = autocast_inputs(
             "moe_experts", hidden_states, gate_up_proj, down_proj, gate_up_bias, down_bias)
     _moe.check(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, gate_up_bias,
-               down_bias, gate_up_interleaved, transposed, alpha, limit)
+               down_bias, gate_up_interleaved, transposed, alpha, limit, expert_ids)
     args = (hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
             activation, float(alpha), float(limit), gate_up_interleaved, transposed)
-    if use_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias):
+    if use_triton(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                  expert_ids):
         from .ops import moe as op
 
         reason = op.unsupported(hidden_states, gate_up_proj, down_proj)
         if reason is None:
-            return op.moe_experts(*args)
+            return op.moe_experts(*args, expert_ids=expert_ids)
         warn_fallback("moe_experts", reason)
-    return _moe.moe_torch(*args)
+    return _moe.moe_torch(*args, expert_ids=expert_ids)
 
 
 __all__ = list(OPS)
