@@ -206,3 +206,22 @@ def test_second_apply_keeps_every_swap(model_type):
     assert fasttx_report(apply_fasttx(model)) == first
     assert {id(m): m.__dict__.get("forward") for m in model.modules()}.keys() == forwards.keys()
     assert any("rotary" in piece for piece in first["swapped"]), first
+
+
+def test_leaf_probes_run_once_per_class(monkeypatch):
+    # Norm and MLP probes are cached per class (and attribute signature, dtype): a deeper model
+    # runs no more of them than a shallower one.
+    from fasttx.integrations.huggingface import recognition as R
+
+    counts = []
+    for layers in (1, 4):
+        R._VERDICTS.clear()
+        calls = []
+        real = R._randomized
+        monkeypatch.setattr(R, "_randomized", lambda m, dtype=None: calls.append(type(m).__name__) or real(m, dtype))
+        cls, cfg = _llama()
+        cfg.num_hidden_layers = layers
+        apply_fasttx(cls(cfg))
+        monkeypatch.setattr(R, "_randomized", real)
+        counts.append(sorted(calls))
+    assert counts[0] == counts[1] and "LlamaRMSNorm" in counts[0] and "LlamaMLP" in counts[0]
