@@ -61,6 +61,20 @@ def _torch_bias_gelu(case, cfg):
     return Work(eager, leaves=(x, b))
 
 
+def _fasttx_bias_relu(case, cfg):
+    x, b = _x(case, cfg), _b(case, cfg)
+    return Work(lambda: ff.bias_relu(x, b), leaves=(x, b))
+
+
+def _torch_bias_relu(case, cfg):
+    x, b = _x(case, cfg), _b(case, cfg)
+
+    def eager():
+        return F.relu(x + b)
+
+    return Work(eager, leaves=(x, b))
+
+
 def suites(cfg: Config) -> List[Suite]:
     M, Ns = _sizes(cfg)
     gelu_cases, bias_cases = [], []
@@ -84,4 +98,9 @@ def suites(cfg: Config) -> List[Suite]:
                *torch_and_compile("torch", _torch_bias_gelu)],
               xlabel="N (M = rows fixed)",
               description="gelu(x + b), b of shape (N,); torch = F.gelu(x + b) (two kernels eager)."),
+        Suite("bias_relu", "GB/s", [c for c in bias_cases if c.params["approximate"] == "none"],
+              [Provider("fasttx", _fasttx_bias_relu, kind="fasttx"),
+               *torch_and_compile("torch", _torch_bias_relu)],
+              xlabel="N (M = rows fixed)",
+              description="relu(x + b), b of shape (N,); torch = F.relu(x + b) (two kernels eager)."),
     ]

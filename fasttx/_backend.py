@@ -156,8 +156,9 @@ def backend_for(*tensors) -> str:
 _warned: set = set()
 
 
-def warn_fallback(op: str, reason: str) -> None:
-    """Say once per (op, reason) that a call the Triton path cannot serve runs torch's op."""
+def warn_fallback(op: str, reason: str, stacklevel: int = 3) -> None:
+    """Say once per (op, reason) that a call the Triton path cannot serve runs torch's op
+    (`stacklevel` 3: the caller's caller, the user's line, as warnings.warn counts)."""
     if (op, reason) not in _warned:
         _warned.add((op, reason))
-        warnings.warn(f"fasttx {op}: {reason}; running torch's implementation instead", stacklevel=3)
+        warnings.warn(f"fasttx {op}: {reason}; running torch's implementation instead", stacklevel=stacklevel)

@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._backend import use_triton
+from .ops._common import KERNEL_FLOATS as _DTYPES
 from .ops._common import acc_dtype
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETING, num_sms, seed_tensor
+from ._dtypes import KERNEL_FLOATS
 from ._math import dropout_keep, tanh
 
 # ------------------------------------------------------------------------------------------------
@@ -791,7 +792,7 @@ def _launch_args(q, k, v, mask, dropout_p, *, window_offset=None, softcap=0.0, a
         assert all(t.dtype == torch.int32 for t in seqlens[:3] if t is not None), "seqlens must be int32"
     assert k.shape == v.shape and k.shape[3] == E and Hkv > 0 and H % Hkv == 0, \
         f"bad attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
-    assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32), \
+    assert q.dtype == k.dtype == v.dtype and q.dtype in KERNEL_FLOATS, \
         f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
     assert E <= MAX_HEAD_DIM, f"head dim E={E} exceeds the kernel's limit of {MAX_HEAD_DIM}"
     assert all(t.stride(-1) == 1 for t in (q, k, v)), "q, k, v need a contiguous last dim (stride 1)"
