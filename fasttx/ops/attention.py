@@ -58,8 +58,9 @@ def _sdpa_fwd(
     differentiated: the backward's delta comes from it), else an empty fp32 tensor. causal_offset: query i sees keys
     j <= i + causal_offset when is_causal (0 for SDPA, S - L for fasttx.flash)."""
     seed = _draw(q, dropout_p)
-    res = _kernels().attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
-                                       return_fp32_out=fp32_out, causal_offset=causal_offset)
+    K = _kernels()
+    opts = K.AttnOptions(scale, is_causal, causal_offset, dropout_p, seed, return_fp32_out=fp32_out)
+    res = K.attention_forward(q, k, v, mask, opts)
     out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
     return res[0], res[1], seed, out32
 
@@ -79,8 +80,9 @@ def _sdpa_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq like q, dk and dv like k) from the forward's output (fp32 for 16-bit inputs),
     lse and dropout seed."""
-    return _kernels().attention_backward(dout, q, k, v, mask, out, lse, scale=scale, is_causal=is_causal,
-                                         dropout_p=dropout_p, seed=seed, causal_offset=causal_offset)
+    K = _kernels()
+    return K.attention_backward(dout, q, k, v, mask, out, lse,
+                                K.AttnOptions(scale, is_causal, causal_offset, dropout_p, seed))
 
 
 @_sdpa_bwd.register_fake
@@ -293,10 +295,11 @@ def _flash_fwd(
     window sizes (-1 unbounded); causal forces right = 0."""
     seed = _draw(q, dropout_p)
     seqlens = _seqlens(cu_q, k_start, k_len, max_q, max_k)
-    res = _kernels().attention_forward(q, k, v, None, scale=scale, dropout_p=dropout_p, seed=seed,
-                                       return_fp32_out=fp32_out, seqlens=seqlens,
-                                       decode=False if cu_q is not None else None,
-                                       **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    K = _kernels()
+    opts = K.AttnOptions(scale=scale, dropout_p=dropout_p, seed=seed, return_fp32_out=fp32_out, seqlens=seqlens,
+                         decode=False if cu_q is not None else None,
+                         **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    res = K.attention_forward(q, k, v, None, opts)
     out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
     return res[0], res[1], seed, out32
 
@@ -315,9 +318,10 @@ def _flash_bwd(
     dropout_p: float, scale: float, causal: bool, left: int, right: int, softcap: float, max_q: int, max_k: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     seqlens = _seqlens(cu_q, k_start, k_len, max_q, max_k)
-    return _kernels().attention_backward(dout, q, k, v, None, out, lse, scale=scale, dropout_p=dropout_p,
-                                         seed=seed, seqlens=seqlens,
-                                         **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    K = _kernels()
+    opts = K.AttnOptions(scale=scale, dropout_p=dropout_p, seed=seed, seqlens=seqlens,
+                         **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    return K.attention_backward(dout, q, k, v, None, out, lse, opts)
 
 
 @_flash_bwd.register_fake
@@ -353,10 +357,12 @@ def _flash_kvcache_fwd(
     k/v (1, Hkv, rows, E) views of the cache,
     sequence b's keys at rows k_start[b] + [0, k_len[b]) (or through block_table, pages of
     page_size rows) -> (out (B, H, L, E), lse (B, H, L))."""
-    seqlens = _kernels().Seqlens(cu_q, k_start, k_len, max_q if cu_q is not None else q.shape[2], max_k)
-    return _kernels().attention_forward(q, k, v, None, scale=scale, seqlens=seqlens, block_table=block_table,
-                                        decode=False if cu_q is not None else None, page_size=page_size,
-                                        **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    K = _kernels()
+    seqlens = K.Seqlens(cu_q, k_start, k_len, max_q if cu_q is not None else q.shape[2], max_k)
+    opts = K.AttnOptions(scale=scale, seqlens=seqlens, block_table=block_table, page_size=page_size,
+                         decode=False if cu_q is not None else None,
+                         **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    return K.attention_forward(q, k, v, None, opts)
 
 
 @_flash_kvcache_fwd.register_fake
