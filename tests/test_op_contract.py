@@ -1,5 +1,6 @@
 """The checklist every fasttx op owes, run over the op registry (fasttx._registry.OPS): an op
-declared with `@fasttx_op` is picked up here by itself, and fails until it has a CASE below.
+declared with `@fasttx_op` is picked up here by itself, and fails until it has a CASE (below, or
+as CONTRACT_CASES in its own tests/test_<op>.py).
 
 Per op, on both backends: a zero-size call; NaN propagation (a NaN first element in every float
 input: where torch's path has NaN, so has ours); non-contiguous inputs and a non-contiguous
@@ -12,7 +13,8 @@ ops' own semantics (numerics against the oracle, dtypes, options) stay in tests/
 """
 import ast
 import os
-from typing import Callable, NamedTuple, Tuple
+import glob
+import importlib
 
 import pytest
 import torch
@@ -21,22 +23,9 @@ import fasttx
 import fasttx.functional as FF
 import fasttx.reference as R
 from fasttx import _registry
-from utils import noncontig
+from utils import Case, noncontig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class Case(NamedTuple):
-    """args(t): the op's positional arguments, tensors made by t(*shape, grad=True, kind="float")
-    (kind "index": int64 class indices < 5); zero(t): the same for a zero-size call; bad: (args
-    function, torch's exception type) pairs; probe: "tests/test_x.py::test_name" of the op's
-    int64-offset probe, or "n/a: why"; oracle: the fasttx.reference function's name."""
-    args: Callable
-    zero: Callable
-    bad: Tuple = ()
-    probe: str = ""
-    oracle: str = ""
-    random: bool = False  # a dropout draws its mask: compare a call with the same seed, not the paths
 
 
 def _int(t):
@@ -103,6 +92,10 @@ CASES = {
                                       (lambda t: ([1.0], t(5, 8), t(4, kind="index")), TypeError)),
                                  probe=_NO_PROBE),
 }
+# An op's CASE may also sit beside its semantics tests, as CONTRACT_CASES in tests/test_<op>.py.
+for _path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_*.py"))):
+    if "CONTRACT_CASES" in open(_path).read() and not _path.endswith("test_op_contract.py"):
+        CASES.update(importlib.import_module(os.path.basename(_path)[:-3]).CONTRACT_CASES)
 OP_NAMES = list(_registry.OPS)
 
 
@@ -229,7 +222,11 @@ def test_dtensor_rule_declared_for_each_custom_op(op):
 
 
 def test_oracle_present(op):
-    assert callable(getattr(R, CASES[op].oracle or op, None)), f"fasttx.reference has no oracle for {op}"
+    oracle = CASES[op].oracle or op
+    if callable(oracle):  # a composition of fasttx.reference's functions, written in the CASE
+        assert oracle.__module__.startswith("test_"), oracle
+        return
+    assert callable(getattr(R, oracle, None)), f"fasttx.reference has no oracle for {op}"
 
 
 def test_bench_present(op):
