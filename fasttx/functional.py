@@ -55,6 +55,14 @@ def relu(input: Tensor, inplace: bool = False) -> Tensor:
 
 
 @fasttx_op()
+def relu_squared(input: Tensor) -> Tensor:
+    """Squared ReLU, relu(input) ** 2 (Primer's activation; Nemotron's and nanoGPT speedrun MLPs).
+    input (*) -> (*), input's dtype and layout; one pass forward and backward on the Triton path
+    (fp32 math), torch.square(F.relu(input)) on torch's."""
+    return route("relu_squared", input)
+
+
+@fasttx_op()
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool = False) -> Tensor:
     """torch.nn.functional.dropout. Triton path: Philox mask regenerated in the backward, never
     stored; seeds drawn from torch's generator so torch.manual_seed reproduces a run."""

@@ -1,4 +1,4 @@
-"""gelu, relu, bias_gelu and bias_relu: their contracts (checks, `unsupported`, the torch path and
+"""gelu, relu, relu_squared, bias_gelu and bias_relu: their contracts (checks, `unsupported`, the torch path and
 the Triton path, run by fasttx._registry.route) and one custom op pair (forward, backward) for
 y = act(x + bias), act in {exact GELU, tanh GELU, ReLU}, bias optional.
 
@@ -122,6 +122,12 @@ def _gelu_triton(input, approximate):
 
 contract("gelu", tensors=lambda input, approximate: (input,), unsupported=lambda *a: None,
          triton=_gelu_triton, torch=lambda input, approximate: F.gelu(input, approximate=approximate))
+# relu_squared: relu(x)^2 in one pass (torch: two kernels and a saved intermediate); an integer
+# input (torch's relu takes one) runs torch's path
+contract("relu_squared", tensors=lambda input: (input,),
+         unsupported=lambda input: None if input.dtype in _FLOAT_DTYPES else f"an input of dtype {input.dtype}",
+         triton=lambda input: keep_layout(lambda x: _bias_act(x, None, "relu2"), input),
+         torch=lambda input: torch.square(F.relu(input)))
 # relu: torch's own kernel on every path (there is nothing to fuse)
 contract("relu", tensors=lambda *a: None, unsupported=lambda *a: None, triton=None,
          torch=lambda input, inplace: F.relu(input, inplace=inplace))
