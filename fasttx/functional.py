@@ -150,6 +150,21 @@ def rms_norm(
     return route("rms_norm", input, normalized_shape, weight, eps)
 
 
+@fasttx_op()
+def offset_rms_norm(
+    input: Tensor,
+    normalized_shape: List[int],
+    weight: Optional[Tensor] = None,
+    eps: Optional[float] = None,
+) -> Tensor:
+    """Offset RMSNorm, y = x / sqrt(mean(x^2) + eps) * (1 + weight): the gain is stored as its
+    offset from 1 (zero-initialised, so weight decay pulls it to 1), as Gemma's GemmaRMSNorm and
+    Qwen3-Next's zero-centred RMSNorm. Computed in fp32 (fp64 for fp64) and cast once at the end;
+    input (*, *normalized_shape) -> same shape and dtype; eps=None as F.rms_norm. Arguments as
+    F.rms_norm's."""
+    return route("offset_rms_norm", input, normalized_shape, weight, eps)
+
+
 @fasttx_op(autocast="fp32")
 def add_rms_norm(
     input: Tensor,

@@ -1,4 +1,4 @@
-"""rms_norm and add_rms_norm: their contracts (checks, `unsupported`, the torch path and the Triton
+"""rms_norm, add_rms_norm and offset_rms_norm: their contracts (checks, `unsupported`, the torch path and the Triton
 path, run by fasttx._registry.route) and the Triton path's custom ops, on the LayerNorm kernels'
 RMSNorm flags (kernels/layer_norm.py: IS_RMS_NORM, and the Llama/Gemma casting orders).
 
@@ -261,6 +261,29 @@ def _add_triton(input, residual, normalized_shape, weight, eps, cast):
 def _add_torch(input, residual, normalized_shape, weight, eps, cast):
     h = input if residual is None else input + residual
     return rms_norm_cast(h, tuple(normalized_shape), weight, eps, cast), h
+
+
+def _offset_prepare(input, normalized_shape, weight, eps):
+    # fasttx's own op: F.rms_norm's argument rules for both paths (the torch path is plain math)
+    _rms_prepare(input, normalized_shape, weight, eps)
+    shape = _checks.check_shape("offset_rms_norm", "normalized_shape", 2, normalized_shape)
+    if eps is not None:
+        eps = _checks.check_float("offset_rms_norm", "eps", 4, eps)
+    check(input, shape, weight, eps, op="offset_rms_norm")
+    return input, shape, weight, eps
+
+
+def _offset_triton(input, shape, weight, eps):
+    return add_rms_norm(input, None, shape, weight, eps, "gemma")[0]
+
+
+# offset_rms_norm: x / rms(x) * (1 + weight), the "gemma" casting order of add_rms_norm without a
+# residual (the kernels' WEIGHT_PLUS_ONE flag); no autocast policy: the output has input's dtype
+contract("offset_rms_norm", prepare=_offset_prepare,
+         tensors=lambda input, normalized_shape, weight, eps: (input, weight),
+         unsupported=unsupported, triton=_offset_triton,
+         torch=lambda input, normalized_shape, weight, eps: rms_norm_cast(
+             input, tuple(normalized_shape), weight, eps, "gemma"))
 
 
 contract("add_rms_norm", prepare=_add_prepare,
