@@ -10,11 +10,24 @@ and paged caches are features of the attention kernels themselves (constexpr fla
 outside the window or the sequence skipped; nothing materialised).
 
 Left out of or different from flash-attn, and why:
-- return_attn_probs returns S_dmask = None: the fused kernels never materialise probabilities.
+- return_attn_probs with dropout: S_dmask (B, H, Lq and Lk rounded up to 128) in q's dtype holds
+  the exact softmax probabilities before dropout, dropped entries negated, zeros in the padding and
+  outside the mask; the keep-mask is the one the forward applied (the Triton path regenerates it
+  from the kernel's seed; the probabilities are recomputed in torch: slow, a debugging output).
+  flash-attn stores block-wise unnormalised values there ("possibly with different scaling", which
+  its tests undo with its GPU's block size); ours need no rescaling. Without dropout S_dmask is an
+  empty (0,) tensor, as flash-attn's.
 - num_splits is a hint only: the decode path sizes its split from the SM count itself.
 - deterministic is accepted and always true (no atomics in the backward).
 - a paged cache is forward only (varlen with block_table, and the kv-cache); together with
   cache_leftpad or cache_batch_idx it is refused (flash-attn refuses leftpad with paging too).
+  Varlen with block_table accepts inputs that require grad (as flash-attn) and raises a clear
+  RuntimeError only if the backward is called (flash-attn's fails on the pages' shape). With
+  dropout_p > 0 it applies dropout (the Triton path runs torch's ops, with one warning), where
+  flash-attn's paged kernel silently skips it.
+- the kv-cache's rotary table needs only the rows it is read at: flash-attn asks for one as long
+  as the cache, and with a causal q longer than the new keys reads past it; we raise ValueError
+  there.
 - ALiBi slopes get no gradient (as in flash-attn).
 - wider than flash-attn: fp32 inputs, any page size (flash-attn: multiples of 256), any rotary dim
   <= head dim (flash-attn: multiples of 16).
@@ -24,13 +37,13 @@ Left out of or different from flash-attn, and why:
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._backend import use_triton
+from ._backend import use_triton, warn_fallback
 from .ops._common import KERNEL_FLOATS as _DTYPES
 from .ops._common import acc_dtype
 
@@ -68,7 +81,7 @@ def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, name="flash_a
         raise ValueError(f"{name}: head dim {D} above {_MAX_HEAD_DIM} is not supported")
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{name}: dropout_p must be in [0, 1], got {dropout_p}")
-    if len(window_size) != 2 or not all(isinstance(w, int) and w >= -1 for w in window_size):
+    if not all(w >= -1 for w in window_size):
         raise ValueError(f"{name}: window_size must be (left, right), ints >= -1 (-1: unbounded), got {window_size}")
     if softcap < 0.0:
         raise ValueError(f"{name}: softcap must be >= 0 (0: off), got {softcap}")
@@ -78,9 +91,11 @@ def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, name="flash_a
                              f"{alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
 
 
-def _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_slopes):
+def _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_slopes, return_probs=False):
     """flash-attn's semantics in torch ops (autograd differentiates it): fp32 math for 16-bit inputs,
-    the (Lq, Lk) visibility built from the bottom-right-aligned distances."""
+    the (Lq, Lk) visibility built from the bottom-right-aligned distances. return_probs: also the
+    probabilities before dropout (B, H, Lq, Lk) and the keep-mask that was applied (None without
+    dropout), both detached (for S_dmask)."""
     B, Lq, H, D = q.shape
     Lk, Hk = k.shape[1], k.shape[2]
     dt = acc_dtype(q.dtype)
@@ -104,15 +119,48 @@ def _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_s
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq)
     none_visible = ~visible.any(-1, keepdim=True)  # (Lq, 1): such rows give zeros, zero gradients
     p = torch.softmax(s.masked_fill(none_visible, 0.0), dim=-1).masked_fill(none_visible, 0.0)
-    if dropout_p > 0.0:
-        p = F.dropout(p, dropout_p)
+    probs, keep = p.detach(), None
+    if dropout_p > 0.0:  # F.dropout's rule (keep with probability 1 - p, scale by 1 / (1 - p)), mask kept
+        keep = torch.empty(p.shape, dtype=torch.bool, device=p.device).bernoulli_(1.0 - dropout_p)
+        p = p * keep * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)
     out = torch.matmul(p, vh).transpose(1, 2).to(q.dtype).contiguous()  # (B, Lq, H, D)
-    return out, lse.detach().float()
+    return (out, lse.detach().float(), probs, keep) if return_probs else (out, lse.detach().float())
 
 
-def _window(causal, window_size):
-    left, right = (int(w) for w in window_size)
+def _window_pair(name, window_size):
+    """window_size as flash-attn takes it: any two ints (a tuple, a list, or a 2-element integer
+    tensor, as flash-attn's own tests pass torch.randint(0, n, (2,))) -> (left, right) ints."""
+    try:
+        if isinstance(window_size, Tensor):
+            if window_size.dim() != 1 or window_size.is_floating_point() or window_size.is_complex():
+                raise TypeError
+            window_size = window_size.tolist()
+        left, right = (operator.index(w) for w in window_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: window_size must be (left, right), two ints >= -1 (-1: unbounded), got "
+                         f"{window_size!r}") from None
+    return left, right
+
+
+def _window(causal, window_size, seqlen_k):
+    """flash-attn's effective window: a side at least seqlen_k wide is unbounded (-1), and causal
+    sets right = 0 (query i sees keys j <= i + Lk - Lq)."""
+    left, right = (-1 if w >= seqlen_k else w for w in window_size)
     return left, (0 if causal else right)
+
+
+def _round128(n):
+    return -(-int(n) // 128) * 128
+
+
+def _s_dmask(probs, keep, shape):
+    """flash-attn's S_dmask from the probabilities before dropout (..., Lq, Lk) and the keep-mask
+    that was applied: kept entries as they are, dropped ones negated, in a zero (B, H, Lq rounded
+    up to 128, Lk rounded up to 128) tensor."""
+    s = torch.zeros(shape, dtype=probs.dtype, device=probs.device)
+    Lq, Lk = probs.shape[-2:]
+    s[..., :Lq, :Lk] = torch.where(keep, probs, -probs)
+    return s
 
 
 def _heads_view(t):
@@ -149,13 +197,19 @@ def flash_attn_func(
     regenerates its mask in the backward, never stores it). deterministic: accepted; the backward is
     always deterministic (no atomics).
     return_attn_probs: return (out, softmax_lse (B, H, Lq) fp32, S_dmask); softmax_lse is -inf for a
-    row without a visible key and carries no gradient; S_dmask is None here (the fused kernels never
-    materialise the probabilities; flash-attn returns them only for testing).
+    row without a visible key and carries no gradient; S_dmask (for testing, as flash-attn's): with
+    dropout (B, H, Lq rounded up to 128, Lk rounded up to 128) in q's dtype, the probabilities
+    before dropout with the dropped entries negated (the mask this call applied; zeros elsewhere),
+    so out = (S_dmask[..., :Lq, :Lk].clamp(min=0) / (1 - dropout_p)) @ v; without dropout an empty
+    (0,) tensor.
+    window_size: (left, right) ints, or a 2-element integer tensor; a side >= Lk is unbounded.
     """
+    window_size = _window_pair("flash_attn_func", window_size)
     _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    left, right = _window(causal, window_size)
+    left, right = _window(causal, window_size, k.shape[1])
+    probs = return_attn_probs and dropout_p > 0.0  # flash-attn fills S_dmask only with dropout
     if use_triton(q, k, v, alibi_slopes):
         from .ops import attention as op
 
@@ -163,9 +217,21 @@ def flash_attn_func(
                             float(dropout_p), scale, bool(causal), left, right, float(softcap), 0, 0,
                             _wants_fp32_out(q, k, v))
         out, lse = res[0].transpose(1, 2).contiguous(), res[1].detach()  # (B, Lq, H, D), (B, H, Lq)
+        if probs:  # the kernel's own keep-mask, regenerated from its seed; probabilities in torch
+            from .ops.flash_dropout import flash_dropout_keep
+
+            p = _torch_path(q.detach(), k.detach(), v.detach(), 0.0, scale, causal, (left, right), softcap,
+                            alibi_slopes, return_probs=True)[2]
+            keep = flash_dropout_keep(res[2], p.shape, float(dropout_p))
     else:
-        out, lse = _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_slopes)
-    return (out, lse, None) if return_attn_probs else out
+        out, lse, p, keep = _torch_path(q, k, v, dropout_p, scale, causal, (left, right), softcap, alibi_slopes,
+                                        return_probs=True)
+    if not return_attn_probs:
+        return out
+    if not probs:
+        return out, lse, q.new_empty((0,))
+    B, Lq, H, _ = q.shape
+    return out, lse, _s_dmask(p, keep, (B, H, _round128(Lq), _round128(k.shape[1]))).to(q.dtype)
 
 
 def _check_cu(name, arg, cu, total, batch=None):
@@ -206,11 +272,14 @@ def flash_attn_varlen_func(
     [cu[b], cu[b+1])), max_seqlen_q/k their longest lengths -> out (total_q, H, D). Every option as
     in flash_attn_func, applied per sequence (causal and the window bottom-right aligned to each
     sequence's own lengths); empty sequences and length-1 ones are fine. return_attn_probs:
-    (out, softmax_lse (H, total_q), None)."""
+    (out, softmax_lse (H, total_q), S_dmask), S_dmask as in flash_attn_func with sequence b's
+    entries at [b, :, :len_q[b], :len_k[b]] of (B, H, max_seqlen_q and max_seqlen_k rounded up to
+    128). With block_table, inputs may require grad but the backward raises RuntimeError."""
     name = "flash_attn_varlen_func"
     if not isinstance(cu_seqlens_k, Tensor):
         _check_cu(name, "cu_seqlens_k", cu_seqlens_k, 0)
     B = cu_seqlens_k.numel() - 1
+    window_size = _window_pair(name, window_size)
     _check(q, k if block_table is None else k[0], v if block_table is None else v[0], dropout_p, window_size,
            softcap, alibi_slopes, name=name, batch=B)
     _check_cu(name, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
@@ -232,22 +301,28 @@ def flash_attn_varlen_func(
     if B and (int(lens_q.max()) > max_seqlen_q or int(lens_k.max()) > max_seqlen_k):
         raise ValueError(f"{name}: max_seqlen_q/max_seqlen_k ({max_seqlen_q}, {max_seqlen_k}) are below the longest "
                          f"sequence ({int(lens_q.max())}, {int(lens_k.max())})")
-    D = q.shape[-1]
+    D, H = q.shape[-1], q.shape[1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-    left, right = _window(causal, window_size)
-    if use_triton(q, k, v, alibi_slopes):
+    left, right = _window(causal, window_size, int(max_seqlen_k))
+    probs = return_attn_probs and dropout_p > 0.0  # flash-attn fills S_dmask only with dropout
+    paged = block_table is not None
+    triton = use_triton(q, k, v, alibi_slopes)
+    if triton and paged and dropout_p > 0.0:
+        warn_fallback(name, "dropout with a paged cache (block_table): the paged kernel has no dropout")
+        triton = False
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    sdmask = q.new_zeros((B, H, _round128(max_seqlen_q), _round128(max_seqlen_k))) if probs else q.new_empty((0,))
+
+    def triton_path():
         from .ops import attention as op
 
         cu_k = cu_seqlens_k.to(q.device)
-        k_start = torch.zeros_like(cu_k[:-1]) if block_table is not None else cu_k[:-1].contiguous()
+        k_start = torch.zeros_like(cu_k[:-1]) if paged else cu_k[:-1].contiguous()
         k_len = (cu_k[1:] - cu_k[:-1]).contiguous()
-        if block_table is not None:
-            if q.requires_grad or k.requires_grad or v.requires_grad:
-                raise RuntimeError(f"{name}: a paged cache (block_table) is inference only (no backward)")
+        if paged:
             kv = [t.reshape(-1, *t.shape[2:]) for t in (k, v)]  # (pages * page_size, Hk, D) views
-            qh = _heads_view(q)
             out, lse = op._flash_kvcache_fwd(
-                qh, _heads_view(kv[0]), _heads_view(kv[1]), cu_seqlens_q.to(q.device), k_start, k_len,
+                _heads_view(q), _heads_view(kv[0]), _heads_view(kv[1]), cu_seqlens_q.to(q.device), k_start, k_len,
                 block_table.to(q.device), k.shape[1], alibi_slopes, scale, bool(causal), left, right, float(softcap),
                 int(max_seqlen_q), int(max_seqlen_k))
         else:
@@ -255,26 +330,67 @@ def flash_attn_varlen_func(
                                 k_len, alibi_slopes, float(dropout_p), scale, bool(causal), left, right,
                                 float(softcap), int(max_seqlen_q), int(max_seqlen_k), _wants_fp32_out(q, k, v))
             out, lse = res[0], res[1].detach()
-        out, lse = out[0].transpose(0, 1).contiguous(), lse[0]  # (total_q, H, D), (H, total_q)
-    else:
+            if probs:  # the kernel's own keep-mask, regenerated from its seed; probabilities in torch
+                from .ops.flash_dropout import flash_dropout_keep
+
+                keep = flash_dropout_keep(res[2], (1, H, q.shape[0], int(max_seqlen_k)), float(dropout_p))
+                for b in range(B):
+                    kb, vb, slopes = sequence(b)
+                    p = _torch_path(q[None, cq[b]:cq[b + 1]].detach(), kb[None].detach(), vb[None].detach(), 0.0,
+                                    scale, causal, (left, right), softcap, slopes, return_probs=True)[2]
+                    lq, lk = p.shape[-2:]
+                    sdmask[b, :, :lq, :lk] = torch.where(keep[0, :, cq[b]:cq[b + 1], :lk], p[0], -p[0])
+        return out[0].transpose(0, 1).contiguous(), lse[0]  # (total_q, H, D), (H, total_q)
+
+    def sequence(b):  # sequence b's keys (B, lk, Hk, D) and its ALiBi slopes
+        if paged:
+            n = ck[b + 1] - ck[b]
+            pages = block_table[b, :_cdiv(n, k.shape[1])].long()
+            kb, vb = (t[pages].reshape(-1, *t.shape[2:])[:n] for t in (k, v))
+        else:
+            kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
+        return kb, vb, alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
+
+    def torch_path():
         outs, lses = [], []
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         for b in range(B):
-            if block_table is not None:
-                n = ck[b + 1] - ck[b]
-                pages = block_table[b, :_cdiv(n, k.shape[1])].long()
-                kb, vb = (t[pages].reshape(-1, *t.shape[2:])[:n] for t in (k, v))
-            else:
-                kb, vb = k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]]
-            slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-            o, s = _torch_path(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], dropout_p, scale, causal, window_size,
-                               softcap, slopes)
+            kb, vb, slopes = sequence(b)
+            o, s, p, keep = _torch_path(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], dropout_p, scale, causal,
+                                        (left, right), softcap, slopes, return_probs=True)
             outs.append(o[0])
             lses.append(s[0])
-        H = q.shape[1]
+            if probs:
+                lq, lk = p.shape[-2:]
+                sdmask[b, :, :lq, :lk] = torch.where(keep[0], p[0], -p[0])
         out = torch.cat(outs) if outs else q.new_empty(q.shape)
         lse = torch.cat(lses, dim=-1) if lses else q.new_empty((H, 0), dtype=torch.float32)
-    return (out, lse, None) if return_attn_probs else out
+        return out, lse
+
+    run = triton_path if triton else torch_path
+    if paged and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        out, lse = _ForwardOnly.apply(run, q, k, v)  # flash-attn has no backward through a paged cache
+    else:
+        out, lse = run()
+    return (out, lse, sdmask) if return_attn_probs else out
+
+
+class _ForwardOnly(torch.autograd.Function):
+    """Runs a paged-cache forward (under no_grad) and gives its output a grad_fn that refuses the
+    backward with a clear error: flash-attn's varlen backward takes packed k/v, not pages, and so
+    does ours. The forward itself is accepted with inputs that require grad, as flash-attn's is."""
+
+    @staticmethod
+    def forward(ctx, run, q, k, v):
+        with torch.no_grad():
+            out, lse = run()
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        raise RuntimeError("flash_attn_varlen_func: no backward through a paged KV cache (block_table): the paged "
+                           "forward is inference only, as in flash-attn; pass packed k and v (no block_table) to "
+                           "train")
 
 
 def _cdiv(a, b):
@@ -338,8 +454,10 @@ def flash_attn_with_kvcache(
     int32: cache row of each batch entry (default arange). cache_leftpad (B,) int32: the cache row's
     keys start there (not with a paged cache). Batch b attends to keys [leftpad_b, cache_seqlens_b +
     Lnew) with causal / window bottom-right aligned to that length. rotary_cos/sin (seqlen_ro,
-    rotary_dim / 2), with k given: k rotated at positions cache_seqlens - leftpad + [0, Lnew), q at
-    the same positions + [0, Lq) when causal or windowed, else all at cache_seqlens - leftpad;
+    rotary_dim / 2), with k given: k rotated at its absolute cache positions cache_seqlens +
+    [0, Lnew) (also with cache_leftpad, as flash-attn), q at cache_seqlens + [0, Lq) when causal or
+    local (a window side narrower than the cache), else every query at cache_seqlens; the table
+    needs only the rows it is read at (a table as long as the cache always does for k);
     rotary_interleaved as flash-attn (True: pairs (0, 1), (2, 3), ...). num_splits: a hint, ignored
     (the kernel sizes its flash-decoding split itself). Returns out (B, Lq, H, D), and
     softmax_lse (B, H, Lq) fp32 when return_softmax_lse."""
@@ -360,6 +478,7 @@ def flash_attn_with_kvcache(
         raise ValueError(f"{name}: cache_leftpad is not supported with a paged cache (block_table), as in flash-attn")
     if paged and cache_batch_idx is not None:
         raise ValueError(f"{name}: cache_batch_idx is not supported with a paged cache (block_table)")
+    window_size = _window_pair(name, window_size)
     kb_probe = k_cache[:1].expand(B, *k_cache.shape[1:])  # shape-only stand-in for the checks
     _check(q, kb_probe, v_cache[:1].expand(B, *v_cache.shape[1:]), 0.0, window_size, softcap, alibi_slopes, name=name)
     Hk = k_cache.shape[2]
@@ -390,18 +509,29 @@ def flash_attn_with_kvcache(
         raise ValueError(f"{name}: cache_seqlens + seqlen_new must fit the cache ({cap} keys) and "
                          f"0 <= cache_leftpad <= cache_seqlens; got cache_seqlens {seqlens.tolist()}, "
                          f"seqlen_new {Lnew}, cache_leftpad {leftpad.tolist()}")
+    left, right = _window(causal, window_size, cap)
+    if rotary_cos is not None and k is None:
+        raise ValueError(f"{name}: rotary_cos/sin rotate the new k (and q): they need k and v")
     with torch.no_grad():
         if k is not None:
             if rotary_cos is not None:
                 if rotary_sin is None or rotary_cos.shape != rotary_sin.shape or 2 * rotary_cos.shape[1] > D:
                     raise ValueError(f"{name}: rotary_cos and rotary_sin must both be (seqlen_ro, rotary_dim / 2) "
                                      f"with rotary_dim <= headdim {D}")
-                pos0 = (seqlens - leftpad).long()[:, None]  # (B, 1)
-                if int((pos0 + max(Lnew, Lq)).max()) > rotary_cos.shape[0]:
-                    raise ValueError(f"{name}: rotary_cos/sin have {rotary_cos.shape[0]} positions, too few")
-                k = _rotary(k, rotary_cos, rotary_sin, pos0 + torch.arange(Lnew, device=dev), rotary_interleaved)
-                local = causal or tuple(window_size) != (-1, -1)
+                # Absolute cache positions, as flash-attn (its kernel offsets cos/sin by the left pad):
+                # new key i at cache_seqlens + i; query i there too when causal or local, else every
+                # query at cache_seqlens. Only the rows read must exist (flash-attn asks for a table
+                # as long as the cache, and reads past it for a causal q longer than the new keys).
+                pos0 = seqlens.long()[:, None]  # (B, 1)
+                kpos = pos0 + torch.arange(Lnew, device=dev)  # (B, Lnew)
+                local = causal or left >= 0 or right >= 0
                 qpos = pos0 + (torch.arange(Lq, device=dev) if local else torch.zeros(Lq, dtype=torch.long, device=dev))
+                last = int(torch.cat((kpos, qpos), dim=1).max()) if B and Lnew + Lq else -1
+                if last >= rotary_cos.shape[0]:
+                    raise ValueError(f"{name}: rotary_cos/sin have {rotary_cos.shape[0]} positions, but this call "
+                                     f"rotates at position {last} (k at cache_seqlens + [0, seqlen_new), q at "
+                                     f"cache_seqlens{' + [0, seqlen_q)' if local else ''})")
+                k = _rotary(k, rotary_cos, rotary_sin, kpos, rotary_interleaved)
                 q = _rotary(q, rotary_cos, rotary_sin, qpos, rotary_interleaved)
             pos = seqlens.long()[:, None] + torch.arange(Lnew, device=dev)  # (B, Lnew) cache positions
             if paged:
@@ -412,7 +542,6 @@ def flash_attn_with_kvcache(
                 k_cache[rows.long()[:, None], pos] = k
                 v_cache[rows.long()[:, None], pos] = v
         scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
-        left, right = _window(causal, window_size)
         k_len = (total - leftpad.long()).to(torch.int32)
         if use_triton(q, k_cache, v_cache, alibi_slopes):
             from .ops import attention as op
@@ -434,7 +563,7 @@ def flash_attn_with_kvcache(
                 else:
                     kb, vb = (t[int(rows[b]), lo:hi] for t in (k_cache, v_cache))
                 slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-                o, s = _torch_path(q[b:b + 1], kb[None], vb[None], 0.0, scale, causal, window_size, softcap, slopes)
+                o, s = _torch_path(q[b:b + 1], kb[None], vb[None], 0.0, scale, causal, (left, right), softcap, slopes)
                 outs.append(o)
                 lses.append(s)
             out = torch.cat(outs) if outs else q.new_empty(q.shape)

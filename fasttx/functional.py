@@ -280,6 +280,90 @@ def linear_cross_entropy(
                  ignore_index, label_smoothing, options)
 
 
+@fasttx_op()
+def linear_log_probs(
+    input: Tensor,
+    weight: Tensor,
+    target: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Per-token log-probabilities of `target` under linear(input, weight, bias) / temperature,
+    without the (N, V) logits: log_softmax(F.linear(input, weight, bias) / temperature, -1)
+    .gather(-1, target[..., None])[..., 0] (TRL's selective_log_softmax of those logits), and with
+    return_entropy=True also the per-token entropy -sum_v p_v log p_v (TRL's entropy_from_logits).
+
+    input (*, H) final hidden states; weight (V, H) the LM head; bias (V,) or None; target (*)
+    integer token ids. Returns logp (*) (and ent (*)) in fp32 (fp64 for fp64 inputs); both are 0
+    where target == ignore_index, with zero gradient there. Differentiable in input, weight and
+    bias for any upstream gradient on either output. Chunked over rows (and the vocabulary inside
+    the row kernel) as linear_cross_entropy is: the forward keeps (N,) vectors only, the backward
+    recomputes each chunk's logits; fp32 accumulation, no atomics (deterministic)."""
+    return route("linear_log_probs", input, weight, target, bias, temperature, ignore_index, return_entropy)
+
+
+@fasttx_op()
+def linear_jsd(
+    student_input: Tensor,
+    student_weight: Tensor,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch=None,
+) -> Tensor:
+    """Generalised Jensen-Shannon divergence between the student's and the teacher's next-token
+    distributions, softmax(linear(input, weight, bias) / temperature) of each, without the logits
+    of either (TRL's GKDTrainer.generalized_jsd_loss on those logits): beta = 0 is KL(teacher ||
+    student) (forward KL), beta = 1 is KL(student || teacher) (reverse KL), in between
+    beta KL(teacher || mix) + (1 - beta) KL(student || mix), mix = (1 - beta) student + beta teacher.
+
+    student_input (*, Hs), student_weight (V, Hs); teacher_input (*, Ht), teacher_weight (V, Ht)
+    (the same vocabulary; the hidden sizes and dtypes may differ); target (*) labels or None:
+    tokens where target == ignore_index are left out. reduction: 'batchmean' (sum / kept tokens,
+    or / input.shape[0] without target, as TRL), 'sum', 'mean' (sum / (kept tokens * V), as TRL's
+    mean over the (tokens, V) elements), 'none' (per token, (*), 0 where ignored: the vocabulary
+    summed); num_items_in_batch: sum / num_items_in_batch (gradient accumulation), as TRL.
+    Result in fp32 (fp64 for fp64 inputs). Gradients reach the student; a teacher tensor that
+    requires grad gets its exact gradient too (run the teacher under torch.no_grad() or freeze its
+    head to skip that work). Chunked over rows on every backend (fasttx/ops/distill.py)."""
+    return route("linear_jsd", student_input, student_weight, teacher_input, teacher_weight, target,
+                 student_bias, teacher_bias, beta, temperature, ignore_index, reduction, num_items_in_batch)
+
+
+@fasttx_op()
+def linear_kl_div(
+    student_input: Tensor,
+    student_weight: Tensor,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    student_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    num_items_in_batch=None,
+) -> Tensor:
+    """KL(teacher || student) per token, the distillation loss of F.kl_div(student_log_probs,
+    teacher_log_probs, log_target=True) summed over the vocabulary (named after F.kl_div, whose
+    argument roles it keeps: the student is the input, the teacher the target), without the logits
+    of either model. Exactly linear_jsd(..., beta=0); reverse KL is linear_jsd(..., beta=1).
+    Arguments, reductions and gradients as linear_jsd."""
+    return route("linear_kl_div", student_input, student_weight, teacher_input, teacher_weight, target,
+                 student_bias, teacher_bias, temperature, ignore_index, reduction, num_items_in_batch)
+
+
 __all__ = list(OPS)
 
 

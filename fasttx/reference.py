@@ -434,3 +434,58 @@ def linear_cross_entropy(
     logits = logits.reshape(*x.shape[:-1], *W.shape[:-1])  # (N, C, *out_features)
     return cross_entropy(logits, target, weight, -100 if ignore_index is None else ignore_index,
                          reduction, label_smoothing, upcast=upcast)
+
+
+# ----------------------------------------------------------------------------------------------
+# Post-training: token log-probabilities, entropy, distillation divergences (logits materialised)
+# ----------------------------------------------------------------------------------------------
+def linear_log_probs(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    upcast: Optional[torch.dtype] = None,
+):
+    """(logp, ent) per token: logp = log_softmax(z)[target], ent = -sum_v p_v log p_v for the
+    logits z = linear(input, weight, bias) / temperature, both 0 where target == ignore_index.
+    input (*, H), weight (V, H), bias (V,), target (*)."""
+    x, W, b = _up(input, upcast), _up(weight, upcast), _up(bias, upcast)
+    z = x @ W.t()
+    if b is not None:
+        z = z + b
+    logp_all = torch.log_softmax(z / temperature, dim=-1)  # (*, V)
+    valid = target != ignore_index
+    tc = torch.where(valid, target, torch.zeros_like(target))
+    logp = logp_all.gather(-1, tc.unsqueeze(-1)).squeeze(-1)
+    plogp = logp_all.exp() * logp_all  # p log p; 0 for p = 0 (an -inf logit), not 0 * -inf
+    ent = -torch.where(logp_all == float("-inf"), torch.zeros_like(plogp), plogp).sum(-1)
+    zero = torch.zeros_like(logp)
+    return torch.where(valid, logp, zero), torch.where(valid, ent, zero)
+
+
+def generalized_jsd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+):
+    """Per-token generalised JSD of the two next-token distributions (the vocabulary summed),
+    0 where labels == ignore_index: beta = 0 KL(T || S), beta = 1 KL(S || T), otherwise
+    beta KL(T || M) + (1 - beta) KL(S || M), M = (1 - beta) S + beta T."""
+    S = torch.softmax(student_logits / temperature, dim=-1)
+    T = torch.softmax(teacher_logits / temperature, dim=-1)
+    ls, lt = S.log(), T.log()
+    if beta == 0:
+        d = (T * (lt - ls)).sum(-1)
+    elif beta == 1:
+        d = (S * (ls - lt)).sum(-1)
+    else:
+        lm = ((1 - beta) * S + beta * T).log()
+        d = beta * (T * (lt - lm)).sum(-1) + (1 - beta) * (S * (ls - lm)).sum(-1)
+    if labels is not None:
+        d = torch.where(labels != ignore_index, d, torch.zeros_like(d))
+    return d

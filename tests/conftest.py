@@ -1,5 +1,6 @@
 """Test harness. On a machine without CUDA the Triton kernels run through the Triton interpreter,
 which has to be switched on before triton is first imported, so this happens at the very top."""
+import importlib.util
 import os
 import sys
 import tempfile
@@ -19,6 +20,11 @@ if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("triton was imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
+    if importlib.util.find_spec("triton") is not None:
+        # fp32 -> bf16 rounds to nearest even in the interpreter as on a GPU (tests/_interpreter_bf16.py)
+        import _interpreter_bf16
+
+        _interpreter_bf16.install()
 
 import pytest  # noqa: E402
 

@@ -18,7 +18,7 @@ import fasttx.functional as FF
 import fasttx.nn as fnn
 from fasttx import reference as R
 
-from utils import ATOL_FLOOR, DTYPES, assert_2x_rule
+from utils import DTYPES, assert_2x_rule
 
 HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy")
 N, H, C = 37, 24, 301  # C is a multiple of no block size
@@ -49,10 +49,7 @@ def _compare(out, ref, pt, dtype, name):
         torch.testing.assert_close(out.double(), ref.double(), atol=2e-5, rtol=2e-5, equal_nan=True,
                                    msg=name)
     else:
-        # floor: the 2x rule's, plus one ulp at the largest magnitude (the interpreter truncates
-        # fp32 -> 16-bit stores instead of rounding, TESTING.md)
-        atol = max(ATOL_FLOOR[dtype], torch.finfo(dtype).eps * ref.abs().max().item())
-        assert_2x_rule(out, pt, ref, atol=atol, name=name)
+        assert_2x_rule(out, pt, ref, name=name)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,3 +429,22 @@ def test_peak_memory_far_below_logits():
     assert r.returncode == 0, r.stderr[-2000:]
     ratio = float(r.stdout.strip().splitlines()[-1])
     assert 0 < ratio < 0.25, f"peak RSS growth {ratio:.3f} x the logits"
+
+
+def test_linear_cross_entropy_bf16_gradients_as_accurate_as_torchs(backend, device):
+    """bf16: the input and weight gradients are as close to fp64 as torch's own bf16 composite
+    (norm-relative error within 1.2x of torch's). Both round the (rows, C) logit gradient to bf16
+    and accumulate the weight gradient in fp32; under an interpreter that truncated fp32 -> bf16
+    (tests/_interpreter_bf16.py) ours measured 1.4-1.5x torch's, the truncation's bias, not a bf16
+    accumulation."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(128, 32, generator=g).to(device=device, dtype=torch.bfloat16)
+    W = (torch.randn(500, 32, generator=g) / 32 ** 0.5 * 2).to(device=device, dtype=torch.bfloat16)
+    t = torch.randint(0, 500, (128,), generator=g).to(device)
+    go = torch.tensor(1.0, device=device)
+    _, ours = _grad(lambda a, b: FF.linear_cross_entropy(a, b, t), [x, W], go)
+    _, pt = _grad(lambda a, b: F.cross_entropy(a @ b.t(), t), [x, W], go)
+    _, ref = _grad(lambda a, b: F.cross_entropy(a @ b.t(), t), [x.double(), W.double()], go.double())
+    for name, a, p, r in zip(("d_input", "d_linear_weight"), ours, pt, ref):
+        err, pt_err = ((a.double() - r).norm() / r.norm()).item(), ((p.double() - r).norm() / r.norm()).item()
+        assert err <= 1.2 * pt_err, f"{name}: {err:.2e} vs torch's bf16 {pt_err:.2e}"

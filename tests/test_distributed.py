@@ -250,6 +250,8 @@ def check_dtensor_ops(mesh, rank):
     lce_rows = lambda a, w, t: FF.linear_cross_entropy(a, w, t, reduction="none")  # noqa: E731
     _dt_compare(mesh, lce_rows, [xh, head, tgt], [S(0), R, S(0)], expect=[[S(0)]])
     _dt_compare(mesh, FF.linear_cross_entropy, [xh, head, tgt], [S(0), R, S(0)])  # mean; dW a partial sum
+    llp = lambda a, w, t: FF.linear_log_probs(a, w, t, temperature=0.7, return_entropy=True)  # noqa: E731
+    _dt_compare(mesh, llp, [xh, head, tgt], [S(0), R, S(0)], expect=[[S(0)], [S(0)]])  # dW a partial sum
     # fasttx.flash on heads ((B, L, H, D): dim 2), window and softcap in the kernel
     from fasttx.flash import flash_attn_func
 

@@ -39,8 +39,7 @@ def check_flash(q, k, v, do, **kw):
             torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
     else:
         low, gl = _grads(lambda *t: R.flash_attention(*t, **ref_kw)[0], q, k, v, do)
-        # bf16 stores under the interpreter truncate (1 ulp); outputs here stay below 4
-        atol = ATOL_FLOOR[q.dtype] * (2 if q.dtype == bf16 else 1)
+        atol = ATOL_FLOOR[q.dtype]  # bf16 stores round as on a GPU (tests/_interpreter_bf16.py)
         assert_2x_rule(ours, low, ref, atol=atol)
         for name, a, b, c in zip("qkv", g, gl, gr):
             assert_2x_rule(a, b, c, mult=3.0, atol=atol, name=f"d{name}")
@@ -82,7 +81,7 @@ def test_scale_and_lse(backend, device):
     check_flash(q, k, v, do, causal=True, softmax_scale=0.3)
     out, lse, probs = flash_attn_func(q, k, v, softmax_scale=0.3, causal=True, return_attn_probs=True)
     ref_lse = R.flash_attention(q.double(), k.double(), v.double(), softmax_scale=0.3, causal=True)[1]
-    assert lse.shape == (2, 2, 9) and lse.dtype == fp32 and probs is None
+    assert lse.shape == (2, 2, 9) and lse.dtype == fp32 and probs.shape == (0,)  # S_dmask: empty without dropout
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
@@ -347,7 +346,7 @@ def _kvcache_oracle(q, cache_k, cache_v, k_new, v_new, seqlens, rows, leftpad, r
     q = q.double()
     if k_new is not None:
         if rope is not None:
-            pos0 = torch.tensor(seqlens) - torch.tensor(leftpad)
+            pos0 = torch.tensor(seqlens)  # absolute cache positions (flash-attn's, also with a left pad)
             kpos = pos0[:, None] + torch.arange(Lnew)
             qpos = pos0[:, None] + (torch.arange(Lq) if causal or kw.get("window_size", (-1, -1)) != (-1, -1)
                                     else torch.zeros(Lq, dtype=torch.long))

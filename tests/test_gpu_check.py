@@ -4,6 +4,8 @@ writes the same files. Its budget and junit logic are checked directly, cheaply.
 import importlib.util
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -120,3 +122,26 @@ def test_gpu_plan_covers_the_headline_rows():
     cmd = gc.pytest_command("j.xml", False, 16, True, True)
     assert "-n" in cmd and "16" in cmd and "--timeout" in cmd and "tests" in cmd
     assert "--timeout" not in gc.pytest_command("j.xml", False, 16, True, False)
+
+
+def test_first_line_names_the_python(rehearsal):
+    r, out = rehearsal
+    assert r.stdout.splitlines()[0] == f"fasttx gpu-check: python {sys.executable} ({platform.python_version()})"
+    assert f"python {sys.executable}" in (out / "summary.txt").read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("venv", ["present", "absent"])
+def test_make_gpu_check_runs_the_venv_python_when_there_is_one(tmp_path, venv):
+    """`make gpu-check` runs the project's .venv python if it exists, else the machine's python3."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    root = TOOL.parents[1]
+    py = tmp_path / "bin" / "python"
+    if venv == "present":
+        py.parent.mkdir()
+        py.write_text("")
+    r = subprocess.run(["make", "-n", "gpu-check", f"VENV={tmp_path}"], capture_output=True, text=True,
+                       cwd=root)
+    assert r.returncode == 0, r.stderr
+    cmd = [line for line in r.stdout.splitlines() if "tools/gpu_check.py" in line]
+    assert cmd and cmd[0].split()[0] == (str(py) if venv == "present" else "python3"), r.stdout

@@ -55,6 +55,73 @@ def test_both_paths_accept_what_torch_accepts(backend, device):
     torch.testing.assert_close(FF.layer_norm(x, torch.Size([4])), ref.layer_norm(x, (4,)))
 
 
+def _outcome(fn, *args, **kwargs) -> str:
+    try:
+        fn(*args, **kwargs)
+        return "accepted"
+    except Exception as e:  # noqa: BLE001 - the type and message are what is compared
+        return f"{type(e).__name__}: {e}"
+
+
+def _compare_to_torch(cases, ours, theirs):
+    """Run every case through torch's op and ours (the backend fixture's path): the same exception
+    type and message, or both accept. All mismatches are reported at once."""
+    bad = []
+    for args, kwargs in cases:
+        want, got = _outcome(theirs, *args, **kwargs), _outcome(ours, *args, **kwargs)
+        if want != got:
+            bad.append(f"{[tuple(a.shape) + (a.dtype,) if isinstance(a, torch.Tensor) else a for a in args]} "
+                       f"{kwargs}:\n  torch: {want[:160]}\n  ours:  {got[:160]}")
+    assert not bad, f"{len(bad)} of {len(cases)} differ:\n" + "\n".join(bad[:10])
+
+
+_INT_DTYPES = (torch.int64, torch.int32, torch.uint8, torch.bool)
+
+
+def test_cross_entropy_raises_what_torch_raises(backend):
+    # Logits of rank 0 to 3, targets of many shapes and dtypes (class indices and probabilities,
+    # right and wrong: the wrong-shape probability target used to raise AssertionError on the
+    # Triton path, a 0-D input IndexError, int32 indices were accepted), with and without label
+    # smoothing and class weights.
+    cases = []
+    for shape in [(), (5,), (3, 5), (3, 5, 2)]:
+        for tshape in [(), (1,), (2,), (3,), (3, 2), (3, 3), (3, 5), (5,), (3, 5, 2), (3, 2, 2), (3, 6), (3, 5, 1)]:
+            for dt in (*_INT_DTYPES, torch.float32):
+                for kw in (dict(), dict(label_smoothing=0.1), dict(weight=torch.ones(5)), dict(weight=torch.ones(4))):
+                    cases.append(((torch.randn(shape), torch.zeros(tshape, dtype=dt)), kw))
+    _compare_to_torch(cases, FF.cross_entropy, _F.cross_entropy)
+
+
+def test_linear_cross_entropy_raises_what_torch_raises(backend):
+    if not hasattr(_F, "linear_cross_entropy"):
+        pytest.skip("torch has no linear_cross_entropy before 2.13")
+    cases = []
+    for shape in [(3,), (4, 3)]:
+        for wshape in [(5, 3), (5, 2, 3), (5, 4)]:
+            for tshape in [(), (1,), (4,), (3,), (4, 5), (4, 6), (4, 2), (4, 5, 2), (4, 2, 5)]:
+                for dt in (torch.int64, torch.int32, torch.float32):
+                    for kw in (dict(), dict(ignore_index=1), dict(weight=torch.ones(4))):
+                        cases.append(((torch.randn(shape), torch.randn(wshape), torch.zeros(tshape, dtype=dt)), kw))
+    _compare_to_torch(cases, FF.linear_cross_entropy, _F.linear_cross_entropy)
+
+
+@pytest.mark.parametrize("cast", ["torch", "llama", "gemma"])
+def test_rms_norm_raises_what_torch_raises(backend, cast):
+    # Inputs of rank 0 to 3 (and an empty one) against normalized shapes of rank 0 to 4 (a 1-D input
+    # with a 2-D shape: torch's ValueError, once a RuntimeError on the Triton path), weights right
+    # and wrong, float and integer inputs; add_rms_norm's three casts follow F.rms_norm's rules.
+    cases = []
+    for shape in [(), (4,), (2, 4), (3, 2, 4), (0, 4)]:
+        for ns in [(), (4,), (2, 4), (3, 2, 4), (5,), (4, 4), (2, 2, 2, 4)]:
+            for w in (None, "same", (5,)):
+                for dt in (torch.float32, torch.int64):
+                    weight = torch.ones(ns) if w == "same" else (torch.ones(w) if w else None)
+                    cases.append(((torch.randn(shape).to(dt), ns, weight), {}))
+    if cast == "torch":
+        _compare_to_torch(cases, FF.rms_norm, _F.rms_norm)
+    _compare_to_torch(cases, lambda x, ns, w: FF.add_rms_norm(x, None, ns, w, cast=cast)[0], _F.rms_norm)
+
+
 def _run(code: str, **env):
     full = dict(os.environ, **env)
     full.pop("TRITON_INTERPRET", None)

@@ -91,6 +91,20 @@ CASES = {
                                  bad=((lambda t: (t(4, 8), t(5, 7), t(4, kind="index")), RuntimeError),
                                       (lambda t: ([1.0], t(5, 8), t(4, kind="index")), TypeError)),
                                  probe=_NO_PROBE),
+    "linear_log_probs": Case(lambda t: (t(4, 8), t(5, 8), t(4, kind="index")),
+                             lambda t: (t(0, 8), t(5, 8), t(0, kind="index")),
+                             bad=((lambda t: (t(4, 8), t(5, 7), t(4, kind="index")), RuntimeError),
+                                  (lambda t: ([1.0], t(5, 8), t(4, kind="index")), TypeError)),
+                             probe=_NO_PROBE),
+    "linear_jsd": Case(lambda t: (t(4, 8), t(5, 8), t(4, 6), t(5, 6)), lambda t: (t(0, 8), t(5, 8), t(0, 6), t(5, 6)),
+                       bad=((lambda t: (t(4, 8), t(5, 8), t(4, 6), t(3, 6)), (ValueError, RuntimeError)),
+                            (lambda t: ([1.0], t(5, 8), t(4, 6), t(5, 6)), TypeError)),
+                       probe="n/a: torch ops only (chunked), no kernel offsets", oracle="generalized_jsd"),
+    "linear_kl_div": Case(lambda t: (t(4, 8), t(5, 8), t(4, 6), t(5, 6)),
+                          lambda t: (t(0, 8), t(5, 8), t(0, 6), t(5, 6)),
+                          bad=((lambda t: (t(4, 8), t(5, 8), t(4, 6), t(3, 6)), (ValueError, RuntimeError)),
+                               (lambda t: ([1.0], t(5, 8), t(4, 6), t(5, 6)), TypeError)),
+                          probe="n/a: torch ops only (chunked), no kernel offsets", oracle="generalized_jsd"),
 }
 # An op's CASE may also sit beside its semantics tests, as CONTRACT_CASES in tests/test_<op>.py.
 for _path in sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)), "test_*.py"))):

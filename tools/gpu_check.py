@@ -527,7 +527,7 @@ def write_summary(check: Check, info, holder, doc, path: str, failed: List[str])
     where = ("REHEARSAL on CPU (Triton interpreter, tiny sizes: no GPU numbers)" if check.rehearsal
              else info.get("device"))
     lines.append(f"fasttx gpu-check: {verdict} - {where}; {check.elapsed():.0f} s of the "
-                 f"{check.budget_s:.0f} s budget.")
+                 f"{check.budget_s:.0f} s budget; python {sys.executable}.")
     if failed:
         lines.append("FAILED: " + "; ".join(failed))
     if t:
@@ -618,9 +618,15 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(args.worker, args.size, args.device, args.worker_json)
 
+    # First line: which python runs (make gpu-check picks the project's .venv, else python3).
+    print(f"fasttx gpu-check: python {sys.executable} ({platform.python_version()})", flush=True)
     if args.rehearsal:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch initialises CUDA
-    import torch
+    try:
+        import torch
+    except ModuleNotFoundError as exc:
+        sys.exit(f"fasttx gpu-check: this python ({sys.executable}) cannot import {exc.name}: run "
+                 "`make install` for the project's .venv, or choose a python with GPU_PY=...")
 
     rehearsal = args.rehearsal or not torch.cuda.is_available()
     if rehearsal:

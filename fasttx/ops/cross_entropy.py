@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx.distributed import opt, placements, sharding_rule
 from fasttx._registry import autocast_inputs, autocast_to_fp32, contract
+from fasttx._torch_errors import raise_as_torch
+from fasttx.distributed import opt, placements, sharding_rule
 
 from ._common import acc_dtype
 
@@ -41,11 +42,26 @@ def _meta(t: Optional[Tensor], shape=None) -> Optional[Tensor]:
     return torch.empty(t.shape if shape is None else shape, dtype=t.dtype, device="meta")
 
 
+def _torch_raises(logits_shape, dtype, target, weight, ignore_index, reduction, label_smoothing, device_type):
+    """Raise exactly what torch's own F.cross_entropy raises for arguments of these shapes and
+    dtypes (fasttx/_torch_errors.py; its meta kernels differ: AssertionError, missing dtype
+    rules). Target values are checked by the caller."""
+    logits = torch.empty(logits_shape, dtype=dtype, device="meta")
+    sizes = (*logits_shape, *target.shape, *(() if weight is None else weight.shape))
+    raise_as_torch(lambda m: F.cross_entropy(m.tensor(logits), m.tensor(target), m.tensor(weight),
+                                             ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing),
+                   sizes, logits_shape, device_type)
+
+
 def _check_ce(logits_shape, dtype, device, target, weight, ignore_index, reduction, label_smoothing):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"{reduction} is not a valid value for reduction")
+    compiling = torch.compiler.is_compiling()
+    if not compiling:  # torch's own checks, exactly
+        _torch_raises(logits_shape, dtype, target, weight, ignore_index, reduction, label_smoothing, device.type)
     C = logits_shape[0] if len(logits_shape) == 1 else logits_shape[1]
-    if weight is not None and (weight.dim() != 1 or weight.numel() != C):
+    if compiling and weight is not None and (weight.dim() != 1 or weight.numel() != C):
         # torch's messages (its meta kernels raise an AssertionError here instead)
         if target.is_floating_point():
             raise RuntimeError(
@@ -58,15 +74,16 @@ def _check_ce(logits_shape, dtype, device, target, weight, ignore_index, reducti
             f"weight tensor should be defined either for all {C} classes or no classes but got "
             f"weight tensor of shape: {list(weight.shape)}"
         )
-    logits = torch.empty(logits_shape, dtype=dtype, device="meta")
-    F.cross_entropy(logits, _meta(target), _meta(weight), ignore_index=ignore_index,
-                    reduction=reduction, label_smoothing=label_smoothing)
+    if compiling:  # traceable: torch's meta kernels (their types differ from torch's in places)
+        logits = torch.empty(logits_shape, dtype=dtype, device="meta")
+        F.cross_entropy(logits, _meta(target), _meta(weight), ignore_index=ignore_index,
+                        reduction=reduction, label_smoothing=label_smoothing)
     for name, t in (("target", target), ("weight", weight)):
         if t is not None and t.device != device:
             raise RuntimeError(
                 f"cross_entropy: expected {name} on the input's device {device}, got {t.device}"
             )
-    if not target.is_floating_point() and not torch.compiler.is_compiling() and target.numel():
+    if not target.is_floating_point() and not compiling and target.numel():
         bad = (target != ignore_index) & ((target < 0) | (target >= C))
         if bool(bad.any()):
             raise IndexError(f"Target {int(target[bad].reshape(-1)[0])} is out of bounds.")
@@ -74,7 +91,8 @@ def _check_ce(logits_shape, dtype, device, target, weight, ignore_index, reducti
 
 def check(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Raise what torch.nn.functional.cross_entropy raises for these arguments: shapes, dtypes
-    and options by running torch's own checks on meta tensors (no data touched), then the target
+    and options by running torch's own op on tiny CPU stand-ins (`_torch_raises`; under
+    torch.compile on meta tensors, no data touched), then the target
     range, which meta tensors cannot see (outside torch.compile: it needs the values)."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError(
@@ -279,14 +297,19 @@ _lce.register_autograd(_lce_bwd, setup_context=_lce_setup)
 # ----------------------------------------------------------------------------------------------
 # torch path: the same chunked loop in plain torch
 # ----------------------------------------------------------------------------------------------
-def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None):
+def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None, scale=1.0, ent=None,
+                g_ent=None):
     """Per-row losses of a scratch chunk of logits z (m, C) (any dtype; math in fp32, fp64 for
     fp64), and with g ((m,) or (1,)) their gradient, written over z (otherwise z is left
     clobbered). The formulas of kernels/cross_entropy.py, in place: e = exp(z - max) is computed
     once, lse = max + log(sum e) and p = e / sum e come from it; one fp32 (m, C) buffer at most
-    (none for fp32 logits)."""
+    (none for fp32 logits). linear_log_probs: the rows are z * scale; `ent` ((m,), class indices)
+    receives each row's entropy (0 on ignored rows), and with g the entropy's gradient times
+    g_ent ((m,) or (1,); None: 0) is added (two more (m, C) buffers on that path only)."""
     acc = acc_dtype(z.dtype)
     zf = z.to(acc)  # z itself for fp32 logits
+    if scale != 1.0:
+        zf = zf.mul_(scale)
     C = z.shape[1]
     w = weight.to(acc) if weight is not None else None
     prob = t.is_floating_point()
@@ -304,15 +327,29 @@ def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None):
         if eps:
             sum_wx = zf @ w if w is not None else zf.sum(1)
     mx = zf.amax(dim=1)  # (m,)
-    e = zf.sub_(mx[:, None]).exp_()  # exp(z - max), over zf
-    se = e.sum(1)
+    if ent is not None:
+        zm = zf.sub_(mx[:, None])  # z - max
+        e = zm.exp()
+        se = e.sum(1)
+        # H = log s - sum e (z - max) / s: relative to the max, no cancellation of large logits.
+        # e (z - max) is NaN only as 0 * -inf (an -inf logit: its term is 0) or in a row holding a
+        # NaN logit, whose s is NaN already: nan_to_num_ in place, one (m, C) buffer
+        h = se.log() - (e * zm).nan_to_num_(nan=0.0).sum(1) / se
+        ent.copy_(torch.where(valid, h, torch.zeros_like(h)))
+        if g is not None:
+            # dH/dz_c = -p_c (z_c - lse + H) = -p_c (zm_c - log s + H), p_c = e_c / s
+            gh = torch.where(valid, (g_ent.to(acc).reshape(-1) if g_ent is not None else 0.0) / se, 0.0)
+            d_ent = (e * zm.sub_((se.log() - h)[:, None])).nan_to_num_(nan=0.0).mul_(-gh[:, None])
+    else:
+        e = zf.sub_(mx[:, None]).exp_()  # exp(z - max), over zf
+        se = e.sum(1)
     lse = mx + se.log()
     if prob:
         loss = A * lse - sum_wx
         if g is not None:  # d = g (A p - w t')
             d = e.mul_((A / se)[:, None]).sub_(wt).mul_(g.to(acc).reshape(-1, 1))
     else:
-        loss = (1 - eps) * w_y * (lse - x_y)
+        loss = (1 - eps) * w_y * ((mx - x_y) + se.log())  # not lse - x_y: no rounding at the logits' size
         if eps:
             loss = loss + torch.where(valid, eps / C * (wsum * lse - sum_wx), torch.zeros_like(lse))
         if g is not None:
@@ -329,6 +366,8 @@ def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None):
             if eps:
                 d_y = d_y + eps / C * (wsum * torch.exp(x_y - lse) - w_y)
             d.scatter_(1, tc[:, None], (d_y * scale)[:, None])
+            if ent is not None:
+                d.add_(d_ent)
     if g is not None and d is not z:
         z.copy_(d)
     return loss
@@ -349,6 +388,45 @@ def _chunk(M, H, C):
     return max(1, min(M, 1 << max(0, math.ceil(math.log2(rows)))))
 
 
+def _torch_loop_forward(x, w, b, target, weight, ignore_index, eps, wsum, chunk, scale=1.0, ent=None):
+    """Per-row losses (M,) (fp64 for fp64 inputs, else fp32), chunk by chunk: one (chunk, C)
+    logits buffer at a time. `scale` and `ent` as in _torch_rows."""
+    M = x.shape[0]
+    loss = torch.empty(M, dtype=acc_dtype(x.dtype), device=x.device)
+    for s in range(0, M, chunk):
+        loss[s:s + chunk] = _torch_rows(F.linear(x[s:s + chunk], w, b), target[s:s + chunk], weight,
+                                        ignore_index, eps, wsum, scale=scale,
+                                        ent=ent[s:s + chunk] if ent is not None else None)
+    return loss
+
+
+def _torch_loop_backward(grad, x, w, b, target, weight, ignore_index, eps, wsum, chunk, scale=1.0,
+                         entropy=False, grad_ent=None):
+    """(dx, dw, db) of sum_n grad_n loss_n (+ grad_ent_n ent_n): each chunk's logits recomputed and
+    overwritten by their gradient, dw and db accumulated in fp32 (fp64) across chunks, cast once."""
+    M, H = x.shape
+    acc = acc_dtype(w.dtype)
+    dx = torch.empty_like(x)
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device)  # fp32 across chunks, cast once
+    db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
+    ent = torch.empty(M, dtype=acc, device=x.device) if entropy else None
+    for s in range(0, M, chunk):
+        xc = x[s:s + chunk]
+        g = grad if grad.numel() == 1 else grad[s:s + chunk]
+        g2 = None
+        if grad_ent is not None:
+            g2 = grad_ent if grad_ent.numel() == 1 else grad_ent[s:s + chunk]
+        z = F.linear(xc, w, b)  # (m, C), overwritten by its gradient
+        _torch_rows(z, target[s:s + chunk], weight, ignore_index, eps, wsum, g, scale=scale,
+                    ent=ent[s:s + chunk] if ent is not None else None, g_ent=g2)
+        dx[s:s + chunk] = z @ w
+        dw.addmm_(z.t().to(acc), xc.to(acc))
+        if db is not None:
+            db += z.sum(0, dtype=acc)
+        del z
+    return dx, dw.to(w.dtype), (db.to(b.dtype) if db is not None else None)
+
+
 class _TorchLinearCE(torch.autograd.Function):
     """Per-row losses of cross_entropy(linear(x, w, b), target), chunked over rows in plain torch:
     the forward keeps the losses only, the backward recomputes each chunk's logits."""
@@ -360,10 +438,7 @@ class _TorchLinearCE(torch.autograd.Function):
         acc = acc_dtype(x.dtype)
         wsum = weight.sum(dtype=acc) if weight is not None else float(C)  # a tensor: no host sync
         chunk = _chunk(M, H, C)
-        loss = torch.empty(M, dtype=acc, device=x.device)
-        for s in range(0, M, chunk):
-            loss[s:s + chunk] = _torch_rows(F.linear(x[s:s + chunk], w, b), target[s:s + chunk], weight,
-                                            ignore_index, eps, wsum)
+        loss = _torch_loop_forward(x, w, b, target, weight, ignore_index, eps, wsum, chunk)
         ctx.save_for_backward(x, w, b, target, weight)
         ctx.options = (ignore_index, eps, wsum, chunk)
         return loss
@@ -371,23 +446,8 @@ class _TorchLinearCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w, b, target, weight = ctx.saved_tensors
-        ignore_index, eps, wsum, chunk = ctx.options
-        M, H = x.shape
-        acc = acc_dtype(w.dtype)
-        dx = torch.empty_like(x)
-        dw = torch.zeros(w.shape, dtype=acc, device=w.device)  # fp32 across chunks, cast once
-        db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
-        for s in range(0, M, chunk):
-            xc = x[s:s + chunk]
-            g = grad if grad.numel() == 1 else grad[s:s + chunk]
-            z = F.linear(xc, w, b)  # (m, C), overwritten by its gradient
-            _torch_rows(z, target[s:s + chunk], weight, ignore_index, eps, wsum, g)
-            dx[s:s + chunk] = z @ w
-            dw.addmm_(z.t().to(acc), xc.to(acc))
-            if db is not None:
-                db += z.sum(0, dtype=acc)
-            del z
-        return dx, dw.to(w.dtype), (db.to(b.dtype) if db is not None else None), None, None, None, None
+        dx, dw, db = _torch_loop_backward(grad, x, w, b, target, weight, *ctx.options)
+        return dx, dw, db, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -395,6 +455,8 @@ class _TorchLinearCE(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
     """Triton path of torch.nn.functional.cross_entropy (arguments already checked)."""
+    if target.dtype == torch.uint8:  # torch takes Byte class indices too; the kernels read int64
+        target = target.long()
     x, t, shape = _class_last(input, target)
     loss, _ = _ce(x, t, weight, ignore_index, float(label_smoothing))
     return reduce(loss, t, weight, ignore_index, reduction, shape, input.dtype)
@@ -407,6 +469,8 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
     input (H,) or (N, H); linear_weight (C, *out_features, H); target (N, *out_features) class
     indices or (N, C, *out_features) probabilities. With out_features, each position p has its own
     (C, H) matrix linear_weight[:, p]: one chunked pass per position."""
+    if target.dtype == torch.uint8:  # torch takes Byte class indices too; the kernels read int64
+        target = target.long()
     C, H = linear_weight.shape[0], linear_weight.shape[-1]
     x = input.reshape(-1, H)  # (N, H)
     N = x.shape[0]

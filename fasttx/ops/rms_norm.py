@@ -24,8 +24,9 @@ from torch import Tensor
 
 from fasttx import _checks
 from fasttx._checks import check_residual
-from fasttx.distributed import opt, placements, row_dims, sharding_rule
 from fasttx._registry import autocast_inputs, autocast_to_fp32, contract
+from fasttx._torch_errors import raise_as_torch, rms_norm_shapes_ok
+from fasttx.distributed import opt, placements, row_dims, sharding_rule
 
 from ._common import RMS_NORM_CASTS as CASTS
 from ._common import acc_dtype
@@ -67,6 +68,12 @@ def check(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residu
           cast="torch", op: str = "rms_norm") -> None:
     """torch.nn.functional.rms_norm's argument rules, with its exception types and messages; for
     add_rms_norm also the residual's (its cast is checked once, for both paths, by `_add_prepare`)."""
+    shape = _shape(normalized_shape)
+    if not rms_norm_shapes_ok(input, shape, weight) and not torch.compiler.is_compiling():
+        # a bad call: torch's own checks, in torch's order, raise exactly what torch raises
+        raise_as_torch(lambda m: F.rms_norm(m.tensor(input), m.shape(shape), m.tensor(weight), eps),
+                       (*input.shape, *shape, *(() if weight is None else weight.shape)), input.shape,
+                       input.device.type)
     if not input.is_floating_point():
         dtype = _TORCH_TYPE_NAMES.get(input.dtype, str(input.dtype).replace("torch.", ""))
         raise NotImplementedError(f'"rms_norm" not implemented for \'{dtype}\'')
@@ -220,6 +227,11 @@ def rms_norm_cast(h: Tensor, normalized_shape, weight: Optional[Tensor], eps: Op
     """torch ops for the three casting orders of add_rms_norm (the Triton path's semantics)."""
     if cast == "torch":
         return F.rms_norm(h, normalized_shape, weight, eps)
+    if not rms_norm_shapes_ok(h, normalized_shape, weight) and not torch.compiler.is_compiling():
+        # a bad call: F.rms_norm's own checks raise exactly what it raises, as for the "torch" cast
+        raise_as_torch(lambda m: F.rms_norm(m.tensor(h), m.shape(normalized_shape), m.tensor(weight), eps),
+                       (*h.shape, *normalized_shape, *(() if weight is None else weight.shape)), h.shape,
+                       h.device.type)
     acc = acc_dtype(h.dtype)
     eps = torch.finfo(acc).eps if eps is None else eps
     dims = tuple(range(-len(normalized_shape), 0))
