@@ -26,7 +26,10 @@ MAX_ROW_PROGRAMS = 65535  # CUDA's limit on grid axes 1 and 2
 
 def acc_dtype(dtype: torch.dtype):
     """Accumulator (tl) dtype: the rule of _dtypes.acc_dtype (fp64 for fp64, else fp32) as a tl dtype."""
-    return tl.float64 if stat_dtype(dtype) == torch.float64 else tl.float32
+    return _TL[stat_dtype(dtype)]
+
+
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 # torch dtype of saved statistics (mean, rstd, logsumexp): the accumulator dtype
