@@ -17,7 +17,7 @@ the L x S gradient it would need).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -368,6 +368,75 @@ def _flash_kvcache_fwd(
 @_flash_kvcache_fwd.register_fake
 def _(q, k, v, cu_q, k_start, k_len, block_table, page_size, alibi, scale, causal, left, right, softcap, max_q, max_k):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# fasttx.flash's entries: flash-attn's layouts in and out, options as two small named structures
+# ------------------------------------------------------------------------------------------------
+class SeqLens(NamedTuple):
+    """Variable-length sequences. cu_q: (B + 1,) int32 cumulative query counts (q packed as
+    (total_q, H, D)), or None for dense q (B, Lq, H, D); k_start, k_len: (B,) int32 first key row and
+    key count of each sequence in the k/v rows (packed keys, or cache rows; a paged cache: zeros);
+    max_q, max_k: the longest sequence's query and key count."""
+    cu_q: Optional[Tensor]
+    k_start: Tensor
+    k_len: Tensor
+    max_q: int
+    max_k: int
+
+
+class FlashFeatures(NamedTuple):
+    """flash-attn's options: the softmax scale; causal (bottom-right aligned); the window (left,
+    right), -1 unbounded (causal forces right = 0); softcap (0: off); ALiBi slopes fp32 (H,) or
+    (B, H), or None; dropout_p (not with a kv-cache)."""
+    scale: float
+    causal: bool = False
+    left: int = -1
+    right: int = -1
+    softcap: float = 0.0
+    alibi: Optional[Tensor] = None
+    dropout_p: float = 0.0
+
+
+def _heads_view(t: Tensor) -> Tensor:
+    """(B, L, H, D) or (total, H, D) -> the kernels' (B, H, L, D) / (1, H, total, D) view, unit last stride."""
+    t = t.transpose(1, 2) if t.dim() == 4 else t.transpose(0, 1).unsqueeze(0)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flash_layout(out: Tensor, lse: Tensor, packed: bool):
+    """The kernels' (B, H, L, D) / (1, H, total, D) output -> q's layout; lse (B, H, L) / (H, total)."""
+    if packed:
+        return out[0].transpose(0, 1).contiguous(), lse[0]
+    return out.transpose(1, 2).contiguous(), lse
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, features: FlashFeatures,
+                    seqlens: Optional[SeqLens] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """flash-attn's attention on the kernels (arguments checked by fasttx.flash). q, k, v in flash-attn's
+    layouts: (B, L, H, D), or (total, H, D) rows with `seqlens`. Returns (out in q's layout,
+    lse (B, H, Lq) or (H, total_q) fp32 without gradient, the dropout's Philox seed (for S_dmask))."""
+    f, s = features, seqlens
+    fp32_out = q.dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    res = _flash_fwd(_heads_view(q), _heads_view(k), _heads_view(v), s.cu_q if s else None, s.k_start if s else None,
+                     s.k_len if s else None, f.alibi, float(f.dropout_p), float(f.scale), bool(f.causal), int(f.left),
+                     int(f.right), float(f.softcap), int(s.max_q) if s else 0, int(s.max_k) if s else 0, fp32_out)
+    out, lse = _flash_layout(res[0], res[1].detach(), packed=q.dim() == 3)
+    return out, lse, res[2]
+
+
+def flash_attention_kvcache(q: Tensor, k: Tensor, v: Tensor, features: FlashFeatures, seqlens: SeqLens,
+                            block_table: Optional[Tensor] = None, page_size: int = 1) -> Tuple[Tensor, Tensor]:
+    """Inference attention over a kv-cache (forward only, no dropout): q (B, Lq, H, D) or packed
+    (total_q, H, D) with seqlens.cu_q; k, v the cache rows (rows, Hk, D); sequence b's keys are rows
+    [k_start[b], k_start[b] + k_len[b]), or through block_table (B, pages) int32 pages of page_size
+    rows. Returns (out in q's layout, lse (B, H, Lq) or (H, total_q) fp32)."""
+    f, s = features, seqlens
+    assert f.dropout_p == 0.0, "the kv-cache path has no dropout"
+    out, lse = _flash_kvcache_fwd(_heads_view(q), _heads_view(k), _heads_view(v), s.cu_q, s.k_start, s.k_len,
+                                  block_table, int(page_size), f.alibi, float(f.scale), bool(f.causal), int(f.left),
+                                  int(f.right), float(f.softcap), int(s.max_q), int(s.max_k))
+    return _flash_layout(out, lse, packed=q.dim() == 3)
 
 
 # ----------------------------------------------------------------------------------------------
