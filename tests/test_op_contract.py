@@ -23,7 +23,7 @@ import fasttx
 import fasttx.functional as FF
 import fasttx.reference as R
 from fasttx import _registry
-from utils import Case, noncontig
+from utils import Case, noncontig, run_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,3 +264,22 @@ def test_int64_probe_present_or_excused(op):
     tree = ast.parse(open(os.path.join(ROOT, path)).read())
     fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == test)
     assert any(isinstance(n, ast.Name) and n.id == "run_probe" for n in ast.walk(fn))
+
+
+def test_dtensor_rules_registered_by_a_first_call_under_torch_compile():
+    # fasttx.functional loads (and declares every rule) before torch.distributed.tensor is imported;
+    # the first fasttx call is then a compiled one: route() registers the rules through an import
+    # that dynamo runs rather than traces (fasttx/_dtensor_on_import.py), without a graph break.
+    code = (
+        "import torch, fasttx, fasttx.functional as FF, fasttx.distributed as D\n"
+        "import torch.distributed.tensor  # noqa: F401\n"
+        "fasttx.use_backend('triton')\n"
+        "fasttx._backend._warned_slow = True  # the interpreter's one-time warning is not traceable\n"
+        "assert D.registered_ops() == []\n"
+        "x = torch.randn(2, 8)\n"
+        "y = torch.compile(lambda t: FF.gelu(t), fullgraph=True, backend='eager')(x)\n"
+        "assert torch.allclose(y, torch.nn.functional.gelu(x), atol=1e-6), 'wrong result'\n"
+        "assert 'bias_act' in D.registered_ops() and 'attention' in D.registered_ops(), D.registered_ops()\n"
+        "print('ok')\n"
+    )
+    run_probe(code, timeout=120)
