@@ -110,7 +110,7 @@ def route(name: str, *args):
             if _DTENSOR_RULES_PENDING[0]:
                 _dtensor_rules()
             return c.triton(*args)
-        warn_fallback(name, reason, stacklevel=4)
+        warn_fallback(name, reason)
     return c.torch(*args)
 
 

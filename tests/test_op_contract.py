@@ -283,3 +283,17 @@ def test_dtensor_rules_registered_by_a_first_call_under_torch_compile():
         "print('ok')\n"
     )
     run_probe(code, timeout=120)
+
+
+def test_warnings_point_at_the_callers_line(monkeypatch):
+    # route() and the contract sit between the caller and the warnings (the interpreter's one-time
+    # note, a fallback): both still name the caller's file and line (fasttx/_backend.py: _user_stacklevel)
+    monkeypatch.setattr(fasttx._backend, "_warned", set())
+    monkeypatch.setattr(fasttx._backend, "_warned_slow", False)
+    line = test_warnings_point_at_the_callers_line.__code__.co_firstlineno + 7  # the FF.gelu line
+    with fasttx.use_backend("triton"), pytest.warns(UserWarning) as record:
+        FF.gelu(torch.randn(3))
+        FF.relu_squared(torch.arange(3))
+    got = {(w.filename, w.lineno) for w in record
+           if "Triton interpreter" in str(w.message) or "relu_squared" in str(w.message)}
+    assert got == {(__file__, line), (__file__, line + 1)}, got
