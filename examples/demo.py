@@ -119,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="context length in characters")
     model.add_argument("--dropout", type=_fraction(0.0, 1.0), default=0.0, metavar="P",
                        help="embedding, attention and residual dropout")
-    model.add_argument("--preset", choices=("gpt2", "llama"), default="gpt2",
+    model.add_argument("--preset", choices=("gpt2", "llama", "moe"), default="gpt2",
                        help="architecture: gpt2 = LayerNorm, learned positions, GELU MLP, tied head; "
-                       "llama = RMSNorm, rotary, SwiGLU, grouped-query attention, untied head, no biases")
+                       "llama = RMSNorm, rotary, SwiGLU, grouped-query attention, untied head, no biases; "
+                       "moe = llama with a mixture of 4 SwiGLU experts (top-2) in every block")
     model.add_argument("--pos-encoding", choices=("learned", "sinusoidal", "rotary"), default=None,
                        help="position embedding (default: the preset's, learned or rotary)")
     model.add_argument("--n-kv-head", type=_positive_int, default=None, metavar="N",
@@ -445,9 +446,11 @@ def _run(args, parser, text: str) -> int:
                   n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout, n_kv_head=args.n_kv_head)
     if args.pos_encoding is not None:
         fields["pos_encoding"] = args.pos_encoding
-    if args.preset == "llama":
+    if args.preset in ("llama", "moe"):
         if args.n_kv_head is None and args.n_head % 2 == 0:
             fields["n_kv_head"] = args.n_head // 2
+        if args.preset == "moe":
+            fields.update(n_experts=4, moe_top_k=2)
         config = GPTConfig.llama(**fields)
     else:
         config = GPTConfig(**fields)

@@ -364,6 +364,42 @@ def linear_kl_div(
                  student_bias, teacher_bias, temperature, ignore_index, reduction, num_items_in_batch)
 
 
+# ----------------------------------------------------------------------------------------------
+# Mixture-of-experts MLP (fasttx's own; its argument rules: the contract in fasttx/ops/moe.py, both backends)
+# ----------------------------------------------------------------------------------------------
+@fasttx_op(autocast="lower")
+def moe_experts(
+    hidden_states: Tensor,
+    top_k_index: Tensor,
+    top_k_weights: Tensor,
+    gate_up_proj: Tensor,
+    down_proj: Tensor,
+    *,
+    activation: str = "silu",
+    gate_up_bias: Optional[Tensor] = None,
+    down_bias: Optional[Tensor] = None,
+    gate_up_interleaved: bool = False,
+    transposed: bool = False,
+    alpha: float = 1.702,
+    limit: float = 7.0,
+) -> Tensor:
+    """The routed experts of a mixture-of-experts MLP (transformers' experts layout):
+
+        out[t] = sum_j top_k_weights[t, j] * down[e](act(gate[e] x_t, up[e] x_t)),  e = top_k_index[t, j]
+
+    hidden_states (T, H); top_k_index (T, k) integer in [0, E); top_k_weights (T, k);
+    gate_up_proj (E, 2I, H), rows [gate; up] (gate_up_interleaved: gate0, up0, gate1, up1, ...);
+    down_proj (E, H, I); transposed=True: gate_up_proj (E, H, 2I) and down_proj (E, I, H) (gpt-oss);
+    gate_up_bias (E, 2I), down_bias (E, H) (added before the routing weight). activation: "silu"
+    (silu(g) u), "gelu", "gelu_tanh" (gelu(g) u), "clamped_swiglu" (gpt-oss:
+    (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)). Returns (T, H).
+    Gradients flow to hidden_states, top_k_weights (the router) and every weight and bias.
+    Triton path: grouped GEMMs over the pairs sorted by expert, no host synchronisation
+    (kernels/moe.py); torch path: per-expert F.linear (fasttx/_moe.py)."""
+    return route("moe_experts", hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation,
+                 gate_up_bias, down_bias, gate_up_interleaved, transposed, alpha, limit)
+
+
 __all__ = list(OPS)
 
 

@@ -489,3 +489,35 @@ def generalized_jsd(
     if labels is not None:
         d = torch.where(labels != ignore_index, d, torch.zeros_like(d))
     return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixture-of-experts MLP
+# ----------------------------------------------------------------------------------------------
+def moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, *, activation="silu",
+                gate_up_bias=None, down_bias=None, gate_up_interleaved=False, transposed=False,
+                alpha=1.702, limit=7.0, upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * (act(gate_e x_t, up_e x_t) down_e^T + down_bias[e]), e = top_k_index[t, j],
+    one token and one slot at a time (the plainest loop there is)."""
+    x, w, w1, w2 = (_up(t, upcast) for t in (hidden_states, top_k_weights, gate_up_proj, down_proj))
+    b1, b2 = _up(gate_up_bias, upcast), _up(down_bias, upcast)
+    if transposed:  # (E, H, 2I), (E, I, H) -> (E, 2I, H), (E, H, I)
+        w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(top_k_index.shape[1]):
+            e = int(top_k_index[t, j])
+            gu = w1[e] @ x[t] + (b1[e] if b1 is not None else 0)
+            g, u = (gu[0::2], gu[1::2]) if gate_up_interleaved else gu.chunk(2)
+            if activation == "silu":
+                a = g * torch.sigmoid(g) * u
+            elif activation in ("gelu", "gelu_tanh"):
+                a = torch.nn.functional.gelu(g, approximate="tanh" if activation == "gelu_tanh" else "none") * u
+            elif activation == "clamped_swiglu":
+                gc, uc = g.clamp(max=limit), u.clamp(-limit, limit)
+                a = (uc + 1) * gc * torch.sigmoid(alpha * gc)
+            else:
+                raise ValueError(activation)
+            y = w2[e] @ a + (b2[e] if b2 is not None else 0)
+            out[t] = out[t] + w[t, j] * y
+    return out

@@ -71,6 +71,14 @@ def test_llama_preset(tmp_path, corpus, capsys):
     assert model.config.norm == "rmsnorm" and model.config.n_kv_head == 1 and not model.config.tie_weights
 
 
+def test_moe_preset(tmp_path, corpus, capsys):
+    ckpt = tmp_path / "moe.pt"
+    argv = TINY + ["--data", corpus, "--preset", "moe", "--sample-tokens", "4", "--checkpoint", str(ckpt)]
+    assert demo.main(argv) == 0
+    model, _, _ = demo.load_checkpoint(str(ckpt), "cpu")  # the checkpoint rebuilds the MoE model
+    assert model.config.n_experts == 4 and type(model.transformer.h[0].mlp).__name__ == "MoE"
+
+
 def test_tqdm_is_optional(tmp_path, corpus, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # `from tqdm import tqdm` raises ImportError
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)

@@ -252,6 +252,14 @@ def check_dtensor_ops(mesh, rank):
     _dt_compare(mesh, FF.linear_cross_entropy, [xh, head, tgt], [S(0), R, S(0)])  # mean; dW a partial sum
     llp = lambda a, w, t: FF.linear_log_probs(a, w, t, temperature=0.7, return_entropy=True)  # noqa: E731
     _dt_compare(mesh, llp, [xh, head, tgt], [S(0), R, S(0)], expect=[[S(0)], [S(0)]])  # dW a partial sum
+    # mixture-of-experts experts: tokens sharded, experts replicated; expert-sharded weights are
+    # all-gathered by DTensor (no expert-parallel rule), still the single-process result
+    gen = torch.Generator().manual_seed(4)
+    xm, wm = torch.randn(8, 6, generator=gen), torch.rand(8, 2, generator=gen)
+    im = torch.rand(8, 3, generator=gen).argsort(-1)[:, :2]
+    w1m, w2m = torch.randn(3, 10, 6, generator=gen), torch.randn(3, 6, 5, generator=gen)
+    _dt_compare(mesh, FF.moe_experts, [xm, im, wm, w1m, w2m], [S(0), S(0), S(0), R, R], expect=[[S(0)]])
+    _dt_compare(mesh, FF.moe_experts, [xm, im, wm, w1m, w2m], [R, R, R, S(0), S(0)])
     # fasttx.flash on heads ((B, L, H, D): dim 2), window and softcap in the kernel
     from fasttx.flash import flash_attn_func
 
@@ -390,7 +398,7 @@ def check_tp_block(mesh, rank):
     _assert_dicts_close(_grads(tp), _grads(single), "TP vs single-process gradients")
 
 
-def _fsdp_train(mesh, rank, dropout=0.0, use_reentrant=None, steps=2):
+def _fsdp_train(mesh, rank, dropout=0.0, use_reentrant=None, steps=2, config=None):
     """GPT with fully_shard per block (and the root), each rank on its half of every batch;
     SGD with momentum. Returns (per-step full-batch losses, parameters after the steps, the
     gradients of the last step), gathered to full tensors."""
@@ -399,7 +407,7 @@ def _fsdp_train(mesh, rank, dropout=0.0, use_reentrant=None, steps=2):
     from fasttx.models import GPT
 
     torch.manual_seed(0)
-    model = GPT(_gpt_config(dropout=dropout))
+    model = GPT(config or _gpt_config(dropout=dropout))
     if use_reentrant is not None:
         _checkpoint_blocks(model, use_reentrant)
     for block in model.transformer.h:
@@ -499,10 +507,37 @@ def check_compile_dtensor(mesh, rank):
         torch.testing.assert_close(got.full_tensor(), want.full_tensor(), atol=1e-6, rtol=1e-6)
 
 
+def check_fsdp_moe_gpt(mesh, rank):
+    """A mixture-of-experts GPT (fasttx.nn.MoE blocks, the moe_experts kernels) under FSDP2 equals
+    one process: losses and parameters after 2 steps. The load-balancing loss is left out
+    (coefficient 0): it is not a mean over tokens, so two half-batch values do not average to the
+    full batch's."""
+    import dataclasses
+
+    from fasttx.models import GPT
+
+    config = dataclasses.replace(_gpt_config(), n_experts=3, moe_top_k=2, moe_aux_loss_coef=0.0)
+    losses, params, _ = _fsdp_train(mesh, rank, config=config)
+    torch.manual_seed(0)
+    model = GPT(config)
+    assert type(model.transformer.h[0].mlp).__name__ == "MoE"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref = []
+    for tokens in _tokens(2):
+        _, loss = model(tokens[:, :-1], tokens[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ref.append(loss.detach())
+    torch.testing.assert_close(losses, torch.stack(ref), atol=1e-5, rtol=1e-5)
+    _assert_dicts_close(params, _params(model), "FSDP2 vs single-process parameters (MoE)")
+
+
 _CHECKS = {
     "dtensor_ops": check_dtensor_ops,
     "tp_block": check_tp_block,
     "fsdp_gpt": check_fsdp_gpt,
+    "fsdp_moe_gpt": check_fsdp_moe_gpt,
     "fsdp_checkpoint": check_fsdp_checkpoint,
     "fsdp_hf_gpt2": check_fsdp_hf_gpt2,
     "compile_dtensor": check_compile_dtensor,

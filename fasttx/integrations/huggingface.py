@@ -85,6 +85,8 @@ import fasttx.nn as fnn
 from fasttx._convert import convert as _convert_torch_modules
 from fasttx._registry import OPS as _OPS
 
+from . import hf_experts  # noqa: F401  (registers "fasttx" in transformers' ExpertsInterface)
+
 
 def _has(op: str) -> bool:
     """Whether this fasttx declares `op` (fasttx.functional passes every other name to torch)."""
@@ -748,6 +750,9 @@ def apply_fasttx(model: nn.Module, *, keep_logits: bool = False) -> nn.Module:
             elif isinstance(child, _UNSUPPORTED_ACTIVATIONS):
                 left_alone.add(type(child).__name__)
     _patch_causal_lm(model, keep_logits, left_alone)
+    from .hf_experts import set_experts
+
+    set_experts(model)  # MoE models: their experts through fasttx's moe_experts ("fasttx" experts)
     if not _set_attention(model):
         reason = (
             "its attention has a logit softcap"

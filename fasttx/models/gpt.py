@@ -80,6 +80,15 @@ class GPTConfig:
     #                                   up to a multiple of 32 (swiglu: the same parameter count)
     rope_theta: float = 10000.0  # rotary base
     norm_eps: float = 1e-5
+    # Mixture of experts: n_experts > 0 makes every moe_every-th block's MLP (blocks moe_every - 1,
+    # 2 moe_every - 1, ...) a fasttx.nn.MoE of n_experts gated experts of width `hidden`, moe_top_k
+    # per token (silu experts for mlp="swiglu", tanh-GELU gated ones for "gelu"); the training loss
+    # adds moe_aux_loss_coef * the load-balancing loss and moe_z_loss_coef * the router z-loss.
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_every: int = 1
+    moe_aux_loss_coef: float = 0.01
+    moe_z_loss_coef: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -105,6 +114,13 @@ class GPTConfig:
             )
         if self.pos_encoding == "rotary" and self.head_dim % 2 != 0:
             raise ValueError(f"GPTConfig: rotary needs an even head size, got n_embd / n_head = {self.head_dim}")
+        for name in ("n_experts", "moe_top_k", "moe_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "n_experts" else 1):
+                raise ValueError(f"GPTConfig: {name} must be a {'non-negative' if name == 'n_experts' else 'positive'} "
+                                 f"int, got {value!r}")
+        if self.n_experts and self.moe_top_k > self.n_experts:
+            raise ValueError(f"GPTConfig: moe_top_k ({self.moe_top_k}) must be at most n_experts ({self.n_experts})")
         if not self.rope_theta > 0 or not self.norm_eps > 0:
             raise ValueError(
                 f"GPTConfig: rope_theta and norm_eps must be positive, got {self.rope_theta}, {self.norm_eps}"
@@ -281,12 +297,18 @@ class Block(nn.Module):
     it normalises its own input with ln_1 and its attention's with ln_2, each in the fused op that
     also adds the pending sub-layer output to h, and returns (h, mlp output)."""
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, moe: bool = False):
         super().__init__()
         self.ln_1 = _make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = _make_norm(config)
-        self.mlp = MLP(config)
+        if moe:
+            from ..nn.moe import MoE
+
+            act = "silu" if config.mlp == "swiglu" else "gelu_tanh"
+            self.mlp = MoE(config.n_embd, config.hidden, config.n_experts, config.moe_top_k, activation=act)
+        else:
+            self.mlp = MLP(config)
         self.dropout = config.dropout
 
     def forward(self, h: Optional[Tensor], y: Tensor, cache: Optional[KVCache] = None, layer: int = 0,
@@ -337,7 +359,9 @@ class GPT(nn.Module):
         modules = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if wpe is not None:
             modules["wpe"] = wpe
-        modules["h"] = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        every = config.moe_every
+        modules["h"] = nn.ModuleList([Block(config, moe=config.n_experts > 0 and i % every == every - 1)
+                                      for i in range(config.n_layer)])
         modules["ln_f"] = _make_norm(config)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -348,8 +372,17 @@ class GPT(nn.Module):
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) (two per block) so the
         # variance of the residual stream does not grow with depth.
         for name, param in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith("c_proj.weight") or name.endswith("mlp.down_proj"):
                 nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            elif name.endswith("mlp.gate_up_proj"):
+                nn.init.normal_(param, mean=0.0, std=0.02)
+
+    def moe_loss(self) -> Optional[Tensor]:
+        """moe_aux_loss_coef * load-balancing + moe_z_loss_coef * z-loss of the last forward's MoE
+        blocks (None without any)."""
+        losses = [self.config.moe_aux_loss_coef * b.mlp.aux_loss + self.config.moe_z_loss_coef * b.mlp.z_loss
+                  for b in self.transformer.h if getattr(b.mlp, "aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -451,12 +484,16 @@ class GPT(nn.Module):
             # dtype, as cross-entropy's logsumexp is a statistic.
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                    ignore_index=-1)
-            return logits, loss
+            return logits, self._add_moe_loss(loss)
         # (B*T, C) hidden states, (vocab, C) head weight, (B*T,) targets: no logits in memory.
         # The loss is returned in fp32 (the op accumulates in fp32; a 16-bit model rounds it).
         loss = FF.linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
                                        ignore_index=-1)
-        return None, loss.float()
+        return None, self._add_moe_loss(loss.float())
+
+    def _add_moe_loss(self, loss: Tensor) -> Tensor:
+        extra = self.moe_loss() if self.config.n_experts else None
+        return loss if extra is None else loss + extra
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
