@@ -2,7 +2,11 @@
 k 2) and Qwen3-MoE-like (H 2048, I 768, E 128, k 8) SwiGLU experts at 4k and 16k tokens, forward
 and forward + backward, against the eager per-expert loop (transformers' "eager" experts), its
 torch.compile twin, and, when importable, transformers' "grouped_mm" (torch._grouped_mm) and
-"sonicmoe" experts through transformers' own ExpertsInterface functions.
+"sonicmoe" experts through transformers' own ExpertsInterface functions, Liger-Kernel's fused MoE
+(`LigerFusedMoEFunction`: our weight layout, int32 indices; its routing makes one host sync) and
+SonicMoE's own API (`moe_general_routing_inputs` on the flattened (token, expert) pairs, weights as
+the (2I, H, E) / (H, I, E) views of our (E, 2I, H) / (E, H, I) tensors, which it reads as
+interleaved gate/up rows: random weights, so the same work). Not importable -> skipped, reason kept.
 
 FLOP counts, from the routed (token, expert) pairs only (N = T k pairs, hidden H, expert width I):
   fwd      gate|up = x W1^T (2 N H 2I), down (2 N I H)                         6NHI
@@ -101,6 +105,46 @@ def _hf(impl):
     return build
 
 
+def _peer(module: str):
+    """Availability of an optional peer: not importable (the reason recorded), or no CUDA device."""
+
+    def check(cfg: Config):
+        try:
+            __import__(module)
+        except Exception as e:  # ImportError, or a broken build raising something else
+            return f"{module} not importable ({type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''})"
+        return None if cfg.cuda else "needs a CUDA device"
+
+    return check
+
+
+def _liger(case, cfg):
+    from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+    x, idx, w, w1, w2 = _inputs(case, cfg)
+    idx32 = idx.to(torch.int32)
+    return Work(lambda: LigerFusedMoEFunction.apply(x, w1, w2, idx32, w), leaves=(x, w, w1, w2))
+
+
+def _sonicmoe(case, cfg):
+    from sonicmoe.enums import ActivationType
+    from sonicmoe.functional import moe_general_routing_inputs
+
+    x, idx, w, w1, w2 = _inputs(case, cfg)
+    T, k = idx.shape
+    E = w1.shape[0]
+    tokens = torch.arange(T, device=idx.device, dtype=torch.int32).repeat_interleave(k)  # sorted, as it requires
+    experts = idx.reshape(-1).to(torch.int32)
+    stream = torch.cuda.current_stream().cuda_stream
+
+    def run():
+        out, _ = moe_general_routing_inputs(x, w.reshape(-1).float(), tokens, experts, w1.permute(1, 2, 0), None,
+                                            w2.permute(1, 2, 0), None, E, stream, ActivationType.SWIGLU)
+        return out
+
+    return Work(run, leaves=(x, w, w1, w2))
+
+
 def suites(cfg: Config) -> List[Suite]:
     cases = []
     for dt in cfg.dtypes:
@@ -114,7 +158,9 @@ def suites(cfg: Config) -> List[Suite]:
         "moe", "TFLOP/s", cases,
         [Provider("fasttx", _fasttx, kind="fasttx"), *torch_and_compile("torch", _eager),
          Provider("hf.grouped_mm", _hf("grouped_mm"), hf, kind="peer", errors_are_skips=True),
-         Provider("hf.sonicmoe", _hf("sonicmoe"), hf, kind="peer", errors_are_skips=True)],
+         Provider("hf.sonicmoe", _hf("sonicmoe"), hf, kind="peer", errors_are_skips=True),
+         Provider("liger", _liger, _peer("liger_kernel.ops.fused_moe"), kind="peer", errors_are_skips=True),
+         Provider("sonicmoe", _sonicmoe, _peer("sonicmoe.functional"), kind="peer", errors_are_skips=True)],
         modes=("fwd", "fwd+bwd"),
         xlabel="tokens T",
         description="SwiGLU experts, uniform top-k routing; TFLOP/s from the routed pairs only (6NHI fwd, "

@@ -6,6 +6,9 @@ F.linear calls on the pairs sorted by expert, then the same fixed-order combine 
 expert's rows (a host synchronisation, as transformers' eager experts do); under torch.compile it
 runs every expert on every token and masks by the routing weight (static shapes, no graph break,
 E times the FLOPs: it is the readable fallback, not the fast path).
+
+Expert parallel (`expert_ids`, the global ids of the experts the weights hold): pairs routed to an
+expert the weights do not hold contribute zero; the result is this shard's share of the sum.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ def _shape(t) -> list:
 
 
 def check(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation, gate_up_bias,
-          down_bias, gate_up_interleaved, transposed, alpha, limit) -> None:
+          down_bias, gate_up_interleaved, transposed, alpha, limit, expert_ids=None) -> None:
     """Raise (TypeError for a wrong type, RuntimeError for a wrong dtype, shape or device, as torch's
     F.linear does, ValueError for an unknown activation) naming the argument and the rule."""
     named = (("hidden_states", hidden_states), ("top_k_index", top_k_index), ("top_k_weights", top_k_weights),
@@ -81,9 +84,46 @@ def check(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, ac
     for name, t in named[1:]:
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{_OP}: {name} must be on hidden_states' device {x.device}, got {t.device}")
+    if expert_ids is not None:
+        if not isinstance(expert_ids, Tensor):
+            raise TypeError(f"{_OP}(): argument 'expert_ids' must be Tensor, not {type(expert_ids).__name__}")
+        if expert_ids.dtype not in _INDEX or tuple(expert_ids.shape) != (E,):
+            raise RuntimeError(f"{_OP}: expert_ids must be an integer tensor of shape [{E}] (one global id per "
+                               f"expert of gate_up_proj), got {_shape(expert_ids)} {expert_ids.dtype}")
+        if expert_ids.device != x.device:
+            raise RuntimeError(f"{_OP}: expert_ids must be on hidden_states' device {x.device}, got "
+                               f"{expert_ids.device}")
+        check_expert_ids(top_k_index, expert_ids)
+        return
     if E == 0 and top_k_index.numel():
         raise IndexError(f"{_OP}: top_k_index selects experts, but gate_up_proj has 0 experts")
     check_index(top_k_index, E)
+
+
+def check_expert_ids(top_k_index: Tensor, expert_ids: Tensor) -> None:
+    """Expert parallel: top_k_index and expert_ids hold global ids >= 0, expert_ids distinct (a
+    pair routed to an id absent from expert_ids belongs to another shard: not an error). Host check
+    on CPU eagerly (IndexError / RuntimeError), a device-side assertion elsewhere (as check_index)."""
+    ids = expert_ids.reshape(-1)
+    if ids.numel() > 1:
+        s = torch.sort(ids).values
+        distinct = (s[1:] != s[:-1]).all()
+    else:
+        distinct = None
+    nonneg_idx = (top_k_index >= 0).all() if top_k_index.numel() else None
+    nonneg_ids = (ids >= 0).all() if ids.numel() else None
+    if top_k_index.device.type == "cpu" and not torch.compiler.is_compiling():
+        if nonneg_idx is not None and not bool(nonneg_idx):
+            raise IndexError(f"{_OP}: top_k_index must be >= 0 (global expert ids), got {int(top_k_index.min())}")
+        if nonneg_ids is not None and not bool(nonneg_ids):
+            raise RuntimeError(f"{_OP}: expert_ids must be >= 0 (global expert ids), got {int(ids.min())}")
+        if distinct is not None and not bool(distinct):
+            raise RuntimeError(f"{_OP}: expert_ids must be distinct (each global expert held once)")
+    else:
+        for ok, rule in ((nonneg_idx, "top_k_index must be >= 0"), (nonneg_ids, "expert_ids must be >= 0"),
+                         (distinct, "expert_ids must be distinct")):
+            if ok is not None:
+                torch._assert_async(ok, f"{_OP}: {rule}")
 
 
 def check_index(top_k_index: Tensor, num_experts: int) -> None:
@@ -121,7 +161,7 @@ def _expert(x, e, w1, w2, b1, b2, activation, alpha, limit, interleaved):
 
 def moe_torch(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, w1: Tensor, w2: Tensor,
               b1: Optional[Tensor], b2: Optional[Tensor], activation: str, alpha: float, limit: float,
-              interleaved: bool, transposed: bool) -> Tensor:
+              interleaved: bool, transposed: bool, expert_ids: Optional[Tensor] = None) -> Tensor:
     if transposed:
         w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)  # (E, 2I, H), (E, H, I) views
     T, k = top_k_index.shape
@@ -130,19 +170,25 @@ def moe_torch(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, w1: Tensor,
     if torch.compiler.is_compiling():
         acc = x.new_zeros(T, x.shape[1], dtype=torch.float32)
         for e in range(E):
-            we = (top_k_weights * (top_k_index == e)).sum(-1, dtype=torch.float32)  # (T,): 0 unless routed to e
+            gid = e if expert_ids is None else expert_ids[e]
+            we = (top_k_weights * (top_k_index == gid)).sum(-1, dtype=torch.float32)  # (T,): 0 unless routed to e
             acc = acc + we[:, None] * _expert(x, e, w1, w2, b1, b2, *opts).float()
         return acc.to(x.dtype)
     flat = top_k_index.reshape(-1)
+    if expert_ids is not None:  # global id -> local slot, E for the pairs of experts held elsewhere
+        from .kernels.moe import local_slots
+
+        flat = local_slots(flat.to(torch.int64), expert_ids)
     order = torch.sort(flat, stable=True).indices  # pairs sorted by expert, ties in pair order
-    counts = torch.bincount(flat, minlength=E).tolist()  # host sync (eager torch path only)
+    counts = torch.bincount(flat, minlength=E + 1).tolist()  # host sync (eager torch path only)
     ys, start = [], 0
-    for e, n in enumerate(counts):
+    for e, n in enumerate(counts[:E]):
         # an expert with no rows still runs (0-row matmuls): every weight gets a (zero) gradient
         pairs = order[start:start + n]
         y = _expert(x[pairs // k], e, w1, w2, b1, b2, *opts)
         ys.append(y.float() * top_k_weights.reshape(-1)[pairs, None].float())
         start += n
-    y_sorted = torch.cat(ys) if ys else x.new_zeros(0, x.shape[1], dtype=torch.float32)
+    ys.append(x.new_zeros(counts[E], x.shape[1], dtype=torch.float32))  # pairs of absent experts add 0
+    y_sorted = torch.cat(ys)
     inv = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
     return y_sorted[inv].view(T, k, x.shape[1]).sum(1, dtype=torch.float32).to(x.dtype)

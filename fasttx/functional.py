@@ -382,6 +382,7 @@ def moe_experts(
     transposed: bool = False,
     alpha: float = 1.702,
     limit: float = 7.0,
+    expert_ids: Optional[Tensor] = None,
 ) -> Tensor:
     """The routed experts of a mixture-of-experts MLP (transformers' experts layout):
 
@@ -394,10 +395,15 @@ def moe_experts(
     (silu(g) u), "gelu", "gelu_tanh" (gelu(g) u), "clamped_swiglu" (gpt-oss:
     (clamp(u, -limit, limit) + 1) * gc * sigmoid(alpha gc), gc = min(g, limit)). Returns (T, H).
     Gradients flow to hidden_states, top_k_weights (the router) and every weight and bias.
+    expert_ids (E,) integer (expert parallel; default None = arange(E)): the global ids of the
+    experts the weights hold (slot i is expert expert_ids[i]); top_k_index then holds global ids and
+    pairs routed to experts not in expert_ids contribute zero, so the sum of the outputs over shards
+    that split the experts is the full result. With DTensors, weights, biases and expert_ids
+    Shard(0) and the rest Replicate run expert parallel (the rule beside the op, fasttx/ops/moe.py).
     Triton path: grouped GEMMs over the pairs sorted by expert, no host synchronisation
     (kernels/moe.py); torch path: per-expert F.linear (fasttx/_moe.py)."""
     return route("moe_experts", hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation,
-                 gate_up_bias, down_bias, gate_up_interleaved, transposed, alpha, limit)
+                 gate_up_bias, down_bias, gate_up_interleaved, transposed, alpha, limit, expert_ids)
 
 
 __all__ = list(OPS)

@@ -496,9 +496,11 @@ def generalized_jsd(
 # ----------------------------------------------------------------------------------------------
 def moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, *, activation="silu",
                 gate_up_bias=None, down_bias=None, gate_up_interleaved=False, transposed=False,
-                alpha=1.702, limit=7.0, upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+                alpha=1.702, limit=7.0, upcast: Optional[torch.dtype] = None, expert_ids=None) -> torch.Tensor:
     """out[t] = sum_j w[t, j] * (act(gate_e x_t, up_e x_t) down_e^T + down_bias[e]), e = top_k_index[t, j],
-    one token and one slot at a time (the plainest loop there is)."""
+    one token and one slot at a time (the plainest loop there is). expert_ids: the global id of each
+    weight slot; a pair whose expert is not among them adds nothing."""
+    slot = None if expert_ids is None else {int(g): i for i, g in enumerate(expert_ids.tolist())}
     x, w, w1, w2 = (_up(t, upcast) for t in (hidden_states, top_k_weights, gate_up_proj, down_proj))
     b1, b2 = _up(gate_up_bias, upcast), _up(down_bias, upcast)
     if transposed:  # (E, H, 2I), (E, I, H) -> (E, 2I, H), (E, H, I)
@@ -507,6 +509,10 @@ def moe_experts(hidden_states, top_k_index, top_k_weights, gate_up_proj, down_pr
     for t in range(x.shape[0]):
         for j in range(top_k_index.shape[1]):
             e = int(top_k_index[t, j])
+            if slot is not None:
+                if e not in slot:
+                    continue
+                e = slot[e]
             gu = w1[e] @ x[t] + (b1[e] if b1 is not None else 0)
             g, u = (gu[0::2], gu[1::2]) if gate_up_interleaved else gu.chunk(2)
             if activation == "silu":

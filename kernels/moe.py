@@ -52,10 +52,18 @@ nothing to store, and storing them (the alternative) trades N * 2I elements of a
 layer for that third. The routing metadata is also
 recomputed (a sort of N ints) instead of saved.
 
+Expert parallel (expert_ids given): the weights hold E_local experts, expert_ids[i] the global id
+of slot i, top_k_index global ids. Routing maps each pair's id to its slot on the device (sort +
+searchsorted over the E_local ids, `local_slots`); pairs of absent experts get slot E_local, sort
+after every present pair and own no tile (no GEMM work, rows never written); the combine reads
+rows from offsets[E_local] on as zero. The output, d(x) and d(w) are then this shard's share of
+a sum over shards; the weight and bias gradients are the local experts' own.
+
 Launchers:
-    routing(top_k_index, num_experts, block_m) -> Routing
-    moe_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg) -> out (T, H)
-    moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg) -> (dx, dw, dw1, dw2, db1, db2)
+    routing(top_k_index, num_experts, block_m, expert_ids=None) -> Routing
+    moe_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg, expert_ids=None) -> out (T, H)
+    moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg, expert_ids=None)
+        -> (dx, dw, dw1, dw2, db1, db2)
 cfg = (activation, alpha, limit, interleaved, transposed).
 """
 from typing import NamedTuple
@@ -227,6 +235,7 @@ def _down_kernel(
 def _combine_kernel(
     Y,  # (N, C) sorted-pair rows
     INV,  # (T*k,) sorted row of pair t*k + j
+    N_VALID,  # (1,) rows [0, N_VALID) hold pairs of the experts present; the rest read as 0
     OUT,  # (T, C)
     T, C, stride_y, stride_o,
     TOP_K: tl.constexpr,
@@ -236,10 +245,12 @@ def _combine_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     tmask = toks < T
     mask = tmask[:, None] & (cols < C)[None, :]
+    n_valid = tl.load(N_VALID)
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for j in range(TOP_K):  # fixed order j = 0..k-1
         r = tl.load(INV + toks.to(tl.int64) * TOP_K + j, mask=tmask, other=0).to(tl.int64)
-        acc += tl.load(Y + r[:, None] * stride_y + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        m = mask & (r < n_valid)[:, None]  # a pair of an absent expert (expert parallel) adds 0
+        acc += tl.load(Y + r[:, None] * stride_y + cols[None, :], mask=m, other=0.0).to(tl.float32)
     tl.store(OUT + toks.to(tl.int64)[:, None] * stride_o + cols[None, :], acc.to(OUT.dtype.element_ty), mask=mask)
 
 
@@ -376,18 +387,39 @@ class Routing(NamedTuple):
     sorted_pair: torch.Tensor  # (N,) int32: pair index (t*k + j) of each sorted row
     sorted_tok: torch.Tensor  # (N,) int32: its token
     inv: torch.Tensor  # (N,) int32: sorted row of each pair
-    offsets: torch.Tensor  # (E+1,) int32: rows of expert e are offsets[e]:offsets[e+1]
+    offsets: torch.Tensor  # (E+1,) int32: rows of expert e are offsets[e]:offsets[e+1]; rows from
+    # offsets[E] on are pairs of experts absent from this shard (expert_ids given), in no tile
     tile_expert: torch.Tensor  # (n_tiles,) int32: expert of each row tile, E when unused
     tile_row0: torch.Tensor  # (n_tiles,) int32: first row of each tile
     block_m: int  # rows per tile
 
 
-def routing(top_k_index: torch.Tensor, num_experts: int, block_m: int = BLOCK_M) -> Routing:
+def local_slots(flat: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    """Expert parallel: the local slot (index into the shard's weights) of each global expert id in
+    `flat`, or E_local = len(expert_ids) for an expert this shard does not hold. Device ops only
+    (sort + searchsorted over the E_local ids), static shapes, no host synchronisation."""
+    n_local = expert_ids.numel()
+    if n_local == 0:
+        return torch.zeros_like(flat)  # slot 0 = E_local: nothing present
+    ids_sorted, perm = torch.sort(expert_ids.reshape(-1).to(flat.dtype))
+    pos = torch.searchsorted(ids_sorted, flat).clamp_(max=n_local - 1)
+    present = ids_sorted[pos] == flat
+    return torch.where(present, perm[pos].to(flat.dtype), torch.full_like(flat, n_local))
+
+
+def routing(top_k_index: torch.Tensor, num_experts: int, block_m: int = BLOCK_M, expert_ids=None) -> Routing:
     """Routing metadata for top_k_index (T, k) with values in [0, num_experts): device ops only,
-    static shapes (a function of T, k, E and block_m), no host synchronisation."""
+    static shapes (a function of T, k, E and block_m), no host synchronisation.
+
+    expert_ids (num_experts,) int (expert parallel): the global ids of the experts this shard
+    holds, slot i of the weights being expert expert_ids[i]; top_k_index then holds global ids,
+    each pair is routed to its local slot, and the pairs of absent experts sort last (slot E, past
+    offsets[E]) where no tile covers them: they cost no GEMM work."""
     T, k = top_k_index.shape
     N, E, dev = T * k, num_experts, top_k_index.device
     flat = top_k_index.reshape(N).to(torch.int32)  # any integer dtype; int32 sorts and searches everywhere
+    if expert_ids is not None:
+        flat = local_slots(flat, expert_ids)
     sorted_e, order = torch.sort(flat, stable=True)  # stable: ties keep pair order
     arange_e = torch.arange(E + 1, device=dev, dtype=sorted_e.dtype)
     offsets = torch.searchsorted(sorted_e, arange_e)  # (E+1,) int64: first row of each expert
@@ -425,14 +457,16 @@ def _w2_view(w2, transposed):
     return (w2.stride(0), w2.stride(2), w2.stride(1)) if transposed else w2.stride()
 
 
-def _combine(y, inv, T, k, out_dtype):
+def _combine(y, rt, T, k, out_dtype):
     C = y.shape[1]
     out = torch.empty(T, C, device=y.device, dtype=out_dtype)
     if T == 0 or C == 0:
         return out.zero_()
     bt, bc = (32, 128) if INTERPRETING else (16, 128)
     grid = (triton.cdiv(T, bt), triton.cdiv(C, bc))
-    _combine_kernel[grid](y, inv, out, T, C, y.stride(0), out.stride(0), TOP_K=k, BLOCK_T=bt, BLOCK_C=bc)
+    n_valid = rt.offsets[-1:]  # on the device: pairs of the experts present
+    _combine_kernel[grid](y, rt.inv, n_valid, out, T, C, y.stride(0), out.stride(0), TOP_K=k, BLOCK_T=bt,
+                          BLOCK_C=bc)
     return out
 
 
@@ -453,15 +487,16 @@ def _grouped(a, w_strides, w, bias, scale, rt, nout, E, dtype):
     return y
 
 
-def moe_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
-    """out (T, H) for x (T, H) contiguous rows; cfg = (activation, alpha, limit, interleaved, transposed)."""
+def moe_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg, expert_ids=None):
+    """out (T, H) for x (T, H) contiguous rows; cfg = (activation, alpha, limit, interleaved, transposed).
+    expert_ids: see routing (expert parallel: the output is this shard's part of the sum)."""
     activation, alpha, limit, interleaved, transposed = cfg
     T, H = x.shape
     k = top_k_index.shape[1]
     E = w1.shape[0]
     NI = w2.shape[1] if transposed else w2.shape[2]
     assert x.stride(-1) == 1 or H <= 1
-    rt = routing(top_k_index, E, block_m_for(T * k, E))
+    rt = routing(top_k_index, E, block_m_for(T * k, E), expert_ids)
     N = T * k
     a = torch.empty(N, NI, device=x.device, dtype=x.dtype)
     upcast, prec = _dot_flags(x.dtype)
@@ -477,11 +512,12 @@ def moe_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
     else:
         a.zero_()
     y = _grouped(a, _w2_view(w2, transposed), w2, b2, top_k_weights.reshape(N), rt, H, E, x.dtype)
-    return _combine(y, rt.inv, T, k, x.dtype)
+    return _combine(y, rt, T, k, x.dtype)
 
 
-def moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
-    """Gradients (dx, dw (T, k), dw1, dw2, db1 or None, db2 or None) of moe_forward's output."""
+def moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg, expert_ids=None):
+    """Gradients (dx, dw (T, k), dw1, dw2, db1 or None, db2 or None) of moe_forward's output
+    (with expert_ids: dx and dw are this shard's parts, 0 from absent experts' pairs)."""
     activation, alpha, limit, interleaved, transposed = cfg
     T, H = x.shape
     k = top_k_index.shape[1]
@@ -489,7 +525,7 @@ def moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
     NI = w2.shape[1] if transposed else w2.shape[2]
     N = T * k
     dev, dt = x.device, x.dtype
-    rt = routing(top_k_index, E, block_m_for(T * k, E))
+    rt = routing(top_k_index, E, block_m_for(T * k, E), expert_ids)
     rw = top_k_weights.reshape(N)
     a = torch.empty(N, NI, device=dev, dtype=dt)
     dgu = torch.empty(N, 2 * NI, device=dev, dtype=dt)
@@ -513,7 +549,7 @@ def moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg):
     # d x: per pair d(gate|up) W1[e], then the fixed-order combine (weight 1)
     w1_as_nk = (se, sk, sn)  # element (e, n=h, k=gate_up row)
     dx_pairs = _grouped(dgu, w1_as_nk, w1, None, None, rt, H, E, dt)
-    dx = _combine(dx_pairs, rt.inv, T, k, dt)
+    dx = _combine(dx_pairs, rt, T, k, dt)
     # weight gradients, in the weights' own layouts
     dw1 = torch.empty_like(w1, memory_format=torch.contiguous_format)
     dw2 = torch.empty_like(w2, memory_format=torch.contiguous_format)
@@ -570,3 +606,6 @@ def compile_variants(quick: bool):
                 cfg = (act, 1.702, 7.0, interleaved, transposed)
                 moe_forward(x, idx, w, w1, w2, b1, b2, cfg)
                 moe_backward(torch.randn(T, H, dtype=dt), x, idx, w, w1, w2, b1, b2, cfg)
+            if not quick:  # expert parallel: the same kernels, the combine masking absent experts' rows
+                half = torch.arange(E // 2 + 1)
+                moe_forward(x, idx, w, w1[half], w2[half], None, None, cfg, half)

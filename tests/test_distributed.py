@@ -260,6 +260,23 @@ def check_dtensor_ops(mesh, rank):
     w1m, w2m = torch.randn(3, 10, 6, generator=gen), torch.randn(3, 6, 5, generator=gen)
     _dt_compare(mesh, FF.moe_experts, [xm, im, wm, w1m, w2m], [S(0), S(0), S(0), R, R], expect=[[S(0)]])
     _dt_compare(mesh, FF.moe_experts, [xm, im, wm, w1m, w2m], [R, R, R, S(0), S(0)])
+    # expert parallel: weights, biases and the global expert ids Shard(0), tokens replicated: each
+    # rank runs its own experts' pairs and the output is a partial sum (Partial, no all-gather of
+    # the weights); d hidden and d top_k_weights partial, weight and bias grads sharded
+    from torch.distributed.tensor import Partial
+
+    w1e, w2e = torch.randn(4, 10, 6, generator=gen), torch.randn(4, 6, 5, generator=gen)
+    b1e, b2e = torch.randn(4, 10, generator=gen), torch.randn(4, 6, generator=gen)
+    ie = torch.rand(8, 4, generator=gen).argsort(-1)[:, :2]
+    ep = lambda x, i, w, w1, w2, b1, b2, ids: FF.moe_experts(  # noqa: E731
+        x, i, w, w1, w2, gate_up_bias=b1, down_bias=b2, expert_ids=ids)
+    _dt_compare(mesh, ep, [xm, ie, wm, w1e, w2e, b1e, b2e, torch.arange(4)], [R, R, R] + [S(0)] * 5,
+                expect=[[Partial()]])
+    dts = [distribute_tensor(t, mesh, [pl]).requires_grad_(t.is_floating_point())
+           for t, pl in zip([xm, ie, wm, w1e, w2e, b1e, b2e, torch.arange(4)], [R, R, R] + [S(0)] * 5)]
+    ep(*dts).to_local().sum().backward()
+    assert tuple(dts[0].grad.placements) == (Partial(),) and tuple(dts[2].grad.placements) == (Partial(),)
+    assert all(tuple(t.grad.placements) == (S(0),) for t in dts[3:7]), [t.grad.placements for t in dts[3:7]]
     # fasttx.flash on heads ((B, L, H, D): dim 2), window and softcap in the kernel
     from fasttx.flash import flash_attn_func
 
@@ -507,6 +524,36 @@ def check_compile_dtensor(mesh, rank):
         torch.testing.assert_close(got.full_tensor(), want.full_tensor(), atol=1e-6, rtol=1e-6)
 
 
+def check_moe_all_to_all(mesh, rank):
+    """Expert parallel with the token exchange (fasttx.expert_parallel): each rank holds half the
+    tokens and half the experts; output and every gradient equal one process on all of them
+    (this rank's rows and experts), with a gpt-oss layout and biases; routing uneven (a rank can
+    receive more pairs than it sends)."""
+    from fasttx.expert_parallel import moe_experts_all_to_all
+
+    gen = torch.Generator().manual_seed(6)
+    T, H, NI, E, k = 10, 8, 6, 4, 2
+    x, w = torch.randn(T, H, generator=gen), torch.rand(T, k, generator=gen)
+    idx = torch.rand(T, E, generator=gen).argsort(-1)[:, :k]
+    idx[:3] = torch.tensor([0, 1])  # three tokens whose experts both live on rank 0
+    w1, w2 = torch.randn(E, H, 2 * NI, generator=gen), torch.randn(E, NI, H, generator=gen)
+    b1, b2 = torch.randn(E, 2 * NI, generator=gen), torch.randn(E, H, generator=gen)
+    kw = dict(activation="clamped_swiglu", gate_up_interleaved=True, transposed=True, limit=1.5)
+    dy = torch.randn(T, H, generator=gen)
+    full = [t.clone().requires_grad_() for t in (x, w, w1, w2, b1, b2)]
+    out = FF.moe_experts(full[0], idx, full[1], full[2], full[3], gate_up_bias=full[4], down_bias=full[5], **kw)
+    (out * dy).sum().backward()
+    rows = slice(rank * T // WORLD, (rank + 1) * T // WORLD)
+    exps = slice(rank * E // WORLD, (rank + 1) * E // WORLD)
+    mine = [t[sl].clone().requires_grad_() for t, sl in zip((x, w, w1, w2, b1, b2), (rows, rows) + (exps,) * 4)]
+    got = moe_experts_all_to_all(mine[0], idx[rows], mine[1], mine[2], mine[3], gate_up_bias=mine[4],
+                                 down_bias=mine[5], **kw)
+    (got * dy[rows]).sum().backward()
+    torch.testing.assert_close(got, out[rows].detach(), atol=1e-5, rtol=1e-5)
+    for name, m, f, sl in zip(("x", "w", "w1", "w2", "b1", "b2"), mine, full, (rows, rows) + (exps,) * 4):
+        torch.testing.assert_close(m.grad, f.grad[sl], atol=1e-5, rtol=1e-5, msg=name)
+
+
 def check_fsdp_moe_gpt(mesh, rank):
     """A mixture-of-experts GPT (fasttx.nn.MoE blocks, the moe_experts kernels) under FSDP2 equals
     one process: losses and parameters after 2 steps. The load-balancing loss is left out
@@ -538,6 +585,7 @@ _CHECKS = {
     "tp_block": check_tp_block,
     "fsdp_gpt": check_fsdp_gpt,
     "fsdp_moe_gpt": check_fsdp_moe_gpt,
+    "moe_all_to_all": check_moe_all_to_all,
     "fsdp_checkpoint": check_fsdp_checkpoint,
     "fsdp_hf_gpt2": check_fsdp_hf_gpt2,
     "compile_dtensor": check_compile_dtensor,

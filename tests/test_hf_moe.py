@@ -17,7 +17,8 @@ TINY = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_he
 
 
 def _configs():
-    from transformers import Glm4MoeConfig, GptOssConfig, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (DeepseekV3Config, Glm4MoeConfig, GptOssConfig, MixtralConfig, OlmoeConfig,
+                              Qwen2MoeConfig, Qwen3MoeConfig)
 
     return {
         "mixtral": MixtralConfig(**TINY, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
@@ -30,6 +31,14 @@ def _configs():
         "glm4_moe": Glm4MoeConfig(**TINY, head_dim=8, intermediate_size=32, moe_intermediate_size=16,
                                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
                                   first_k_dense_replace=1, n_group=1, topk_group=1),
+        # MLA attention: every head has its own k/v (num_key_value_heads = num_attention_heads; fewer
+        # makes repeat_kv double the heads); 8 routed experts in 2 groups of 4, the top-1 group kept
+        # per token, k = 2 inside it; the first layer dense; no multi-token-prediction head
+        "deepseek_v3": DeepseekV3Config(**{**TINY, "num_key_value_heads": 4}, intermediate_size=32,
+                                        moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                                        num_experts_per_tok=2, n_group=2, topk_group=1, first_k_dense_replace=1,
+                                        q_lora_rank=16, kv_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8,
+                                        v_head_dim=8, routed_scaling_factor=1.5, num_mtp_layers=0),
         "gpt_oss": GptOssConfig(**{**TINY, "num_attention_heads": 4}, head_dim=8, intermediate_size=16,
                                 num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
                                 swiglu_limit=0.5, swiglu_alpha=1.3,  # small: the clamps are reached
@@ -79,12 +88,12 @@ def _compare(name, backend, generate=True):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "glm4_moe", "deepseek_v3", "gpt_oss"])
 def test_fasttx_experts_equal_eager_torch_path(name):
     _compare(name, "torch")
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])  # the two weight layouts
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "deepseek_v3"])  # both weight layouts; group routing
 def test_fasttx_experts_equal_eager_triton_path(name):
     _compare(name, "triton", generate=False)
 

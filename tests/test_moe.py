@@ -356,3 +356,90 @@ def test_cuda_no_host_sync_and_graph_replay_with_new_routing(device):
         static_idx.copy_(new)
         g.replay()
         torch.testing.assert_close(static_out, FF.moe_experts(x, new, w, w1, w2), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert parallel: expert_ids (the global ids of the experts a shard's weights hold)
+# ----------------------------------------------------------------------------------------------
+def _ep_run(ts, index, kw, dout, ids, fn=FF.moe_experts, slots=None):
+    """The op on the experts `ids` only (weight slots `slots`, default the ids): (out, grads)."""
+    part = [ts[0], ts[1]] + [t[ids if slots is None else slots] if t is not None else None for t in ts[2:]]
+    return _run(lambda *a, **k: fn(*a, expert_ids=ids, **k), part, index, kw, dout)
+
+
+@pytest.mark.parametrize("case", ["silu_bias", "gpt_oss"])
+def test_expert_parallel_halves_sum_to_the_full_result(backend, case):
+    # two shards with unsorted, non-contiguous global ids; each computes only its experts' pairs
+    T, H, NI, E, k = 13, 16, 20, 5, 2
+    kw = ({"activation": "clamped_swiglu", "gate_up_interleaved": True, "transposed": True, "limit": 0.7}
+          if case == "gpt_oss" else {})
+    ts, index = _make(T, H, NI, E, k, bias=True, transposed=kw.get("transposed", False))
+    index[0] = torch.tensor([4, 3])  # a token whose experts are all on one shard
+    dout = torch.randn(T, H, generator=torch.Generator().manual_seed(2))
+    full = _run(FF.moe_experts, ts, index, kw, dout)
+    halves = [torch.tensor([3, 0, 4]), torch.tensor([1, 2])]
+    parts = [_ep_run(ts, index, kw, dout, ids) for ids in halves]
+    for i, name in enumerate(("out", "hidden_states", "top_k_weights")):  # sums over the shards
+        torch.testing.assert_close(parts[0][i] + parts[1][i], full[i], atol=1e-5, rtol=1e-5, msg=name)
+    assert parts[1][0][0].abs().max() == 0 and parts[1][2][0].abs().max() == 0  # token 0: nothing on shard 1
+    for i, name in enumerate(NAMES[2:], start=3):  # each shard's experts' own gradients
+        for ids, p in zip(halves, parts):
+            torch.testing.assert_close(p[i], full[i][ids], atol=1e-5, rtol=1e-5, msg=name)
+    # the fp64 oracle of one shard agrees with its own definition
+    ref = _ep_run(ts, index, kw, dout, halves[0],
+                  fn=lambda *a, **k: R.moe_experts(*a, upcast=F64, **k))
+    for name, o, r in zip(("out",) + NAMES, parts[0], ref):
+        torch.testing.assert_close(o.double(), r.double(), atol=2e-5, rtol=2e-5, msg=name)
+
+
+def test_expert_parallel_no_expert_held_gives_zero(backend):
+    ts, index = _make(6, 8, 6, 3, 2)
+    ids = torch.tensor([7, 9])  # global ids no token is routed to
+    out = _ep_run(ts, index, {}, torch.ones(6, 8), ids, slots=torch.tensor([0, 1]))
+    assert out[0].abs().max() == 0 and out[1].abs().max() == 0 and out[3].abs().max() == 0
+
+
+def test_expert_parallel_routing_gives_absent_experts_no_tiles():
+    from fasttx.kernels import moe as K
+
+    index = torch.tensor([[3, 1], [3, 0], [1, 3], [2, 1], [3, 0]])
+    ids = torch.tensor([3, 0])  # this shard: slot 0 = expert 3, slot 1 = expert 0
+    rt = K.routing(index, 2, block_m=2, expert_ids=ids)
+    assert rt.offsets.tolist() == [0, 4, 6]  # expert 3: 4 pairs, expert 0: 2, then 4 absent pairs
+    assert index.reshape(-1)[rt.sorted_pair.long()[:6]].tolist() == [3, 3, 3, 3, 0, 0]
+    used = rt.tile_expert[rt.tile_expert < 2]
+    assert torch.bincount(used.long(), minlength=2).tolist() == [2, 1]  # no tile past row 6
+    assert all(rt.tile_row0[t] < 6 for t in range(len(rt.tile_expert)) if rt.tile_expert[t] < 2)
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_expert_parallel_compiles_fullgraph(backend_name):
+    ts, index = _make(10, 16, 16, 4, 2)
+    dout, ids = torch.randn(10, 16), torch.tensor([2, 0])
+    torch._dynamo.reset()
+    with fasttx.use_backend(backend_name):
+        eager = _ep_run(ts, index, {}, dout, ids)
+        compiled = _ep_run(ts, index, {}, dout, ids, fn=torch.compile(FF.moe_experts, fullgraph=True,
+                                                                       backend="aot_eager"))
+    for name, x, y in zip(("out",) + NAMES, eager, compiled):
+        if x is not None:
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("ids, exc, word", [
+    (torch.tensor([0, 1]), RuntimeError, "expert_ids"),  # 2 ids for 3 experts
+    (torch.tensor([0.0, 1.0, 2.0]), RuntimeError, "expert_ids"),
+    (torch.tensor([0, 1, 1]), RuntimeError, "expert_ids"),  # not distinct
+    (torch.tensor([0, -1, 2]), RuntimeError, "expert_ids"),
+    ([0, 1, 2], TypeError, "expert_ids"),
+])
+def test_expert_parallel_bad_expert_ids(backend, ids, exc, word):
+    pos, kw = _bad()
+    with pytest.raises(exc, match=word):
+        FF.moe_experts(*pos, expert_ids=ids, **kw)
+
+
+def test_expert_parallel_negative_index_still_raises(backend):
+    pos, kw = _bad(top_k_index=torch.tensor([[0, -1], [1, 2], [0, 1], [2, 0]]))
+    with pytest.raises(IndexError, match="top_k_index"):
+        FF.moe_experts(*pos, expert_ids=torch.tensor([5, 6, 7]), **kw)
