@@ -33,7 +33,7 @@ test: install
 	$(PY) -m pytest -q -n $(WORKERS) tests bench
 
 demo: install
-	$(PY) -m fasttx.demo
+	$(PY) examples/demo.py
 
 # The bench extra is part of EXTRAS, so the install stamp covers it (no reinstall per call).
 # Results go to ./bench-results; `make bench ARGS="--ops attention --quick"` narrows the sweep.

@@ -64,6 +64,28 @@ def _liger(case, cfg):
     return Work(lambda: loss(W, x, t), leaves=(x, W))
 
 
+def _logits(case, cfg):
+    N, C = case.params["N"], case.params["C"]
+    z = randn(N, C, dtype=case.dtype, device=cfg.device, requires_grad=True)
+    t = torch.randint(0, C, (N,), device=cfg.device)
+    t[::7] = -100
+    return z, t
+
+
+def _fasttx_ce(case, cfg):
+    z, t = _logits(case, cfg)
+    return Work(lambda: ff.cross_entropy(z, t), leaves=(z,))
+
+
+def _torch_ce(case, cfg):
+    z, t = _logits(case, cfg)
+
+    def eager():
+        return F.cross_entropy(z, t)
+
+    return Work(eager, leaves=(z,))
+
+
 def suites(cfg: Config) -> List[Suite]:
     cases = []
     for dt in cfg.dtypes:
@@ -71,7 +93,18 @@ def suites(cfg: Config) -> List[Suite]:
             flops = {"fwd": 2.0 * N * H * C, "bwd": 4.0 * N * H * C, "fwd+bwd": 6.0 * N * H * C}
             cases.append(Case(f"N={N} H={H} C={C}", C, dt, {"N": N, "H": H, "C": C}, flops=flops,
                               series=f"N={N}"))
-    return [Suite(
+    ce_cases = []
+    for dt in cfg.dtypes:
+        for N, _, C in _sizes(cfg):
+            # bytes: the logits read in the forward, read again and their gradient written in the backward
+            fwd, bwd = N * C * dt.itemsize, 2 * N * C * dt.itemsize
+            ce_cases.append(Case(f"N={N} C={C}", C, dt, {"N": N, "C": C}, series=f"N={N}",
+                                 bytes={"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}))
+    ce = Suite("cross_entropy", "GB/s", ce_cases,
+               [Provider("fasttx", _fasttx_ce, kind="fasttx"), *torch_and_compile("torch", _torch_ce)],
+               xlabel="vocabulary C",
+               description="F.cross_entropy of given (N, C) logits, 1/7 of the targets ignored.")
+    return [ce, Suite(
         "linear_cross_entropy", "TFLOP/s", cases,
         [Provider("fasttx", _fasttx, kind="fasttx"), *torch_and_compile("torch", _torch_eager),
          Provider("torch.chunked", _torch_chunked, kind="torch", errors_are_skips=True),

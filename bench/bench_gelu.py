@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import List
 
+import torch
 import torch.nn.functional as F
 
 import fasttx.functional as ff
@@ -61,6 +62,34 @@ def _torch_bias_gelu(case, cfg):
     return Work(eager, leaves=(x, b))
 
 
+def _fasttx_relu_squared(case, cfg):
+    x = _x(case, cfg)
+    return Work(lambda: ff.relu_squared(x), leaves=(x,))
+
+
+def _torch_relu_squared(case, cfg):
+    x = _x(case, cfg)
+
+    def eager():
+        return torch.square(F.relu(x))
+
+    return Work(eager, leaves=(x,))
+
+
+def _fasttx_bias_relu(case, cfg):
+    x, b = _x(case, cfg), _b(case, cfg)
+    return Work(lambda: ff.bias_relu(x, b), leaves=(x, b))
+
+
+def _torch_bias_relu(case, cfg):
+    x, b = _x(case, cfg), _b(case, cfg)
+
+    def eager():
+        return F.relu(x + b)
+
+    return Work(eager, leaves=(x, b))
+
+
 def suites(cfg: Config) -> List[Suite]:
     M, Ns = _sizes(cfg)
     gelu_cases, bias_cases = [], []
@@ -84,4 +113,15 @@ def suites(cfg: Config) -> List[Suite]:
                *torch_and_compile("torch", _torch_bias_gelu)],
               xlabel="N (M = rows fixed)",
               description="gelu(x + b), b of shape (N,); torch = F.gelu(x + b) (two kernels eager)."),
+        # bytes: read x, write y (fwd); read x and dy, write dx (bwd), as gelu's cases
+        Suite("relu_squared", "GB/s", [c for c in gelu_cases if c.params["approximate"] == "none"],
+              [Provider("fasttx", _fasttx_relu_squared, kind="fasttx"),
+               *torch_and_compile("torch", _torch_relu_squared)],
+              xlabel="N (M = rows fixed)", description="relu(x) ** 2 of an (M, N) tensor; torch = "
+              "torch.square(F.relu(x)) (two kernels eager)."),
+        Suite("bias_relu", "GB/s", [c for c in bias_cases if c.params["approximate"] == "none"],
+              [Provider("fasttx", _fasttx_bias_relu, kind="fasttx"),
+               *torch_and_compile("torch", _torch_bias_relu)],
+              xlabel="N (M = rows fixed)",
+              description="relu(x + b), b of shape (N,); torch = F.relu(x + b) (two kernels eager)."),
     ]

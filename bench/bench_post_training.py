@@ -13,6 +13,7 @@ fasttx recomputes the policy's logits in the backward (10NHV done for 8NHV count
 """
 from __future__ import annotations
 
+import math
 from typing import List
 
 import torch
@@ -132,6 +133,42 @@ def _grpo_liger(case, cfg):
     return Work(lambda: loss(x, W, ids, mask, adv, ref_input=xr, ref_weight=Wr)[0], leaves=(x, W))
 
 
+# ----------------------------------------------------------------------------------------------
+# Distillation: linear_jsd (beta 0.5) and linear_kl_div, student and teacher of one head size here
+# ----------------------------------------------------------------------------------------------
+def _distill_fasttx(name):
+    def build(case, cfg):
+        x, W, x_t, W_t, ids, mask = _inputs(case, cfg)
+        t = _target(ids, mask)
+        if name == "linear_jsd":
+            return Work(lambda: ff.linear_jsd(x, W, x_t, W_t, t), leaves=(x, W))
+        return Work(lambda: ff.linear_kl_div(x, W, x_t, W_t, t), leaves=(x, W))
+
+    return build
+
+
+def _distill_torch(name):
+    def build(case, cfg):  # TRL's generalized_jsd_loss on the materialised logits
+        x, W, x_t, W_t, ids, mask = _inputs(case, cfg)
+        keep = mask.bool().reshape(-1)
+        beta = 0.5 if name == "linear_jsd" else 0.0
+
+        def eager():
+            s = F.log_softmax(F.linear(x, W).float(), -1).reshape(-1, W.shape[0])
+            q = F.log_softmax(F.linear(x_t, W_t).float(), -1).reshape(-1, W.shape[0])
+            if beta == 0.0:
+                rows = F.kl_div(s, q, reduction="none", log_target=True).sum(-1)
+            else:
+                m = torch.logsumexp(torch.stack([s + math.log(1 - beta), q + math.log(beta)]), 0)
+                rows = (beta * F.kl_div(m, q, reduction="none", log_target=True)
+                        + (1 - beta) * F.kl_div(m, s, reduction="none", log_target=True)).sum(-1)
+            return rows[keep].sum() / keep.sum()
+
+        return Work(eager, leaves=(x, W))
+
+    return build
+
+
 def suites(cfg: Config) -> List[Suite]:
     cases = []
     for dt in cfg.dtypes:
@@ -154,5 +191,15 @@ def suites(cfg: Config) -> List[Suite]:
             description=f"{name.split('_')[0].upper()} loss from the policy's and the reference's hidden states "
             "(reference under no_grad); torch = TRL's formula on materialised logits; peak_MB (CUDA) is "
             "the memory above the inputs.",
+        ))
+    for name in ("linear_jsd", "linear_kl_div"):
+        out.append(Suite(
+            name, "TFLOP/s", cases,  # the flops of two heads' forward (student, teacher) and one backward
+            [Provider("fasttx", _distill_fasttx(name), kind="fasttx"),
+             *torch_and_compile("torch", _distill_torch(name))],
+            modes=("fwd", "fwd+bwd"),
+            xlabel="vocabulary V",
+            description=f"{name} of the student's and the teacher's hidden states (teacher frozen); torch = "
+            "TRL's generalized_jsd_loss formula on materialised logits.",
         ))
     return out

@@ -76,6 +76,24 @@ def _liger_rms(case, cfg):
     return Work(lambda: LigerRMSNormFunction.apply(x, w, EPS, 0.0, "none", False), leaves=(x, w))
 
 
+# --- offset RMSNorm: x / rms(x) * (1 + w) ------------------------------------------------------
+def _fasttx_offset(case, cfg):
+    x, w = _inputs(case, cfg)
+    N = case.params["N"]
+    return Work(lambda: ff.offset_rms_norm(x, [N], w, EPS), leaves=(x, w))
+
+
+def _torch_offset(case, cfg):
+    x, w = _inputs(case, cfg)
+
+    def eager():  # HF GemmaRMSNorm's formula
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+        return (xf * (1.0 + w.float())).type_as(x)
+
+    return Work(eager, leaves=(x, w))
+
+
 # --- residual add + RMSNorm (Llama's casting order) ------------------------------------------
 def _fasttx_add(case, cfg):
     x, res, w = _inputs(case, cfg, residual=True)
@@ -128,4 +146,11 @@ def suites(cfg: Config) -> List[Suite]:
         description="(RMSNorm(x + res), x + res) in Llama's casting order; torch = the eager add "
         "and HF's LlamaRMSNorm formula.",
     )
-    return [rms, add]
+    offset = Suite(
+        "offset_rms_norm", "GB/s", rms_cases,  # the bytes of rms_norm's cases: same reads and writes
+        [Provider("fasttx", _fasttx_offset, kind="fasttx"), *torch_and_compile("torch", _torch_offset)],
+        xlabel="hidden N (M = rows fixed)",
+        description="x / rms(x) * (1 + w) over the last dim of an (M, N) tensor; torch = HF's "
+        "GemmaRMSNorm formula.",
+    )
+    return [rms, add, offset]

@@ -90,6 +90,17 @@ def interpreting() -> bool:
 
 
 _warned_slow = False
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel (counted from the caller of this function's caller) of the first
+    frame outside fasttx: a warning points at the user's line whatever fasttx frames (the public
+    entry, route(), a contract) lie between."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _check_cpu_triton(tensors) -> None:
@@ -118,7 +129,7 @@ def _check_cpu_triton(tensors) -> None:
             "fasttx backend 'triton' on CPU tensors runs the kernels through the Triton "
             "interpreter, 100-1000x slower than torch's ops: use it to test the kernels, and "
             "backend 'auto' or 'torch' for speed on CPU",
-            stacklevel=4,
+            stacklevel=_user_stacklevel(),
         )
 
 
@@ -157,7 +168,9 @@ _warned: set = set()
 
 
 def warn_fallback(op: str, reason: str) -> None:
-    """Say once per (op, reason) that a call the Triton path cannot serve runs torch's op."""
+    """Say once per (op, reason) that a call the Triton path cannot serve runs torch's op (the
+    warning points at the user's line)."""
     if (op, reason) not in _warned:
         _warned.add((op, reason))
-        warnings.warn(f"fasttx {op}: {reason}; running torch's implementation instead", stacklevel=3)
+        warnings.warn(f"fasttx {op}: {reason}; running torch's implementation instead",
+                      stacklevel=_user_stacklevel())

@@ -74,13 +74,18 @@ def check_dropout_p(p) -> float:
     return float(p)
 
 
+def check_residual_shape(op: str, input, residual) -> None:
+    """A fused op's residual has input's shape (both paths: the add would broadcast otherwise)."""
+    if residual is not None and residual.shape != input.shape:
+        raise RuntimeError(f"{op}: expected residual of the input's shape {list(input.shape)}, got "
+                           f"{list(residual.shape)}")
+
+
 def check_residual(op: str, input, residual) -> None:
     """A fused op's residual: None, or a floating-point tensor of input's shape on its device."""
     if residual is None:
         return
-    if residual.shape != input.shape:
-        raise RuntimeError(f"{op}: expected residual of the input's shape {list(input.shape)}, got "
-                           f"{list(residual.shape)}")
+    check_residual_shape(op, input, residual)
     if not residual.is_floating_point() or residual.device != input.device:
         raise RuntimeError(f"{op}: expected residual a floating-point tensor on {input.device}, got "
                            f"{residual.dtype} on {residual.device}")

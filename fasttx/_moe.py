@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fasttx.kernels._dtypes import FLOATS as _FLOAT
+
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "clamped_swiglu")
-_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _OP = "moe_experts"
 

@@ -44,11 +44,11 @@ import torch
 from torch import Tensor
 
 from ._backend import use_triton, warn_fallback
+from .ops._common import KERNEL_FLOATS as _DTYPES
 from .ops._common import acc_dtype
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
@@ -163,16 +163,6 @@ def _s_dmask(probs, keep, shape):
     return s
 
 
-def _heads_view(t):
-    """(B, L, H, D) or (total, H, D) -> the kernels' (B, H, L, D) / (1, H, total, D) view, unit last stride."""
-    t = t.transpose(1, 2) if t.dim() == 4 else t.transpose(0, 1).unsqueeze(0)
-    return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _wants_fp32_out(*ts):
-    return ts[0].dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
 def flash_attn_func(
     q: Tensor,
     k: Tensor,
@@ -213,16 +203,14 @@ def flash_attn_func(
     if use_triton(q, k, v, alibi_slopes):
         from .ops import attention as op
 
-        res = op._flash_fwd(_heads_view(q), _heads_view(k), _heads_view(v), None, None, None, alibi_slopes,
-                            float(dropout_p), scale, bool(causal), left, right, float(softcap), 0, 0,
-                            _wants_fp32_out(q, k, v))
-        out, lse = res[0].transpose(1, 2).contiguous(), res[1].detach()  # (B, Lq, H, D), (B, H, Lq)
+        out, lse, seed = op.flash_attention(  # (B, Lq, H, D), (B, H, Lq)
+            q, k, v, op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes, dropout_p))
         if probs:  # the kernel's own keep-mask, regenerated from its seed; probabilities in torch
             from .ops.flash_dropout import flash_dropout_keep
 
             p = _torch_path(q.detach(), k.detach(), v.detach(), 0.0, scale, causal, (left, right), softcap,
                             alibi_slopes, return_probs=True)[2]
-            keep = flash_dropout_keep(res[2], p.shape, float(dropout_p))
+            keep = flash_dropout_keep(seed, p.shape, float(dropout_p))
     else:
         out, lse, p, keep = _torch_path(q, k, v, dropout_p, scale, causal, (left, right), softcap, alibi_slopes,
                                         return_probs=True)
@@ -319,28 +307,25 @@ def flash_attn_varlen_func(
         cu_k = cu_seqlens_k.to(q.device)
         k_start = torch.zeros_like(cu_k[:-1]) if paged else cu_k[:-1].contiguous()
         k_len = (cu_k[1:] - cu_k[:-1]).contiguous()
+        seqlens = op.SeqLens(cu_seqlens_q.to(q.device), k_start, k_len, int(max_seqlen_q), int(max_seqlen_k))
+        features = op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes, dropout_p)
         if paged:
             kv = [t.reshape(-1, *t.shape[2:]) for t in (k, v)]  # (pages * page_size, Hk, D) views
-            out, lse = op._flash_kvcache_fwd(
-                _heads_view(q), _heads_view(kv[0]), _heads_view(kv[1]), cu_seqlens_q.to(q.device), k_start, k_len,
-                block_table.to(q.device), k.shape[1], alibi_slopes, scale, bool(causal), left, right, float(softcap),
-                int(max_seqlen_q), int(max_seqlen_k))
+            out, lse = op.flash_attention_kvcache(q, kv[0], kv[1], features, seqlens, block_table.to(q.device),
+                                                  k.shape[1])
         else:
-            res = op._flash_fwd(_heads_view(q), _heads_view(k), _heads_view(v), cu_seqlens_q.to(q.device), k_start,
-                                k_len, alibi_slopes, float(dropout_p), scale, bool(causal), left, right,
-                                float(softcap), int(max_seqlen_q), int(max_seqlen_k), _wants_fp32_out(q, k, v))
-            out, lse = res[0], res[1].detach()
+            out, lse, seed = op.flash_attention(q, k, v, features, seqlens)
             if probs:  # the kernel's own keep-mask, regenerated from its seed; probabilities in torch
                 from .ops.flash_dropout import flash_dropout_keep
 
-                keep = flash_dropout_keep(res[2], (1, H, q.shape[0], int(max_seqlen_k)), float(dropout_p))
+                keep = flash_dropout_keep(seed, (1, H, q.shape[0], int(max_seqlen_k)), float(dropout_p))
                 for b in range(B):
                     kb, vb, slopes = sequence(b)
                     p = _torch_path(q[None, cq[b]:cq[b + 1]].detach(), kb[None].detach(), vb[None].detach(), 0.0,
                                     scale, causal, (left, right), softcap, slopes, return_probs=True)[2]
                     lq, lk = p.shape[-2:]
                     sdmask[b, :, :lq, :lk] = torch.where(keep[0, :, cq[b]:cq[b + 1], :lk], p[0], -p[0])
-        return out[0].transpose(0, 1).contiguous(), lse[0]  # (total_q, H, D), (H, total_q)
+        return out, lse  # (total_q, H, D), (H, total_q)
 
     def sequence(b):  # sequence b's keys (B, lk, Hk, D) and its ALiBi slopes
         if paged:
@@ -547,12 +532,11 @@ def flash_attn_with_kvcache(
             from .ops import attention as op
 
             k_start = (torch.zeros_like(rows) if paged else rows * S_c + leftpad).to(torch.int32)
-            kv = [_heads_view(t.reshape(-1, Hk, D)) for t in (k_cache, v_cache)]  # (1, Hk, rows, D) views
-            out, lse = op._flash_kvcache_fwd(
-                _heads_view(q), kv[0], kv[1], None, k_start.contiguous(), k_len.contiguous(),
-                block_table.contiguous() if paged else None, S_c, alibi_slopes, scale, bool(causal), left, right,
-                float(softcap), Lq, max(int(k_len.max()) if B else 0, 1))
-            out = out.transpose(1, 2).contiguous()  # (B, Lq, H, D)
+            kv = [t.reshape(-1, Hk, D) for t in (k_cache, v_cache)]  # (rows, Hk, D) views
+            lens = op.SeqLens(None, k_start.contiguous(), k_len.contiguous(), Lq, max(int(k_len.max()) if B else 0, 1))
+            out, lse = op.flash_attention_kvcache(  # (B, Lq, H, D), (B, H, Lq)
+                q, kv[0], kv[1], op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes), lens,
+                block_table.contiguous() if paged else None, S_c)
         else:
             outs, lses = [], []
             for b in range(B):

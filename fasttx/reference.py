@@ -88,6 +88,12 @@ def gelu(input: torch.Tensor, approximate: str = "none", upcast: Optional[torch.
     raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
 
 
+def relu(input: torch.Tensor, upcast: Optional[torch.dtype] = None) -> torch.Tensor:
+    """max(x, 0) (NaN stays NaN)."""
+    x = _up(input, upcast)
+    return torch.where(x > 0, x, torch.where(torch.isnan(x), x, torch.zeros_like(x)))
+
+
 def bias_gelu(input, bias, approximate: str = "none", upcast: Optional[torch.dtype] = None):
     """gelu(input + bias), bias (hidden,) broadcast over the last dim."""
     return gelu(_up(input, upcast) + _up(bias, upcast), approximate)

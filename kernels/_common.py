@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _dtypes
+
 # Read once, like triton itself reads it when @triton.jit decorates a kernel: the kernels in this
 # process are interpreted (CPU, numpy) or compiled for a GPU, whatever the variable says later.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -23,13 +25,15 @@ MAX_ROW_PROGRAMS = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 def acc_dtype(dtype: torch.dtype):
-    """Accumulator (tl) dtype: fp64 for fp64 inputs (torch computes them in fp64), else fp32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """Accumulator (tl) dtype: the rule of _dtypes.acc_dtype (fp64 for fp64, else fp32) as a tl dtype."""
+    return _TL[stat_dtype(dtype)]
 
 
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """torch dtype of saved statistics (mean, rstd, logsumexp): fp64 for fp64 inputs, else fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_TL = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+# torch dtype of saved statistics (mean, rstd, logsumexp): the accumulator dtype
+stat_dtype = _dtypes.acc_dtype
 
 
 def num_sms(device: torch.device) -> int:

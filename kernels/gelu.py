@@ -40,7 +40,8 @@ _GELU = tl.constexpr(0)
 _GELU_TANH = tl.constexpr(1)
 _RELU = tl.constexpr(2)
 _SILU = tl.constexpr(3)
-ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3}
+_RELU2 = tl.constexpr(4)
+ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "relu2": 4}
 
 # dbias partials: at most this many row strips, so the fp32 partial buffer stays (<= 256, N).
 _MAX_DBIAS_STRIPS = 256
@@ -54,6 +55,10 @@ def _activate(z, ACT: tl.constexpr):
     elif ACT == _SILU:
         # z * sigmoid(z) as z / (1 + e^-z): e^-z overflows to inf for z << 0, giving -0.0 as torch
         return z / (1.0 + tl.exp(-z))
+    elif ACT == _RELU2:
+        # squared ReLU, relu(z)^2 (NaN stays NaN, as torch.relu(z) ** 2)
+        r = tl.where(z < 0, 0.0, z)
+        return r * r
     else:
         return gelu(z, ACT == _GELU_TANH)
 
@@ -65,6 +70,9 @@ def _activate_grad(z, ACT: tl.constexpr):
     elif ACT == _SILU:
         s = 1.0 / (1.0 + tl.exp(-z))
         return s * (1.0 + z * (1.0 - s))
+    elif ACT == _RELU2:
+        # d/dz relu(z)^2 = 2 relu(z): 0 at z <= 0, NaN for NaN (as torch's relu backward passes it)
+        return 2.0 * tl.where(z <= 0, 0.0, z)
     else:
         return gelu_grad(z, ACT == _GELU_TANH)
 
@@ -165,7 +173,7 @@ def _assert_args(x: torch.Tensor, bias, activation: str):
 
 def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> torch.Tensor:
     """y = act(x + bias): x (*, N), bias (N,) or None -> y (*, N), contiguous, in `out_dtype`
-    (default x's dtype). activation: "gelu", "gelu_tanh" or "relu". fp32 math inside."""
+    (default x's dtype). activation: a key of ACTIVATIONS (no "silu"). fp32 math inside."""
     _assert_args(x, bias, activation)
     out_dtype = out_dtype or x.dtype
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import as_rows, num_sms, row_config, seed_tensor, stat_dtype
+from ._dtypes import LOW, RMS_NORM_CASTS
 from ._math import dropout_keep
 
 # Largest hidden size (N = prod(normalized_shape)) the launchers accept: the largest size the tests
@@ -248,7 +249,7 @@ def _layer_norm_fwd_kernel(
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float32: tl.float32, torch.float64: tl.float64}
-CASTS = ("torch", "llama", "gemma")  # RMSNorm casting orders (module docstring)
+CASTS = RMS_NORM_CASTS  # RMSNorm casting orders (module docstring)
 
 
 def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtype, h_dtype,
@@ -268,7 +269,7 @@ def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtyp
         r2 = as_rows(residual, N) if residual is not None else x2
         y2 = y.view(-1, N)
         h2 = h.view(-1, N) if store_h else y2
-        low = h_dtype in (torch.float16, torch.bfloat16)
+        low = h_dtype in LOW
         _layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
             y2, h2, keep if keep is not None else y2,

@@ -116,8 +116,10 @@ def test_features_run_in_the_kernel(device, monkeypatch):
     from fasttx.kernels import attention as K
     seen = []
     real_f, real_b = K.attention_forward, K.attention_backward
-    monkeypatch.setattr(K, "attention_forward", lambda *a, **kw: seen.append(kw) or real_f(*a, **kw))
-    monkeypatch.setattr(K, "attention_backward", lambda *a, **kw: seen.append(kw) or real_b(*a, **kw))
+    # the launchers' options: an AttnOptions (argument 4 of the forward, 7 of the backward) or keywords
+    opts = lambda a, kw, i: a[i]._asdict() if len(a) > i else kw  # noqa: E731
+    monkeypatch.setattr(K, "attention_forward", lambda *a, **kw: seen.append(opts(a, kw, 4)) or real_f(*a, **kw))
+    monkeypatch.setattr(K, "attention_backward", lambda *a, **kw: seen.append(opts(a, kw, 7)) or real_b(*a, **kw))
     q, k, v, do = _qkv(1, 5, 6, 2, 1, 16, fp32, device)
     q.requires_grad_()
     with fasttx.use_backend("triton"), warnings.catch_warnings():

@@ -9,7 +9,7 @@ import fasttx
 import fasttx.functional as FF
 from fasttx import reference as R
 
-from utils import ATOL_FLOOR, DTYPES, assert_2x_rule, assert_close, noncontig, run_probe
+from utils import ATOL_FLOOR, DTYPES, Case, assert_2x_rule, assert_close, noncontig, run_probe
 
 SHAPES = [(1,), (7,), (17, 113), (1023, 3), (2, 3, 1151), (2, 3, 4, 17)]
 APPROX = ["none", "tanh"]
@@ -310,3 +310,45 @@ def test_gelu_of_infinities_is_the_limit_where_torch_gives_nan(device, approxima
     y.sum().backward()
     assert y[0].item() == float("inf") and y[1].item() == 0.0
     assert x.grad[0].item() == 1.0 and x.grad[1].item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# relu_squared: relu(x) ** 2 (its op-contract CASE for tests/test_op_contract.py, and its semantics)
+# ----------------------------------------------------------------------------------------------
+CONTRACT_CASES = {
+    "relu_squared": Case(lambda t: (t(3, 8),), lambda t: (t(0, 8),),
+                         bad=((lambda t: ([1.0],), TypeError),),
+                         probe="n/a: the bias_act kernels' probe (test_int64_row_offset_probe) covers them",
+                         oracle=lambda x, upcast=None: R.relu(x, upcast) ** 2),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(7,), (17, 113), (2, 3, 1151)])
+def test_relu_squared_matches_oracle_and_torch(backend, device, dtype, shape):
+    x, _, dy = _inputs(shape, dtype, device)
+    x.view(-1)[:3] = torch.tensor([0.0, -0.0, -2.0])  # the kink and the zero side
+    out, (dx,) = _grads(FF.relu_squared, [x], dy)
+    ref = R.relu(x, upcast=torch.float64) ** 2
+    ref_dx = 2 * R.relu(x, upcast=torch.float64) * dy.double()
+    pt, (pt_dx,) = _grads(lambda t: torch.square(F.relu(t)), [x], dy)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert_2x_rule(out, pt, ref, name="relu_squared")
+    assert_2x_rule(dx, pt_dx, ref_dx, name="d relu_squared")
+
+
+def test_relu_squared_integer_input_runs_torchs_path(backend, device):
+    x = torch.arange(-3, 4, device=device)
+    if backend == "triton":
+        with pytest.warns(UserWarning, match="relu_squared: an input of dtype torch.int64"):
+            y = FF.relu_squared(x)
+    else:
+        y = FF.relu_squared(x)
+    assert torch.equal(y, torch.tensor([0, 0, 0, 0, 1, 4, 9], device=device))
+
+
+def test_relu_squared_module(backend, device):
+    x = torch.randn(4, 8, device=device)
+    m = fasttx.nn.ReLUSquared()
+    assert list(m.parameters()) == [] and not isinstance(m, torch.nn.ReLU)
+    torch.testing.assert_close(m(x), torch.square(F.relu(x)), atol=1e-6, rtol=1e-6)

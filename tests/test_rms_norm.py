@@ -15,7 +15,7 @@ import fasttx
 import fasttx.functional as FF
 from fasttx import reference as R
 
-from utils import DTYPES, assert_2x_rule, assert_close, noncontig
+from utils import DTYPES, Case, assert_2x_rule, assert_close, noncontig
 
 F64 = torch.float64
 # Units in the last place allowed between our 16-bit output and the model's own formula run by
@@ -360,3 +360,48 @@ def test_compile_fullgraph(backend, device):
     yr.backward(dy.to(F64))
     for o, r in zip(_grads(xs, rs, ws), _grads(xr, rr, wr)):
         assert_close(o, r)
+
+
+# ----------------------------------------------------------------------------------------------
+# offset_rms_norm: x / rms(x) * (1 + weight) (its op-contract CASE, and its semantics)
+# ----------------------------------------------------------------------------------------------
+CONTRACT_CASES = {
+    "offset_rms_norm": Case(
+        lambda t: (t(3, 8), (8,), t(8)), lambda t: (t(0, 8), (8,), t(8)),
+        bad=((lambda t: (t(3, 8), 8), TypeError), (lambda t: (t(3, 8), (5,)), RuntimeError),
+             (lambda t: (torch.arange(6).reshape(2, 3), (3,)), NotImplementedError)),
+        probe="n/a: no int64-offset probe for the norm kernels yet (as rms_norm)",
+        oracle=lambda x, shape, w=None, eps=None, upcast=None: R.rms_norm(x, shape, w, eps, cast="gemma",
+                                                                          upcast=upcast)),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 17), (2, 3, 1151)])
+def test_offset_rms_norm_matches_gemma_formula(backend, device, dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    w = (0.1 * torch.randn(shape[-1], generator=g)).to(device=device, dtype=dtype).requires_grad_()
+    dy = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    out = FF.offset_rms_norm(x, [shape[-1]], w, 1e-6)
+    dx, dw = torch.autograd.grad(out, (x, w), dy)
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    ref = R.rms_norm(xr, [shape[-1]], wr, 1e-6, cast="gemma")
+    rdx, rdw = torch.autograd.grad(ref, (xr, wr), dy.double())
+    xp, wp = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    pt = (xp.float() * torch.rsqrt(xp.float().pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + wp.float())).to(dtype)
+    pdx, pdw = torch.autograd.grad(pt, (xp, wp), dy)  # HF GemmaRMSNorm's formula in torch ops
+    assert out.dtype == dtype
+    assert_2x_rule(out, pt, ref, name="offset_rms_norm")
+    assert_2x_rule(dx, pdx, rdx, mult=3.0, name="dx")
+    assert_2x_rule(dw, pdw, rdw, mult=3.0, atol=1e-3 if dtype == torch.float32 else None, name="dw")
+
+
+def test_offset_rms_norm_module(backend, device):
+    m = fasttx.nn.OffsetRMSNorm(8, eps=1e-6).to(device)
+    assert torch.equal(m.weight.detach(), torch.zeros(8, device=device)) and list(m.state_dict()) == ["weight"]
+    assert not isinstance(m, torch.nn.RMSNorm)
+    x = torch.randn(3, 8, device=device)
+    # a zero offset is plain RMSNorm
+    torch.testing.assert_close(m(x), F.rms_norm(x, [8], None, 1e-6), atol=1e-5, rtol=1e-5)
+    assert fasttx.nn.OffsetRMSNorm(8, elementwise_affine=False).weight is None

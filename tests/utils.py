@@ -1,9 +1,10 @@
-"""Shared test helpers: tolerances, the 2x rule, non-contiguous views."""
+"""Shared test helpers: tolerances, the 2x rule, non-contiguous views, the op-contract Case."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from typing import Callable, NamedTuple, Tuple
 
 import torch
 
@@ -58,3 +59,16 @@ def run_probe(code: str, timeout: int = 300) -> None:
         env["TRITON_INTERPRET"] = "1"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), (r.returncode, r.stdout, r.stderr[-2000:])
+
+
+class Case(NamedTuple):
+    """args(t): the op's positional arguments, tensors made by t(*shape, grad=True, kind="float")
+    (kind "index": int64 class indices < 5); zero(t): the same for a zero-size call; bad: (args
+    function, torch's exception type) pairs; probe: "tests/test_x.py::test_name" of the op's
+    int64-offset probe, or "n/a: why"; oracle: the fasttx.reference function's name."""
+    args: Callable
+    zero: Callable
+    bad: Tuple = ()
+    probe: str = ""
+    oracle: object = ""  # a name in fasttx.reference, or a function composing them
+    random: bool = False  # a dropout draws its mask: compare a call with the same seed, not the paths

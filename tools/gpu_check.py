@@ -657,8 +657,8 @@ def main(argv=None) -> int:
         if not info:
             info.update(python=platform.python_version(), torch=torch.__version__, pytest_xdist=False,
                         pytest_timeout=False)
-        check.stage("tests", 0.40, stage_tests(check, workers, info, holder))
-        check.stage("determinism", 0.05, stage_determinism(check, holder))
+        check.stage("tests", 0.38, stage_tests(check, workers, info, holder))
+        check.stage("determinism", 0.07, stage_determinism(check, holder))  # 28 bench suites twice
         check.stage("sanitizer", 0.07, stage_sanitizer(check, holder))
         from bench.harness import OPS
 

@@ -1,4 +1,5 @@
-"""GELU: torch.nn.GELU with its forward routed through fasttx.functional.gelu."""
+"""GELU: torch.nn.GELU with its forward routed through fasttx.functional.gelu; ReLUSquared (torch
+has no such module) through fasttx.functional.relu_squared."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ from torch import Tensor
 
 from .. import functional as FF
 
-__all__ = ["GELU"]
+__all__ = ["GELU", "ReLUSquared"]
 
 
 class GELU(torch.nn.GELU):
@@ -15,3 +16,11 @@ class GELU(torch.nn.GELU):
 
     def forward(self, input: Tensor) -> Tensor:
         return FF.gelu(input, approximate=self.approximate)
+
+
+class ReLUSquared(torch.nn.Module):
+    """Squared ReLU, relu(x) ** 2 (Primer, Nemotron, nanoGPT speedruns), as an MLP's activation
+    module. No parameters. input (*) -> output (*), same dtype."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return FF.relu_squared(input)

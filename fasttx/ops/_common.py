@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import torch
 
+# the dtype rules (accumulator dtype, 16-bit and float sets, RMSNorm casts) are written once, in
+# kernels/_dtypes.py (torch only); re-exported here for the ops modules and fasttx.flash
+from fasttx.kernels._dtypes import FLOATS, KERNEL_FLOATS, LOW, RMS_NORM_CASTS, acc_dtype  # noqa: F401
+
 _SEED_HIGH = 2**31 - 1
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype fasttx computes and keeps statistics in for inputs of `dtype`: fp64 for fp64,
-    fp32 for everything else (16-bit inputs are upcast, as torch's fused ops do)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def draw_seed(device: torch.device) -> torch.Tensor:

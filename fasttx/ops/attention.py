@@ -1,8 +1,9 @@
-"""Triton path of fasttx.functional.scaled_dot_product_attention.
+"""scaled_dot_product_attention's contract and custom ops (and fasttx.flash's custom ops).
 
-fasttx.functional asks `unsupported(...)` whether the kernels cover a call (None: they do; else the
-reason, and functional runs torch's own op with one warning), then `check(...)` (torch's argument
-rules and exception types, raised here rather than inside a kernel), then calls
+fasttx._registry.route asks `unsupported(...)` whether the kernels cover a call (None: they do; else
+the reason, and it runs torch's own op with one warning), then the Triton path applies autocast and
+`check(...)` (torch's argument rules and exception types, raised here rather than inside a kernel)
+and calls
 `scaled_dot_product_attention`, which normalises the arguments to the kernels' layout
 (q (B, Hq, L, E), k/v (B, Hkv, S, E) with a contiguous last dim, the mask expand()ed to
 (B, Hq, L, S) without copying) and calls the custom op `fasttx::attention`, whose autograd calls
@@ -16,18 +17,24 @@ the L x S gradient it would need).
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx.kernels import attention as K
-
 from fasttx import _checks
+from fasttx.distributed import heads, matching, opt, placements, sharding_rule
+from fasttx._registry import autocast_inputs, contract
 
+from ._common import KERNEL_FLOATS as _KERNEL_DTYPES
 from ._common import draw_seed
 
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+def _kernels():
+    from fasttx.kernels import attention  # lazy: the torch path needs no triton
+
+    return attention
 
 
 # ------------------------------------------------------------------------------------------------
@@ -51,8 +58,9 @@ def _sdpa_fwd(
     differentiated: the backward's delta comes from it), else an empty fp32 tensor. causal_offset: query i sees keys
     j <= i + causal_offset when is_causal (0 for SDPA, S - L for fasttx.flash)."""
     seed = _draw(q, dropout_p)
-    res = K.attention_forward(q, k, v, mask, scale=scale, is_causal=is_causal, dropout_p=dropout_p, seed=seed,
-                              return_fp32_out=fp32_out, causal_offset=causal_offset)
+    K = _kernels()
+    opts = K.AttnOptions(scale, is_causal, causal_offset, dropout_p, seed, return_fp32_out=fp32_out)
+    res = K.attention_forward(q, k, v, mask, opts)
     out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
     return res[0], res[1], seed, out32
 
@@ -72,8 +80,9 @@ def _sdpa_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Gradients (dq like q, dk and dv like k) from the forward's output (fp32 for 16-bit inputs),
     lse and dropout seed."""
-    return K.attention_backward(dout, q, k, v, mask, out, lse, scale=scale, is_causal=is_causal,
-                                dropout_p=dropout_p, seed=seed, causal_offset=causal_offset)
+    K = _kernels()
+    return K.attention_backward(dout, q, k, v, mask, out, lse,
+                                K.AttnOptions(scale, is_causal, causal_offset, dropout_p, seed))
 
 
 @_sdpa_bwd.register_fake
@@ -115,8 +124,8 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
         return f"dtype {query.dtype} is not supported by the kernel (float16, bfloat16, float32)"
     if query.size(-1) != value.size(-1):
         return "value's head dim Ev differs from E (the kernel needs E == Ev)"
-    if query.size(-1) > K.MAX_HEAD_DIM:
-        return f"head dim above {K.MAX_HEAD_DIM}"
+    if query.size(-1) > _kernels().MAX_HEAD_DIM:
+        return f"head dim above {_kernels().MAX_HEAD_DIM}"
     if isinstance(attn_mask, Tensor) and attn_mask.requires_grad and torch.is_grad_enabled():
         return "attn_mask requires grad (the fused kernel does not differentiate the mask)"
     return None
@@ -236,6 +245,27 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     return out.reshape(*out_lead, L, E)  # (N, ..., Hq, L, E)
 
 
+def _sdpa_triton(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    if torch.is_autocast_enabled(query.device.type):
+        query, key, value = autocast_inputs(_NAME, query, key, value)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            (attn_mask,) = autocast_inputs(_NAME, attn_mask)
+    args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    check(*args)
+    return scaled_dot_product_attention(*args)
+
+
+def _sdpa_torch(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    # Positional where torch allows it: its argument parser is measurably slower per keyword.
+    return F.scaled_dot_product_attention(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa
+    )
+
+
+contract(_NAME, tensors=lambda query, key, value, attn_mask, *rest: (query, key, value, attn_mask),
+         unsupported=unsupported, triton=_sdpa_triton, torch=_sdpa_torch)
+
+
 # ------------------------------------------------------------------------------------------------
 # fasttx.flash: flash-attn's semantics (bottom-right alignment, window, softcap, ALiBi, varlen)
 # ------------------------------------------------------------------------------------------------
@@ -251,7 +281,7 @@ def _flash_opts(q, k, seqlens, causal, left, right, softcap, alibi):
 
 
 def _seqlens(cu_q, k_start, k_len, max_q, max_k):
-    return None if k_len is None else K.Seqlens(cu_q, k_start, k_len, max_q, max_k)
+    return None if k_len is None else _kernels().Seqlens(cu_q, k_start, k_len, max_q, max_k)
 
 
 @torch.library.custom_op("fasttx::flash_attention", mutates_args=())
@@ -265,9 +295,11 @@ def _flash_fwd(
     window sizes (-1 unbounded); causal forces right = 0."""
     seed = _draw(q, dropout_p)
     seqlens = _seqlens(cu_q, k_start, k_len, max_q, max_k)
-    res = K.attention_forward(q, k, v, None, scale=scale, dropout_p=dropout_p, seed=seed, return_fp32_out=fp32_out,
-                              seqlens=seqlens, decode=False if cu_q is not None else None,
-                              **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    K = _kernels()
+    opts = K.AttnOptions(scale=scale, dropout_p=dropout_p, seed=seed, return_fp32_out=fp32_out, seqlens=seqlens,
+                         decode=False if cu_q is not None else None,
+                         **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    res = K.attention_forward(q, k, v, None, opts)
     out32 = res[2] if fp32_out else q.new_empty((0,), dtype=torch.float32)
     return res[0], res[1], seed, out32
 
@@ -286,9 +318,10 @@ def _flash_bwd(
     dropout_p: float, scale: float, causal: bool, left: int, right: int, softcap: float, max_q: int, max_k: int,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     seqlens = _seqlens(cu_q, k_start, k_len, max_q, max_k)
-    return K.attention_backward(dout, q, k, v, None, out, lse, scale=scale, dropout_p=dropout_p,
-                                seed=seed, seqlens=seqlens,
-                                **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    K = _kernels()
+    opts = K.AttnOptions(scale=scale, dropout_p=dropout_p, seed=seed, seqlens=seqlens,
+                         **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    return K.attention_backward(dout, q, k, v, None, out, lse, opts)
 
 
 @_flash_bwd.register_fake
@@ -324,10 +357,12 @@ def _flash_kvcache_fwd(
     k/v (1, Hkv, rows, E) views of the cache,
     sequence b's keys at rows k_start[b] + [0, k_len[b]) (or through block_table, pages of
     page_size rows) -> (out (B, H, L, E), lse (B, H, L))."""
+    K = _kernels()
     seqlens = K.Seqlens(cu_q, k_start, k_len, max_q if cu_q is not None else q.shape[2], max_k)
-    return K.attention_forward(q, k, v, None, scale=scale, seqlens=seqlens, block_table=block_table,
-                               decode=False if cu_q is not None else None,
-                               page_size=page_size, **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    opts = K.AttnOptions(scale=scale, seqlens=seqlens, block_table=block_table, page_size=page_size,
+                         decode=False if cu_q is not None else None,
+                         **_flash_opts(q, k, seqlens, causal, left, right, softcap, alibi))
+    return K.attention_forward(q, k, v, None, opts)
 
 
 @_flash_kvcache_fwd.register_fake
@@ -335,7 +370,127 @@ def _(q, k, v, cu_q, k_start, k_len, block_table, page_size, alibi, scale, causa
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
-from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+# ------------------------------------------------------------------------------------------------
+# fasttx.flash's entries: flash-attn's layouts in and out, options as two small named structures
+# ------------------------------------------------------------------------------------------------
+class SeqLens(NamedTuple):
+    """Variable-length sequences. cu_q: (B + 1,) int32 cumulative query counts (q packed as
+    (total_q, H, D)), or None for dense q (B, Lq, H, D); k_start, k_len: (B,) int32 first key row and
+    key count of each sequence in the k/v rows (packed keys, or cache rows; a paged cache: zeros);
+    max_q, max_k: the longest sequence's query and key count."""
+    cu_q: Optional[Tensor]
+    k_start: Tensor
+    k_len: Tensor
+    max_q: int
+    max_k: int
 
-register_if_dtensor_loaded()
+
+class FlashFeatures(NamedTuple):
+    """flash-attn's options: the softmax scale; causal (bottom-right aligned); the window (left,
+    right), -1 unbounded (causal forces right = 0); softcap (0: off); ALiBi slopes fp32 (H,) or
+    (B, H), or None; dropout_p (not with a kv-cache)."""
+    scale: float
+    causal: bool = False
+    left: int = -1
+    right: int = -1
+    softcap: float = 0.0
+    alibi: Optional[Tensor] = None
+    dropout_p: float = 0.0
+
+
+def _heads_view(t: Tensor) -> Tensor:
+    """(B, L, H, D) or (total, H, D) -> the kernels' (B, H, L, D) / (1, H, total, D) view, unit last stride."""
+    t = t.transpose(1, 2) if t.dim() == 4 else t.transpose(0, 1).unsqueeze(0)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _flash_layout(out: Tensor, lse: Tensor, packed: bool):
+    """The kernels' (B, H, L, D) / (1, H, total, D) output -> q's layout; lse (B, H, L) / (H, total)."""
+    if packed:
+        return out[0].transpose(0, 1).contiguous(), lse[0]
+    return out.transpose(1, 2).contiguous(), lse
+
+
+def flash_attention(q: Tensor, k: Tensor, v: Tensor, features: FlashFeatures,
+                    seqlens: Optional[SeqLens] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """flash-attn's attention on the kernels (arguments checked by fasttx.flash). q, k, v in flash-attn's
+    layouts: (B, L, H, D), or (total, H, D) rows with `seqlens`. Returns (out in q's layout,
+    lse (B, H, Lq) or (H, total_q) fp32 without gradient, the dropout's Philox seed (for S_dmask))."""
+    f, s = features, seqlens
+    fp32_out = q.dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    res = _flash_fwd(_heads_view(q), _heads_view(k), _heads_view(v), s.cu_q if s else None, s.k_start if s else None,
+                     s.k_len if s else None, f.alibi, float(f.dropout_p), float(f.scale), bool(f.causal), int(f.left),
+                     int(f.right), float(f.softcap), int(s.max_q) if s else 0, int(s.max_k) if s else 0, fp32_out)
+    out, lse = _flash_layout(res[0], res[1].detach(), packed=q.dim() == 3)
+    return out, lse, res[2]
+
+
+def flash_attention_kvcache(q: Tensor, k: Tensor, v: Tensor, features: FlashFeatures, seqlens: SeqLens,
+                            block_table: Optional[Tensor] = None, page_size: int = 1) -> Tuple[Tensor, Tensor]:
+    """Inference attention over a kv-cache (forward only, no dropout): q (B, Lq, H, D) or packed
+    (total_q, H, D) with seqlens.cu_q; k, v the cache rows (rows, Hk, D); sequence b's keys are rows
+    [k_start[b], k_start[b] + k_len[b]), or through block_table (B, pages) int32 pages of page_size
+    rows. Returns (out in q's layout, lse (B, H, Lq) or (H, total_q) fp32)."""
+    f, s = features, seqlens
+    assert f.dropout_p == 0.0, "the kv-cache path has no dropout"
+    out, lse = _flash_kvcache_fwd(_heads_view(q), _heads_view(k), _heads_view(v), s.cu_q, s.k_start, s.k_len,
+                                  block_table, int(page_size), f.alibi, float(f.scale), bool(f.causal), int(f.left),
+                                  int(f.right), float(f.softcap), int(s.max_q), int(s.max_k))
+    return _flash_layout(out, lse, packed=q.dim() == 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# DTensor sharding rules of the custom ops above (fasttx/distributed.py registers them). Each takes
+# the op's arguments (tensors as DTensor's specs: .ndim, .shape, .placements; None when absent) and
+# returns [(output placements, input placements), ...], one per output and per schema argument.
+# ----------------------------------------------------------------------------------------------
+@sharding_rule(_sdpa_fwd)
+def _sdpa_fwd_rule(q, k, v, mask, dropout_p, is_causal, scale, fp32_out, *causal_offset):
+    # -> (out, lse, seed, out32); out32 is the fp32 output (16-bit inputs under autograd) or empty
+    R, S, _ = placements()
+    tail = [None] * (4 + len(causal_offset))  # dropout_p, is_causal, scale, fp32_out[, causal_offset]
+    out = [([R, R, R, R], [R, R, R, opt(mask, R), *tail])]
+    for d in (0, 1):  # batch, heads of (B, H, L, E)
+        out.append(([S(d), S(d), R, S(d) if fp32_out else R], [S(d), S(d), S(d), opt(mask, S(d)), *tail]))
+    return out
+
+
+@sharding_rule(_sdpa_bwd)
+def _sdpa_bwd_rule(dout, q, k, v, mask, out_, lse, seed, dropout_p, is_causal, scale, *causal_offset):
+    R, S, _ = placements()
+    tail = [None] * (3 + len(causal_offset))  # dropout_p, is_causal, scale[, causal_offset]
+    out = [([R, R, R], [R, R, R, R, opt(mask, R), R, R, R, *tail])]
+    for d in (0, 1):
+        out.append(([S(d)] * 3, [S(d)] * 4 + [opt(mask, S(d)), S(d), S(d), R, *tail]))
+    return matching(out, lse, 6)  # dropout_p is not part of DTensor's cache key: always match
+
+
+@sharding_rule(_flash_fwd)
+def _flash_fwd_rule(q, k, v, cu_q, k_start, k_len, alibi, dropout_p, scale, causal, left, right, softcap,
+               max_q, max_k, fp32_out):
+    # fasttx.flash: q (B, H, L, E) (packed: (1, H, total, E)), k/v likewise with Hkv heads: sharded on
+    # heads, the sequence tables replicated. -> (out, lse (B, H, L), seed, out32 or empty)
+    R, S, _ = placements()
+    tail = [None] * 9
+    seq = [opt(cu_q, R), opt(k_start, R), opt(k_len, R)]
+    return [([R, R, R, R], [R, R, R, *seq, opt(alibi, R), *tail]),
+            ([S(1), S(1), R, S(1) if fp32_out else R], [S(1), S(1), S(1), *seq, heads(alibi, S), *tail])]
+
+
+@sharding_rule(_flash_bwd)
+def _flash_bwd_rule(dout, q, k, v, out_, lse, seed, cu_q, k_start, k_len, alibi, *scalars):
+    R, S, _ = placements()
+    tail = [None] * len(scalars)
+    seq = [opt(cu_q, R), opt(k_start, R), opt(k_len, R)]
+    out = [([R, R, R], [R] * 7 + seq + [opt(alibi, R), *tail]),
+           ([S(1)] * 3, [S(1)] * 6 + [R] + seq + [heads(alibi, S), *tail])]
+    return matching(out, lse, 5)  # the backward keeps the forward's placement (its dropout mask)
+
+
+@sharding_rule(_flash_kvcache_fwd)
+def _flash_kvcache_fwd_rule(q, k, v, cu_q, k_start, k_len, block_table, page_size, alibi, *scalars):
+    R, S, _ = placements()
+    tail = [None] * len(scalars)
+    seq = [opt(cu_q, R), R, R, opt(block_table, R), None]
+    return [([R, R], [R, R, R, *seq, opt(alibi, R), *tail]),
+            ([S(1), S(1)], [S(1), S(1), S(1), *seq, heads(alibi, S), *tail])]

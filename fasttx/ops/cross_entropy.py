@@ -1,4 +1,5 @@
-"""cross_entropy and linear_cross_entropy: argument checks, the reduction, and both paths.
+"""cross_entropy and linear_cross_entropy: their contracts (argument checks, `unsupported`, the
+torch path and the Triton path, run by fasttx._registry.route), the reduction, and both paths.
 
 Both paths reduce to one differentiable core, per-row losses (M,) fp32 with torch.nn's reduction
 applied outside in plain torch (so autograd hands the core a per-row gradient: 1/denominator for
@@ -10,7 +11,7 @@ applied outside in plain torch (so autograd hands the core a per-row gradient: 1
         fasttx::linear_cross_entropy(x, w, b, target, weight, ...) -> (loss, lse)
         fasttx::linear_cross_entropy_backward(grad, x, w, b, target, weight, ...) -> (dx, dw, db)
   - torch: `_TorchLinearCE`, the same chunked loop in plain torch (cross_entropy with given logits
-    is torch's own F.cross_entropy, called by fasttx.functional).
+    is torch's own F.cross_entropy).
 Neither path ever holds the (N, C) logits of linear_cross_entropy: the forward keeps per-row
 losses only, the backward recomputes each chunk's logits and turns them into their gradient.
 """
@@ -23,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fasttx._registry import autocast_inputs, autocast_to_fp32, contract
 from fasttx._torch_errors import raise_as_torch
+from fasttx.distributed import opt, placements, sharding_rule
 
 from ._common import acc_dtype
 
@@ -389,7 +392,7 @@ def _torch_loop_forward(x, w, b, target, weight, ignore_index, eps, wsum, chunk,
     """Per-row losses (M,) (fp64 for fp64 inputs, else fp32), chunk by chunk: one (chunk, C)
     logits buffer at a time. `scale` and `ent` as in _torch_rows."""
     M = x.shape[0]
-    loss = torch.empty(M, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device)
+    loss = torch.empty(M, dtype=acc_dtype(x.dtype), device=x.device)
     for s in range(0, M, chunk):
         loss[s:s + chunk] = _torch_rows(F.linear(x[s:s + chunk], w, b), target[s:s + chunk], weight,
                                         ignore_index, eps, wsum, scale=scale,
@@ -402,7 +405,7 @@ def _torch_loop_backward(grad, x, w, b, target, weight, ignore_index, eps, wsum,
     """(dx, dw, db) of sum_n grad_n loss_n (+ grad_ent_n ent_n): each chunk's logits recomputed and
     overwritten by their gradient, dw and db accumulated in fp32 (fp64) across chunks, cast once."""
     M, H = x.shape
-    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(w.dtype)
     dx = torch.empty_like(x)
     dw = torch.zeros(w.shape, dtype=acc, device=w.device)  # fp32 across chunks, cast once
     db = torch.zeros(w.shape[0], dtype=acc, device=w.device) if b is not None else None
@@ -494,7 +497,92 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
     return reduce(loss, t_rows, weight, ignore_index, reduction, shape, input.dtype)
 
 
-# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
-from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+# ----------------------------------------------------------------------------------------------
+# Contracts (fasttx._registry.route)
+# ----------------------------------------------------------------------------------------------
+def _ce_prepare(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing):
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    return input, target, weight, None, ignore_index, None, reduction, label_smoothing
 
-register_if_dtensor_loaded()
+
+def _ce_triton(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing):
+    check(input, target, weight, ignore_index, reduction, label_smoothing)
+    input, weight = autocast_inputs("cross_entropy", input, weight)
+    if target.is_floating_point():
+        (target,) = autocast_inputs("cross_entropy", target)
+    return cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing)
+
+
+contract("cross_entropy", prepare=_ce_prepare, tensors=lambda input, target, weight, *rest: (input, target, weight),
+         unsupported=unsupported, triton=_ce_triton, torch=F.cross_entropy)
+
+
+def _lce_prepare(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                 options):
+    ignore_index = check_linear(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                label_smoothing)
+    return input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options
+
+
+def _lce_path(use_triton: bool):
+    def path(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options):
+        if torch.is_autocast_enabled(input.device.type):
+            # as torch's composite under autocast: the linear in the autocast dtype (the loss math is
+            # fp32 inside either way; under CUDA autocast torch's loss comes out in fp32)
+            low = torch.get_autocast_dtype(input.device.type)
+            input, linear_weight, linear_bias = (
+                t.to(low) if t is not None and t.dtype != torch.float64 else t
+                for t in (input, linear_weight, linear_bias)
+            )
+        out = linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                   ignore_index, label_smoothing, use_triton=use_triton)
+        return out.float() if autocast_to_fp32(input.device.type) else out
+
+    return path
+
+
+contract("linear_cross_entropy", prepare=_lce_prepare,
+         tensors=lambda input, linear_weight, target, linear_bias, weight, *rest: (
+             input, linear_weight, target, linear_bias, weight),
+         unsupported=lambda input, linear_weight, target, linear_bias, weight, *rest: unsupported(
+             input, target, weight),
+         triton=_lce_path(True), torch=_lce_path(False))
+
+
+# ----------------------------------------------------------------------------------------------
+# DTensor sharding rules of the custom ops above (fasttx/distributed.py registers them). Each takes
+# the op's arguments (tensors as DTensor's specs: .ndim, .shape, .placements; None when absent) and
+# returns [(output placements, input placements), ...], one per output and per schema argument.
+# ----------------------------------------------------------------------------------------------
+@sharding_rule(_ce)
+def _cross_entropy_rule(logits, target, weight, ignore_index, label_smoothing):
+    # logits (M, C) row-wise: rows (the batch) sharded with their targets; the class weight
+    # replicated. -> (per-row loss (M,), lse (M,)); the reduction runs outside the op on DTensors.
+    R, S, _ = placements()
+    return [([R, R], [R, R, opt(weight, R), None, None]),
+            ([S(0), S(0)], [S(0), S(0), opt(weight, R), None, None])]
+
+
+@sharding_rule(_ce_backward)
+def _cross_entropy_backward_rule(grad, logits, target, weight, lse, ignore_index, label_smoothing):
+    R, S, _ = placements()
+    return [([R], [R, R, R, opt(weight, R), R, None, None]),
+            ([S(0)], [S(0), S(0), S(0), opt(weight, R), S(0), None, None])]
+
+
+@sharding_rule(_lce)
+def _linear_cross_entropy_rule(x, w, b, target, weight, ignore_index, label_smoothing):
+    # x (M, H) rows sharded (the batch), the LM head w (C, H) and bias replicated -> (loss, lse) (M,)
+    R, S, _ = placements()
+    return [([R, R], [R, R, opt(b, R), R, opt(weight, R), None, None]),
+            ([S(0), S(0)], [S(0), R, opt(b, R), S(0), opt(weight, R), None, None])]
+
+
+@sharding_rule(_lce_backward)
+def _linear_cross_entropy_backward_rule(grad, x, w, b, target, weight, ignore_index, label_smoothing):
+    # dx follows the rows; dw and db sum over rows: a partial sum on each rank (reduced by DTensor)
+    R, S, P = placements()
+    db = P if b is not None else R  # an empty stand-in without a bias
+    return [([R, R, R], [R, R, R, opt(b, R), R, opt(weight, R), None, None]),
+            ([S(0), P, db], [S(0), S(0), R, opt(b, R), S(0), opt(weight, R), None, None])]

@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fasttx._registry import contract
+
 from . import cross_entropy as ce
+from ._common import acc_dtype
 
 REDUCTIONS = ("none", "sum", "mean", "batchmean")
 
@@ -104,7 +107,7 @@ class _LinearJSD(torch.autograd.Function):
     def forward(ctx, xs, ws, bs, xt, wt, bt, valid, beta, temperature):
         M = xs.shape[0]
         V = ws.shape[0]
-        acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(xs.dtype)
         chunk = ce._chunk(M, max(xs.shape[1], xt.shape[1]), V)
         inv_t = 1.0 / temperature
         out = torch.empty(M, dtype=acc, device=xs.device)
@@ -125,7 +128,7 @@ class _LinearJSD(torch.autograd.Function):
         need = ctx.needs_input_grad
         student = any(need[:3])
         teacher = any(need[3:6])
-        acc = torch.float64 if xs.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(xs.dtype)
         inv_t = 1.0 / temperature
         M = xs.shape[0]
 
@@ -204,3 +207,25 @@ def divergence(xs, ws, bs, xt, wt, bt, target, beta, temperature, ignore_index, 
         return rows.sum() / (kept * ws.shape[0])
     denom = valid.sum().clamp_min(1) if target is not None else max(xs.shape[0] if xs.dim() > 1 else 1, 1)
     return rows.sum() / denom
+
+
+# ----------------------------------------------------------------------------------------------
+# Contracts (fasttx._registry.route): one path on every backend (chunked torch ops)
+# ----------------------------------------------------------------------------------------------
+def _jsd(student_input, student_weight, teacher_input, teacher_weight, target, student_bias, teacher_bias, beta,
+         temperature, ignore_index, reduction, num_items_in_batch):
+    check("linear_jsd", student_input, student_weight, student_bias, teacher_input, teacher_weight,
+          teacher_bias, target, beta, temperature, ignore_index, reduction)
+    return divergence(student_input, student_weight, student_bias, teacher_input, teacher_weight,
+                      teacher_bias, target, beta, temperature, ignore_index, reduction, num_items_in_batch)
+
+
+def _kl_div(student_input, student_weight, teacher_input, teacher_weight, target, student_bias, teacher_bias,
+            temperature, ignore_index, reduction, num_items_in_batch):
+    # exactly linear_jsd with beta = 0 (forward KL), its checks and messages included
+    return _jsd(student_input, student_weight, teacher_input, teacher_weight, target, student_bias, teacher_bias,
+                0.0, temperature, ignore_index, reduction, num_items_in_batch)
+
+
+contract("linear_jsd", tensors=lambda *a: None, unsupported=lambda *a: None, triton=None, torch=_jsd)
+contract("linear_kl_div", tensors=lambda *a: None, unsupported=lambda *a: None, triton=None, torch=_kl_div)

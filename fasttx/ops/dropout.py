@@ -1,4 +1,5 @@
-"""Triton path of dropout: a custom op pair around fasttx.kernels.dropout.
+"""dropout: its contract (checks, the torch path, the Triton path; fasttx._registry.route) and a
+custom op pair around fasttx.kernels.dropout.
 
 The forward draws a Philox seed inside the op, as a (1,) int64 tensor on the input's device from
 that device's torch generator (torch.compile traces no `.item()`; a captured CUDA graph redraws it
@@ -10,18 +11,27 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx.kernels import dropout as K
+from fasttx import _checks
+from fasttx.distributed import placements, sharding_rule, warn_once
+from fasttx._registry import contract
 from ._common import draw_seed, keep_layout
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ._common import FLOATS as _FLOAT_DTYPES
+
+
+def _kernels():
+    from fasttx.kernels import dropout  # lazy: the torch path needs no triton
+
+    return dropout
 
 
 @torch.library.custom_op("fasttx::dropout", mutates_args=())
 def _dropout(x: Tensor, p: float) -> Tuple[Tensor, Tensor]:
     seed = draw_seed(x.device)  # (1,) on x's device: graph-safe, no host sync
-    return K.dropout_forward(x, p, seed), seed
+    return _kernels().dropout_forward(x, p, seed), seed
 
 
 @_dropout.register_fake
@@ -31,7 +41,7 @@ def _(x, p):
 
 @torch.library.custom_op("fasttx::dropout_backward", mutates_args=())
 def _dropout_backward(grad: Tensor, seed: Tensor, p: float) -> Tensor:
-    return K.dropout_backward(grad, p, seed)
+    return _kernels().dropout_backward(grad, p, seed)
 
 
 @_dropout_backward.register_fake
@@ -75,7 +85,34 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, inplace: bool 
     return out
 
 
-# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
-from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+def _triton(input, p, training, inplace):
+    p = _checks.check_dropout_p(_checks.check_float("dropout", "p", 2, p))
+    _checks.check_bool("dropout", "train", 3, training)
+    _checks.check_bool("dropout", "inplace", 4, inplace)
+    return dropout(input, p, training, inplace)
 
-register_if_dtensor_loaded()
+
+contract("dropout", tensors=lambda input, p, training, inplace: (input,), unsupported=lambda *a: None,
+         triton=_triton, torch=F.dropout)
+
+
+# ----------------------------------------------------------------------------------------------
+# DTensor sharding rules of the custom ops above (fasttx/distributed.py registers them). Each takes
+# the op's arguments (tensors as DTensor's specs: .ndim, .shape, .placements; None when absent) and
+# returns [(output placements, input placements), ...], one per output and per schema argument.
+# ----------------------------------------------------------------------------------------------
+@sharding_rule(_dropout)
+def _dropout_rule(x, p):
+    # Replicate only: the backward op sees nothing of the forward but the seed, so it could not
+    # tell which placement the mask was drawn in. A sharded input is all-gathered (said once).
+    R, _, _ = placements()
+    if any(not pl.is_replicate() for pl in x.placements):
+        warn_once("dropout", "fasttx dropout on a sharded DTensor: DTensor all-gathers the input "
+                   "so that the mask is the single-process mask on every rank")
+    return [([R, R], [R, None])]
+
+
+@sharding_rule(_dropout_backward)
+def _dropout_backward_rule(grad, seed, p):
+    R, _, _ = placements()
+    return [([R], [R, R, None])]

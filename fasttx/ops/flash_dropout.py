@@ -7,7 +7,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from fasttx.kernels import attention as K
 
 
 def flash_dropout_keep(seed: Tensor, shape: Sequence[int], dropout_p: float) -> Tensor:
@@ -15,5 +14,7 @@ def flash_dropout_keep(seed: Tensor, shape: Sequence[int], dropout_p: float) -> 
     output). Dense q: shape (B, H, Lq, Lk). Packed q (cu_seqlens): shape (1, H, total_q, max_seqlen_k),
     where sequence b's query i and key j sit at [0, h, cu_seqlens_q[b] + i, j] (the kernels'
     dropout index; kernels/attention.py). One host sync: a test and debugging path."""
+    from fasttx.kernels import attention as K  # lazy: importing fasttx.ops needs no triton
+
     with torch.no_grad():
         return K.dropout_mask(tuple(int(n) for n in shape), seed, dropout_p, seed.device)

@@ -1,4 +1,5 @@
-"""Triton path of fasttx.functional.layer_norm and dropout_add_layer_norm.
+"""layer_norm and dropout_add_layer_norm: their contracts (checks, `unsupported`, the torch path and
+the Triton path, run by fasttx._registry.route) and the Triton path's custom ops.
 
 Three `torch.library` custom ops, each with a fake (shape) implementation, so that
 `torch.compile(fullgraph=True)` sees opaque ops:
@@ -17,19 +18,23 @@ import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx.kernels import layer_norm as K
-
+from fasttx import _checks
 from fasttx._checks import check_residual
+from fasttx.distributed import matching, opt, placements, row_dims, sharding_rule
+from fasttx._registry import autocast_inputs, autocast_to_fp32, contract
 
+from ._common import LOW as _LOW
+from ._common import acc_dtype as _stat_dtype
 from ._common import draw_seed
 
-_LOW = (torch.float16, torch.bfloat16)
 
+def _kernels():
+    from fasttx.kernels import layer_norm  # lazy: the torch path needs no triton
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32  # kernels/_common.stat_dtype
+    return layer_norm
 
 
 def _rows(t: Tensor, N: int) -> int:
@@ -88,8 +93,9 @@ def unsupported(input: Tensor, normalized_shape) -> Optional[str]:
     largest hidden size they are tested at."""
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
     n = math.prod(shape) if all(isinstance(s, int) for s in shape) else 0
-    if n > K.MAX_HIDDEN:
-        return f"rows of {n} elements exceed the kernel's limit of {K.MAX_HIDDEN}"
+    limit = _kernels().MAX_HIDDEN
+    if n > limit:
+        return f"rows of {n} elements exceed the kernel's limit of {limit}"
     return None
 
 
@@ -100,7 +106,7 @@ def unsupported(input: Tensor, normalized_shape) -> Optional[str]:
 def _layer_norm_fwd(
     input: Tensor, N: int, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    y, _, mean, rstd = K.layer_norm_forward(input, N, weight, bias, eps)
+    y, _, mean, rstd = _kernels().layer_norm_forward(input, N, weight, bias, eps)
     return y, mean, rstd
 
 
@@ -151,7 +157,7 @@ def _dropout_add_layer_norm_fwd(
     # The seed is drawn here, inside the op (torch.compile traces no .item()), on the input's
     # device: the kernel reads it there, so a CUDA graph replay draws a new mask. (0,) when p == 0.
     seed = draw_seed(input.device) if p > 0.0 else input.new_empty((0,), dtype=torch.int64)
-    y, h, mean, rstd = K.layer_norm_forward(input, N, weight, bias, eps, residual, p, seed, store_h=True)
+    y, h, mean, rstd = _kernels().layer_norm_forward(input, N, weight, bias, eps, residual, p, seed, store_h=True)
     return y, h, mean, rstd, seed
 
 
@@ -229,7 +235,7 @@ def _layer_norm_bwd(
     store_dh: bool, dx_dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(d_input, d_residual, d_weight, d_bias); absent ones as empty tensors."""
-    dx, dh, dw, db = K.layer_norm_backward(
+    dx, dh, dw, db = _kernels().layer_norm_backward(
         dy, h, N, weight, bias, mean, rstd, dh_out, p,
         seed if seed is not None and p > 0.0 else 0, store_dh, dx_dtype,
     )
@@ -251,7 +257,95 @@ def _(dy, dh_out, h, N, weight, bias, mean, rstd, seed, p, store_dh, dx_dtype):
     )
 
 
-# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
-from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+# ----------------------------------------------------------------------------------------------
+# Contracts (fasttx._registry.route)
+# ----------------------------------------------------------------------------------------------
+def _layer_norm_prepare(input, normalized_shape, weight, bias, eps):
+    if isinstance(normalized_shape, int):  # as torch.nn.functional.layer_norm does
+        raise TypeError(
+            "layer_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not int"
+        )
+    return input, normalized_shape, weight, bias, eps
 
-register_if_dtensor_loaded()
+
+def _layer_norm_triton(input, normalized_shape, weight, bias, eps):
+    eps = _checks.check_float("layer_norm", "eps", 5, eps)
+    shape = _checks.check_shape("layer_norm", "normalized_shape", 2, normalized_shape)
+    input, weight, bias = autocast_inputs("layer_norm", input, weight, bias)
+    return layer_norm(input, shape, weight, bias, eps)
+
+
+contract("layer_norm", prepare=_layer_norm_prepare,
+         tensors=lambda input, normalized_shape, weight, bias, eps: (input, weight, bias),
+         unsupported=lambda input, normalized_shape, *rest: unsupported(input, normalized_shape),
+         triton=_layer_norm_triton, torch=F.layer_norm)
+
+
+def _fused_prepare(input, residual, normalized_shape, weight, bias, eps, p, training):
+    p = _checks.check_dropout_p(p)
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    return input, residual, normalized_shape, weight, bias, eps, p, training
+
+
+def _fused_triton(input, residual, normalized_shape, weight, bias, eps, p, training):
+    eps = _checks.check_float("dropout_add_layer_norm", "eps", 6, eps)
+    shape = _checks.check_shape("dropout_add_layer_norm", "normalized_shape", 3, normalized_shape)
+    y, h = dropout_add_layer_norm(input, residual, shape, weight, bias, eps, p, training)
+    if autocast_to_fp32(input.device.type) and y.dtype in _LOW:
+        y = y.float()
+    return y, h
+
+
+def _fused_torch(input, residual, normalized_shape, weight, bias, eps, p, training):
+    h = F.dropout(input, p, training)
+    if residual is not None:
+        h = residual + h
+    return F.layer_norm(h, normalized_shape, weight, bias, eps), h
+
+
+contract("dropout_add_layer_norm", prepare=_fused_prepare,
+         tensors=lambda input, residual, normalized_shape, weight, bias, eps, p, training: (
+             input, residual, weight, bias),
+         unsupported=lambda input, residual, normalized_shape, *rest: unsupported(input, normalized_shape),
+         triton=_fused_triton, torch=_fused_torch)
+
+
+# ----------------------------------------------------------------------------------------------
+# DTensor sharding rules of the custom ops above (fasttx/distributed.py registers them). Each takes
+# the op's arguments (tensors as DTensor's specs: .ndim, .shape, .placements; None when absent) and
+# returns [(output placements, input placements), ...], one per output and per schema argument.
+# ----------------------------------------------------------------------------------------------
+# The (rows,) statistics of a norm on an input sharded on a row dim are the local rows' statistics:
+# labelled Shard(0) (exact for d == 0; for d > 0 only the matching backward reads them).
+@sharding_rule(_layer_norm_fwd)
+def _layer_norm_fwd_rule(input, N, weight, bias, eps):
+    R, S, _ = placements()
+    out = [([R, R, R], [R, None, opt(weight, R), opt(bias, R), None])]
+    for d in row_dims(input, N):
+        out.append(([S(d), S(0), S(0)], [S(d), None, opt(weight, R), opt(bias, R), None]))
+    return out
+
+
+@sharding_rule(_dropout_add_layer_norm_fwd)
+def _dropout_add_layer_norm_fwd_rule(input, residual, N, weight, bias, eps, p):
+    R, S, _ = placements()
+    out = [([R, R, R, R, R], [R, opt(residual, R), None, opt(weight, R), opt(bias, R), None, None])]
+    for d in row_dims(input, N):
+        out.append(([S(d), S(d), S(0), S(0), R],
+                    [S(d), opt(residual, S(d)), None, opt(weight, R), opt(bias, R), None, None]))
+    return out
+
+
+@sharding_rule(_layer_norm_bwd)
+def _layer_norm_bwd_rule(dy, dh_out, h, N, weight, bias, mean, rstd, seed, p, store_dh, dx_dtype):
+    R, S, P = placements()
+    tail = [None, None, None]  # p, store_dh, dx_dtype
+    out = [([R, R, R, R], [R, opt(dh_out, R), R, None, opt(weight, R), opt(bias, R), R, R,
+                           opt(seed, R), *tail])]
+    for d in row_dims(h, N):
+        outs = [S(d), S(d) if store_dh else R, P if weight is not None else R, P if bias is not None else R]
+        ins = [S(d), opt(dh_out, S(d)), S(d), None, opt(weight, R), opt(bias, R), S(0), S(0),
+               opt(seed, R), *tail]
+        out.append((outs, ins))
+    return matching(out, mean, 6) if p > 0.0 else out

@@ -18,7 +18,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from fasttx._registry import contract
+from fasttx.distributed import opt, placements, sharding_rule
+
 from . import cross_entropy as ce
+from ._common import acc_dtype
 
 
 def check(input, weight, target, bias, temperature, ignore_index) -> None:
@@ -124,7 +128,7 @@ class _TorchLinearLogProbs(torch.autograd.Function):
         M, H = x.shape
         C = w.shape[0]
         chunk = ce._chunk(M, H, C)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         ent = torch.empty(M, dtype=acc, device=x.device) if entropy else x.new_empty(0, dtype=acc)
         loss = ce._torch_loop_forward(x, w, b, target, None, ignore_index, 0.0, 0.0, chunk,
                                       scale=1.0 / temperature, ent=ent if entropy else None)
@@ -163,7 +167,47 @@ def linear_log_probs(input, weight, target, bias, temperature, ignore_index, ret
     return logp.reshape(shape)
 
 
-# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
-from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+# ----------------------------------------------------------------------------------------------
+# Contract (fasttx._registry.route): the checks on both paths, then either path
+# ----------------------------------------------------------------------------------------------
+def _prepare(input, weight, target, bias, temperature, ignore_index, return_entropy):
+    check(input, weight, target, bias, temperature, ignore_index)
+    return input, weight, target, bias, temperature, ignore_index, return_entropy
 
-register_if_dtensor_loaded()
+
+def _path(use_triton: bool):
+    def path(input, weight, target, bias, temperature, ignore_index, return_entropy):
+        if torch.is_autocast_enabled(input.device.type):  # the head's matmul in the autocast dtype, as F.linear
+            low = torch.get_autocast_dtype(input.device.type)
+            input, weight, bias = (t.to(low) if t is not None and t.dtype != torch.float64 else t
+                                   for t in (input, weight, bias))
+        return linear_log_probs(input, weight, target, bias, temperature, ignore_index, return_entropy, use_triton)
+
+    return path
+
+
+contract("linear_log_probs", prepare=_prepare,
+         tensors=lambda input, weight, target, bias, *rest: (input, weight, target, bias),
+         unsupported=lambda *a: None, triton=_path(True), torch=_path(False))
+
+
+# ----------------------------------------------------------------------------------------------
+# DTensor sharding rules of the custom ops above (fasttx/distributed.py registers them)
+# ----------------------------------------------------------------------------------------------
+@sharding_rule(_llp)
+def _linear_log_probs_rule(x, w, b, target, ignore_index, temperature, entropy):
+    # as linear_cross_entropy: rows (tokens) sharded with their targets, the head replicated
+    # -> (logp (M,), ent (M,) or an empty stand-in)
+    R, S, _ = placements()
+    e = S(0) if entropy else R
+    return [([R, R], [R, R, opt(b, R), R, None, None, None]),
+            ([S(0), e], [S(0), R, opt(b, R), S(0), None, None, None])]
+
+
+@sharding_rule(_llp_backward)
+def _linear_log_probs_backward_rule(grad_logp, grad_ent, x, w, b, target, ignore_index, temperature, entropy):
+    # dx follows the rows; dw and db sum over rows: partial sums (reduced by DTensor)
+    R, S, P = placements()
+    db = P if b is not None else R
+    return [([R, R, R], [R, opt(grad_ent, R), R, R, opt(b, R), R, None, None, None]),
+            ([S(0), P, db], [S(0), opt(grad_ent, S(0)), S(0), R, opt(b, R), S(0), None, None, None])]

@@ -1,5 +1,6 @@
-"""Triton path of fasttx.functional.rms_norm and add_rms_norm, on the LayerNorm kernels' RMSNorm
-flags (kernels/layer_norm.py: IS_RMS_NORM, and the Llama/Gemma casting orders).
+"""rms_norm, add_rms_norm and offset_rms_norm: their contracts (checks, `unsupported`, the torch path and the Triton
+path, run by fasttx._registry.route) and the Triton path's custom ops, on the LayerNorm kernels'
+RMSNorm flags (kernels/layer_norm.py: IS_RMS_NORM, and the Llama/Gemma casting orders).
 
 One custom op pair serves both functions (residual None for rms_norm), each with a fake (shape)
 implementation so `torch.compile(fullgraph=True)` sees opaque ops:
@@ -21,18 +22,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx.kernels import layer_norm as K
-
+from fasttx import _checks
 from fasttx._checks import check_residual
+from fasttx._registry import autocast_inputs, autocast_to_fp32, contract
 from fasttx._torch_errors import raise_as_torch, rms_norm_shapes_ok
+from fasttx.distributed import opt, placements, row_dims, sharding_rule
 
+from ._common import RMS_NORM_CASTS as CASTS
 from ._common import acc_dtype
 
 _Shape = Union[int, Sequence[int], torch.Size]
-CASTS = K.CASTS
 # torch's scalar type names, as its "not implemented for 'Int'" messages spell them
 _TORCH_TYPE_NAMES = {torch.int8: "Char", torch.uint8: "Byte", torch.int16: "Short", torch.int32: "Int",
                      torch.int64: "Long", torch.bool: "Bool"}
+
+
+def _kernels():
+    from fasttx.kernels import layer_norm  # lazy: the torch path needs no triton
+
+    return layer_norm
 
 
 def _shape(normalized_shape: _Shape) -> tuple:
@@ -50,17 +58,16 @@ def unsupported(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, 
     """None when the kernels cover this call, else the reason (the caller runs torch's op)."""
     shape = _shape(normalized_shape)
     N = math.prod(shape) if all(isinstance(s, int) for s in shape) else 0  # bad types: check()
-    if N > K.MAX_HIDDEN:
-        return f"hidden size {N} > {K.MAX_HIDDEN}, the kernel's limit"
+    limit = _kernels().MAX_HIDDEN
+    if N > limit:
+        return f"hidden size {N} > {limit}, the kernel's limit"
     return None
 
 
 def check(input: Tensor, normalized_shape: _Shape, weight=None, eps=None, residual=None,
           cast="torch", op: str = "rms_norm") -> None:
     """torch.nn.functional.rms_norm's argument rules, with its exception types and messages; for
-    add_rms_norm also the residual's and cast's."""
-    if cast not in CASTS:
-        raise ValueError(f"{op}: cast must be one of {CASTS}, got {cast!r}")
+    add_rms_norm also the residual's (its cast is checked once, for both paths, by `_add_prepare`)."""
     shape = _shape(normalized_shape)
     if not rms_norm_shapes_ok(input, shape, weight) and not torch.compiler.is_compiling():
         # a bad call: torch's own checks, in torch's order, raise exactly what torch raises
@@ -104,7 +111,7 @@ def _h_dtype(input: Tensor, residual: Optional[Tensor]) -> torch.dtype:
 def _add_rms_norm(
     input: Tensor, residual: Optional[Tensor], N: int, weight: Optional[Tensor], eps: float, cast: str
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    y, h, rstd = K.rms_norm_forward(input, N, weight, eps, residual, cast)
+    y, h, rstd = _kernels().rms_norm_forward(input, N, weight, eps, residual, cast)
     return y, (h if h is not None else input.new_empty(0)), rstd
 
 
@@ -113,7 +120,7 @@ def _(input, residual, N, weight, eps, cast):
     h_dtype = _h_dtype(input, residual)
     rows = input.numel() // N if N > 0 else 0
     rstd = input.new_empty(rows, dtype=acc_dtype(h_dtype))
-    y = input.new_empty(input.shape, dtype=K.rms_norm_out_dtype(h_dtype, weight, cast))
+    y = input.new_empty(input.shape, dtype=_kernels().rms_norm_out_dtype(h_dtype, weight, cast))
     h = input.new_empty(input.shape, dtype=h_dtype) if residual is not None else input.new_empty(0)
     return y, h, rstd
 
@@ -124,7 +131,7 @@ def _add_rms_norm_backward(
     cast: str, store_dh: bool, dx_dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(d_input, d_residual, d_weight); absent ones as empty tensors (custom ops return no None)."""
-    dx, dh, dw = K.rms_norm_backward(dy, h, N, weight, rstd, dh_out, cast, store_dh, dx_dtype)
+    dx, dh, dw = _kernels().rms_norm_backward(dy, h, N, weight, rstd, dh_out, cast, store_dh, dx_dtype)
     return dx, (dh if dh is not None else h.new_empty(0)), (dw if dw is not None else h.new_empty(0))
 
 
@@ -191,7 +198,133 @@ def add_rms_norm(input: Tensor, residual: Optional[Tensor], normalized_shape: _S
     return y, (h if residual is not None else input)
 
 
-# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
-from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+# ----------------------------------------------------------------------------------------------
+# Contracts (fasttx._registry.route)
+# ----------------------------------------------------------------------------------------------
+def _rms_prepare(input, normalized_shape, weight, eps):
+    if isinstance(normalized_shape, int):  # as torch.nn.functional.rms_norm does
+        raise TypeError(
+            "rms_norm(): argument 'normalized_shape' (position 2) must be tuple of ints, not int"
+        )
+    return input, normalized_shape, weight, eps
 
-register_if_dtensor_loaded()
+
+def _rms_triton(input, normalized_shape, weight, eps):
+    shape = _checks.check_shape("rms_norm", "normalized_shape", 2, normalized_shape)
+    if eps is not None:
+        eps = _checks.check_float("rms_norm", "eps", 4, eps)
+    check(input, shape, weight, eps)
+    input, weight = autocast_inputs("rms_norm", input, weight)
+    return rms_norm(input, shape, weight, eps)
+
+
+contract("rms_norm", prepare=_rms_prepare, tensors=lambda input, normalized_shape, weight, eps: (input, weight),
+         unsupported=unsupported, triton=_rms_triton, torch=F.rms_norm)
+
+
+def rms_norm_cast(h: Tensor, normalized_shape, weight: Optional[Tensor], eps: Optional[float],
+                  cast: str) -> Tensor:
+    """torch ops for the three casting orders of add_rms_norm (the Triton path's semantics)."""
+    if cast == "torch":
+        return F.rms_norm(h, normalized_shape, weight, eps)
+    if not rms_norm_shapes_ok(h, normalized_shape, weight) and not torch.compiler.is_compiling():
+        # a bad call: F.rms_norm's own checks raise exactly what it raises, as for the "torch" cast
+        raise_as_torch(lambda m: F.rms_norm(m.tensor(h), m.shape(normalized_shape), m.tensor(weight), eps),
+                       (*h.shape, *normalized_shape, *(() if weight is None else weight.shape)), h.shape,
+                       h.device.type)
+    acc = acc_dtype(h.dtype)
+    eps = torch.finfo(acc).eps if eps is None else eps
+    dims = tuple(range(-len(normalized_shape), 0))
+    x = h.to(acc)
+    xhat = x * torch.rsqrt(x.pow(2).mean(dims, keepdim=True) + eps)
+    if cast == "llama":  # HF LlamaRMSNorm: weight * hidden.to(input_dtype)
+        xhat = xhat.to(h.dtype)
+        return xhat if weight is None else weight * xhat
+    # gemma: HF GemmaRMSNorm: (x * rsqrt) * (1 + weight.float()), then .type_as(x)
+    return (xhat if weight is None else xhat * (1.0 + weight.to(acc))).to(h.dtype)
+
+
+def _add_prepare(input, residual, normalized_shape, weight, eps, cast):
+    for name, t in (("input", input), ("residual", residual)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"add_rms_norm(): argument '{name}' must be Tensor, not {type(t).__name__}")
+    if cast not in CASTS:
+        raise ValueError(f"add_rms_norm: cast must be one of {CASTS}, got {cast!r}")
+    if isinstance(normalized_shape, int):
+        normalized_shape = (normalized_shape,)
+    _checks.check_residual_shape("add_rms_norm", input, residual)
+    return input, residual, normalized_shape, weight, eps, cast
+
+
+def _add_triton(input, residual, normalized_shape, weight, eps, cast):
+    shape = _checks.check_shape("add_rms_norm", "normalized_shape", 3, normalized_shape)
+    if eps is not None:
+        eps = _checks.check_float("add_rms_norm", "eps", 5, eps)
+    check(input, shape, weight, eps, residual, cast, op="add_rms_norm")
+    if cast == "torch" and autocast_to_fp32(input.device.type):
+        # as the unfused sequence under CUDA autocast: the add in the inputs' dtypes,
+        # F.rms_norm (on autocast's fp32 list) of h in fp32
+        h = input if residual is None else input + residual
+        h32, weight = autocast_inputs("add_rms_norm", h, weight)
+        return rms_norm(h32, shape, weight, eps), h
+    return add_rms_norm(input, residual, shape, weight, eps, cast)
+
+
+def _add_torch(input, residual, normalized_shape, weight, eps, cast):
+    h = input if residual is None else input + residual
+    return rms_norm_cast(h, tuple(normalized_shape), weight, eps, cast), h
+
+
+def _offset_prepare(input, normalized_shape, weight, eps):
+    # fasttx's own op: F.rms_norm's argument rules for both paths (the torch path is plain math)
+    _rms_prepare(input, normalized_shape, weight, eps)
+    shape = _checks.check_shape("offset_rms_norm", "normalized_shape", 2, normalized_shape)
+    if eps is not None:
+        eps = _checks.check_float("offset_rms_norm", "eps", 4, eps)
+    check(input, shape, weight, eps, op="offset_rms_norm")
+    return input, shape, weight, eps
+
+
+def _offset_triton(input, shape, weight, eps):
+    return add_rms_norm(input, None, shape, weight, eps, "gemma")[0]
+
+
+# offset_rms_norm: x / rms(x) * (1 + weight), the "gemma" casting order of add_rms_norm without a
+# residual (the kernels' WEIGHT_PLUS_ONE flag); no autocast policy: the output has input's dtype
+contract("offset_rms_norm", prepare=_offset_prepare,
+         tensors=lambda input, normalized_shape, weight, eps: (input, weight),
+         unsupported=unsupported, triton=_offset_triton,
+         torch=lambda input, normalized_shape, weight, eps: rms_norm_cast(
+             input, tuple(normalized_shape), weight, eps, "gemma"))
+
+
+contract("add_rms_norm", prepare=_add_prepare,
+         tensors=lambda input, residual, normalized_shape, weight, eps, cast: (input, residual, weight),
+         unsupported=lambda input, residual, normalized_shape, weight, eps, cast: unsupported(
+             input, normalized_shape, weight, eps, residual, cast),
+         triton=_add_triton, torch=_add_torch)
+
+
+# ----------------------------------------------------------------------------------------------
+# DTensor sharding rules of the custom ops above (fasttx/distributed.py registers them). Each takes
+# the op's arguments (tensors as DTensor's specs: .ndim, .shape, .placements; None when absent) and
+# returns [(output placements, input placements), ...], one per output and per schema argument.
+# ----------------------------------------------------------------------------------------------
+@sharding_rule(_add_rms_norm)
+def _add_rms_norm_rule(input, residual, N, weight, eps, cast):
+    R, S, _ = placements()
+    out = [([R, R, R], [R, opt(residual, R), None, opt(weight, R), None, None])]
+    for d in row_dims(input, N):
+        out.append(([S(d), S(d), S(0)], [S(d), opt(residual, S(d)), None, opt(weight, R), None, None]))
+    return out
+
+
+@sharding_rule(_add_rms_norm_backward)
+def _add_rms_norm_backward_rule(dy, dh_out, h, N, weight, rstd, cast, store_dh, dx_dtype):
+    R, S, P = placements()
+    tail = [None, None, None]  # cast, store_dh, dx_dtype
+    out = [([R, R, R], [R, opt(dh_out, R), R, None, opt(weight, R), R, *tail])]
+    for d in row_dims(h, N):
+        outs = [S(d), S(d) if store_dh else R, P if weight is not None else R]
+        out.append((outs, [S(d), opt(dh_out, S(d)), S(d), None, opt(weight, R), S(0), *tail]))
+    return out

@@ -1,4 +1,5 @@
-"""Triton path of softmax: a custom op pair over the last dim around fasttx.kernels.softmax.
+"""softmax: its contract (checks, the torch path, the Triton path; fasttx._registry.route) and a
+custom op pair over the last dim around fasttx.kernels.softmax.
 Other dims are moved last (and back) in Python, so autograd and torch.compile see the moves as
 ordinary ops. The backward saves the output, not the input: dx = y * (dy - sum(dy * y))."""
 from __future__ import annotations
@@ -6,16 +7,25 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx.kernels import softmax as K
+from fasttx import _checks
+from fasttx.distributed import placements, sharding_rule
+from fasttx._registry import autocast_inputs, contract
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from ._common import FLOATS as _FLOAT_DTYPES
+
+
+def _kernels():
+    from fasttx.kernels import softmax  # lazy: the torch path needs no triton
+
+    return softmax
 
 
 @torch.library.custom_op("fasttx::softmax", mutates_args=())
 def _softmax_lastdim(x: Tensor) -> Tensor:
-    return K.softmax_forward(x)
+    return _kernels().softmax_forward(x)
 
 
 @_softmax_lastdim.register_fake
@@ -25,7 +35,7 @@ def _(x):
 
 @torch.library.custom_op("fasttx::softmax_backward", mutates_args=())
 def _softmax_lastdim_backward(grad: Tensor, y: Tensor) -> Tensor:
-    return K.softmax_backward(grad, y)
+    return _kernels().softmax_backward(grad, y)
 
 
 @_softmax_lastdim_backward.register_fake
@@ -70,7 +80,36 @@ def softmax(input: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Ten
     return y.movedim(-1, dim).contiguous()
 
 
-# DTensor sharding rules for the ops above, when DTensor is in use (fasttx/distributed.py)
-from fasttx.distributed import register_if_dtensor_loaded  # noqa: E402
+def _triton(input, dim, _stacklevel, dtype):
+    dim = _checks.check_int("softmax", "dim", 1, dim)
+    _checks.check_dtype("softmax", "dtype", None, dtype)
+    if dtype is None:
+        (input,) = autocast_inputs("softmax", input)
+    return softmax(input, dim, dtype)
 
-register_if_dtensor_loaded()
+
+def _torch(input, dim, _stacklevel, dtype):
+    # dim=None: torch's legacy implicit-dim rule, its deprecation warning pointing at the caller of
+    # fasttx.functional.softmax (three frames more than F.softmax's own: entry, route, this)
+    return F.softmax(input, dim=dim, _stacklevel=_stacklevel + 3, dtype=dtype)
+
+
+contract("softmax", tensors=lambda input, dim, _stacklevel, dtype: (input,) if dim is not None else None,
+         unsupported=lambda *a: None, triton=_triton, torch=_torch)
+
+
+# ----------------------------------------------------------------------------------------------
+# DTensor sharding rules of the custom ops above (fasttx/distributed.py registers them). Each takes
+# the op's arguments (tensors as DTensor's specs: .ndim, .shape, .placements; None when absent) and
+# returns [(output placements, input placements), ...], one per output and per schema argument.
+# ----------------------------------------------------------------------------------------------
+@sharding_rule(_softmax_lastdim)
+def _softmax_rule(x):  # over the last dim
+    R, S, _ = placements()
+    return [([R], [R])] + [([S(d)], [S(d)]) for d in range(x.ndim - 1)]
+
+
+@sharding_rule(_softmax_lastdim_backward)
+def _softmax_backward_rule(grad, y):
+    R, S, _ = placements()
+    return [([R], [R, R])] + [([S(d)], [S(d), S(d)]) for d in range(y.ndim - 1)]

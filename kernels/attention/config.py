@@ -1,0 +1,108 @@
+"""Attention kernels' configuration: the autotune tables, their pruning and key, the flash-decoding
+thresholds and the interpreter overrides (the launchers in launch.py and the kernels' autotune
+decorators in forward.py / backward.py read them)."""
+import os
+
+import torch
+import triton
+
+from .._common import INTERPRETING
+
+# ------------------------------------------------------------------------------------------------
+# Configuration. (BLOCK_M, BLOCK_N, num_warps, num_stages); autotuned per (head-dim block, causal,
+# mask, dropout, split, L bucket, S bucket) and per input dtype (the autotuner adds every tensor
+# argument's dtype to the key). The first config of a table that survives pruning is the fixed
+# choice when autotuning is off. Every BLOCK_N divides _SPLIT_ALIGN, so a flash-decoding split of
+# a multiple of _SPLIT_ALIGN keys is a whole number of key blocks whatever config wins.
+# ------------------------------------------------------------------------------------------------
+_FWD_GPU = [
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2),
+    (16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 4), (16, 64, 4, 2),
+]
+_BWD_GPU = [  # dK/dV kernel: BLOCK_N key rows resident, BLOCK_M query rows streamed (dQ: swapped)
+    (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 3),
+    (64, 64, 8, 2), (32, 32, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2),
+]
+_SPLIT_ALIGN_GPU = 128
+
+# FASTTX_AUTOTUNE=0 (read once, at import): one fixed config per shape class (the first the pruning
+# keeps) instead of benchmarking every config; bounds compile time, e.g. for `make gpu-check`.
+AUTOTUNE = os.environ.get("FASTTX_AUTOTUNE", "1").strip() not in ("0", "false", "False", "")
+
+# Interpreter-only overrides, all of them (INTERPRETING: TRITON_INTERPRET=1, read once at import):
+#   one config (autotune with several fails there; 32 keeps several blocks per test shape, so the
+#   loops and diagonals are exercised), a split alignment to match, and 16-bit tl.dot operands
+#   upcast to fp32 (the interpreter's bf16 dot returns garbage; its fp32 dot is exact).
+if INTERPRETING:
+    _FWD_TABLE = _BWD_TABLE = [(32, 32, 4, 1)]
+    _SPLIT_ALIGN = 32
+else:
+    _FWD_TABLE, _BWD_TABLE = _FWD_GPU, _BWD_GPU
+    _SPLIT_ALIGN = _SPLIT_ALIGN_GPU
+
+
+def _upcast_dots(dtype) -> bool:
+    return INTERPRETING and dtype != torch.float32
+
+
+# Flash-decoding (split the keys across programs, combine partials) is used when the queries are
+# few and the keys many: L <= _DECODE_MAX_L and S >= _DECODE_MIN_S, without dropout (inference).
+_DECODE_MAX_L = 16
+_DECODE_MIN_S = 512
+
+
+def _configs(table):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]
+
+
+def _fixed(kept):
+    return kept if AUTOTUNE else kept[:1]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop configs that cannot fit or waste work: query blocks of 16 only for short L (decode-like)
+    and not otherwise; smaller tiles and fewer stages as the head dim (and fp32 operands) grow
+    (shared memory ~ stages * (BLOCK_M + 2 BLOCK_N) * BLOCK_D * bytes)."""
+    if len(configs) == 1:
+        return configs
+    args = {**named_args, **kwargs}
+    d, short_l = args["BLOCK_D"], args["L_BUCKET"] <= 16
+    wide = args["Q"].element_size() * d  # bytes per row of a tile
+    mask_bytes = _mask_bytes(args)
+    kept = []
+    for c in configs:
+        bm, bn, st = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+        if (bm == 16) != short_l:
+            continue
+        if st * ((bm + 2 * bn) * wide + bm * bn * mask_bytes) > 200 * 1024:  # H100: 227 KiB/block
+            continue
+        if wide >= 512 and bm * bn > 64 * 64:  # d=256 fp16 or d>=128 fp32: register pressure
+            continue
+        kept.append(c)
+    # Nothing fits (e.g. fp32 with d=256): small tiles without pipelining always do.
+    return _fixed(kept) or [triton.Config({"BLOCK_M": 16 if short_l else 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+
+def _mask_bytes(args) -> int:
+    """Bytes per element of the mask tile the kernel streams beside K and V (0 without a mask).
+    It is pipelined like them: a (BLOCK_M, BLOCK_N) fp32 mask tile can outweigh the K/V tiles at
+    small head dims (fp32, d=16, 128x128, 3 stages overflowed sm_90's shared memory)."""
+    return args["Mask"].element_size() if args.get("HAS_MASK") else 0
+
+
+def _prune_bwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    if len(configs) == 1:
+        return configs
+    wide = args["Q"].element_size() * args["BLOCK_D"]
+    mask_bytes = _mask_bytes(args)
+    kept = [c for c in configs
+            if c.num_stages * ((2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * wide
+                               + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * mask_bytes) <= 200 * 1024
+            and not (wide >= 512 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 64)]
+    return _fixed(kept) or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+
+
+_KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "WINDOW", "SOFTCAP", "ALIBI", "VARLEN_Q", "VARLEN_K",
+        "PAGED", "L_BUCKET", "S_BUCKET"]
