@@ -408,13 +408,31 @@ def test_attention_sliding_window(backend, device):
     _assert_close(out, _sdpa(q[:, :, -1:], k, v, attn_mask=banded[-1:]), "window, one query")
 
 
-@pytest.mark.parametrize("name", ["softcap", "s_aux", "position_bias"])
-def test_attention_refuses_unsupported_arguments(name):
+@pytest.mark.parametrize("name", ["s_aux", "position_bias"])
+def test_attention_unsupported_arguments_go_to_eager_or_raise(name):
+    # Arguments fasttx's attention does not implement run the module's own eager attention (its
+    # modeling file's eager_attention_forward, with one warning); without one, a clear error.
     q, k, v = _qkv("cpu")
-    with pytest.raises(NotImplementedError, match=f"does not support `{name}`"):
-        fasttx_attention_forward(_Module(False), q, k, v, None, **{name: 1.0})
+    with pytest.raises(NotImplementedError, match="no eager attention to fall back to"):
+        fasttx_attention_forward(_Module(False), q, k, v, None, **{name: torch.zeros(q.shape[1])})
     with pytest.raises(ValueError, match=r"\(batch, heads, seq, head_dim\)"):
         fasttx_attention_forward(_Module(False), q[0], k[0], v[0], None)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_softcap_and_window(backend, device, masked):
+    # Gemma 2/3: scores softcap * tanh(s / softcap) before the mask; without a mask (the kernel's
+    # softcap and window flags) and with one (the torch path), against the formula.
+    q, k, v = _qkv(device)
+    L = q.shape[-2]
+    keep = torch.ones(L, L, dtype=torch.bool, device=device).tril()
+    keep &= ~torch.ones(L, L, dtype=torch.bool, device=device).tril(-3)  # window 3
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = torch.tanh(s / 2.0) * 2.0
+    ref = torch.softmax(s.masked_fill(~keep, float("-inf")), -1) @ v
+    mask = keep[None, None].expand(q.shape[0], 1, L, L) if masked else None
+    out, _ = fasttx_attention_forward(_Module(True), q, k, v, mask, softcap=2.0, sliding_window=3)
+    _assert_close(out, ref.transpose(1, 2), "softcap + window")
 
 
 # ----------------------------------------------------------------------------------------------

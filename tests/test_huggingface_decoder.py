@@ -114,6 +114,7 @@ def test_decoder_logits_loss_and_grads_match(backend, device, family, padding):
     with torch.no_grad():  # logits: at real tokens (a left-padded row's pad queries see no key)
         _assert_close(ours(input_ids=ids, attention_mask=mask).logits[keep],
                       ref(input_ids=ids, attention_mask=mask).logits[keep], "logits")
+    ref.train(), ours.train()  # the fused loss runs while training (no dropout in these configs)
     out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
     out = ours(input_ids=ids, attention_mask=mask, labels=labels)
     assert out.logits is None  # the fused loss never built them
@@ -159,15 +160,17 @@ def test_decoder_patch_is_per_instance_keeps_state_and_is_idempotent(family, cap
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         assert apply_fasttx(model) is model
     layer = model.model.layers[0]
-    norm = hf._gemma_rms_norm_forward if family == "gemma" else hf._llama_rms_norm_forward
+    from fasttx.integrations.huggingface import modules as M
+    norm = M.rms_gemma if family == "gemma" else M.rms_llama
     for m in (layer.input_layernorm, layer.post_attention_layernorm, model.model.norm):
         assert _instance_forward(m) is norm
     if family == "qwen3":
         assert _instance_forward(layer.self_attn.q_norm) is norm
         assert _instance_forward(layer.self_attn.k_norm) is norm
-    mlp = hf._geglu_tanh_mlp_forward if family == "gemma" else hf._swiglu_mlp_forward
-    assert _instance_forward(layer.mlp) is mlp
-    assert _instance_forward(layer.self_attn) is hf._rotary_attention_forward
+    assert _instance_forward(layer.mlp) is M.gated_mlp_split
+    assert layer.mlp.__dict__["_fasttx_glu"] == ("gelu_tanh" if family == "gemma" else "silu")
+    assert _instance_forward(layer.self_attn) is hf.attention.rotary_attention_forward
+    assert hf.fasttx_report(model)["left"] == {}
     assert "apply_fasttx:" not in caplog.text  # nothing left unpatched, nothing to say
     assert model.config._attn_implementation == "fasttx"
     assert _instance_forward(model).__name__ == "forward"  # the fused-loss forward, under its name
@@ -196,23 +199,23 @@ def test_unsupported_mlp_activation_is_left_and_said(caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         apply_fasttx(model)
     assert _instance_forward(model.model.layers[0].mlp) is None
-    assert "LlamaMLP with ReLU" in caplog.text
+    assert "LlamaMLP (activation ReLU" in caplog.text
     assert caplog.text.count("apply_fasttx:") == 1  # one warning for the model
 
 
-def test_softcap_attention_is_left_and_said(caplog):
-    # Gemma 2's attention logit softcap is not in fasttx's SDPA: its attention stays on
-    # transformers' implementation, with a warning (instead of an error at the first forward).
+def test_softcap_attention_runs_on_fasttx(device):
+    # Gemma 2's attention logit softcap and its per-layer sliding windows run in fasttx's
+    # attention (the kernel's softcap / window flags without a mask, the torch path with one).
     cfg = transformers.Gemma2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=50.0,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, attn_logit_softcapping=50.0, sliding_window=4,
     )
-    model = transformers.Gemma2ForCausalLM(cfg)
-    impl = model.config._attn_implementation
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        apply_fasttx(model)
-    assert model.config._attn_implementation == impl
-    assert "logit softcap" in caplog.text
+    ref, ours = _pair(transformers.Gemma2ForCausalLM, cfg, device)
+    assert ours.config._attn_implementation == "fasttx"
+    ids, mask, _ = _batch(device, "right")
+    for m in (None, mask):
+        _assert_close(ours(input_ids=ids, attention_mask=m).logits, ref(input_ids=ids, attention_mask=m).logits,
+                      "softcap logits")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,6 +259,7 @@ def test_keep_logits_and_return_dict_false(device):
     _assert_close(out.logits, out_ref.logits, "kept logits")
     _assert_close(out.loss, out_ref.loss, "loss from the kept logits")
     apply_fasttx(ours)  # back to the fused loss: keep_logits=False
+    ours.train()  # (only while training: in eval the logits come back)
     loss, *rest = ours(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
     _assert_close(loss, out_ref.loss, "fused loss, tuple output")
     assert all(not (torch.is_tensor(r) and r.shape[-1] == VOCAB) for r in rest)  # no logits in it
