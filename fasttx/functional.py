@@ -401,7 +401,7 @@ def moe_experts(
     that split the experts is the full result. With DTensors, weights, biases and expert_ids
     Shard(0) and the rest Replicate run expert parallel (the rule beside the op, fasttx/ops/moe.py).
     Triton path: grouped GEMMs over the pairs sorted by expert, no host synchronisation
-    (kernels/moe.py); torch path: per-expert F.linear (fasttx/_moe.py)."""
+    (kernels/moe/); torch path: per-expert F.linear (fasttx/_moe.py)."""
     return route("moe_experts", hidden_states, top_k_index, top_k_weights, gate_up_proj, down_proj, activation,
                  gate_up_bias, down_bias, gate_up_interleaved, transposed, alpha, limit, expert_ids)
 

@@ -318,7 +318,7 @@ def test_gelu_of_infinities_is_the_limit_where_torch_gives_nan(device, approxima
 CONTRACT_CASES = {
     "relu_squared": Case(lambda t: (t(3, 8),), lambda t: (t(0, 8),),
                          bad=((lambda t: ([1.0],), TypeError),),
-                         probe="n/a: the bias_act kernels' probe (test_int64_row_offset_probe) covers them",
+                         probe="tests/test_op_contract.py::test_int64_offset_probe_activations",
                          oracle=lambda x, upcast=None: R.relu(x, upcast) ** 2),
 }
 

@@ -27,7 +27,7 @@ def _inputs(shape, H, V, dtype=torch.float32, bias=True, seed=0, ignore=-100):
 
 def _small_chunks(monkeypatch):
     """Force several row chunks on both paths at test sizes (the defaults keep tiny inputs whole)."""
-    from fasttx.kernels import cross_entropy as K
+    from fasttx.kernels.cross_entropy import linear as K  # the host loop: chunk_rows, MIN_CHUNK
 
     monkeypatch.setattr(ce_ops, "_MIN_CHUNK", 1)
     monkeypatch.setattr(K, "MIN_CHUNK", 1)
@@ -167,7 +167,7 @@ def test_deterministic(backend, monkeypatch):
 def test_logits_are_never_materialised(backend, monkeypatch):
     # every (rows, V) buffer the head's matmul makes is one chunk of rows, forward and backward
     _small_chunks(monkeypatch)
-    from fasttx.kernels import cross_entropy as K
+    from fasttx.kernels.cross_entropy import linear as K  # the host loop: chunk_rows, MIN_CHUNK
 
     monkeypatch.setattr(K, "chunk_rows", lambda M, H, C: 4)
     monkeypatch.setattr(ce_ops, "_chunk", lambda M, H, C: 4)

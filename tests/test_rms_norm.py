@@ -370,7 +370,7 @@ CONTRACT_CASES = {
         lambda t: (t(3, 8), (8,), t(8)), lambda t: (t(0, 8), (8,), t(8)),
         bad=((lambda t: (t(3, 8), 8), TypeError), (lambda t: (t(3, 8), (5,)), RuntimeError),
              (lambda t: (torch.arange(6).reshape(2, 3), (3,)), NotImplementedError)),
-        probe="n/a: no int64-offset probe for the norm kernels yet (as rms_norm)",
+        probe="tests/test_op_contract.py::test_int64_offset_probe_norms",
         oracle=lambda x, shape, w=None, eps=None, upcast=None: R.rms_norm(x, shape, w, eps, cast="gemma",
                                                                           upcast=upcast)),
 }

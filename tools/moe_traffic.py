@@ -1,4 +1,4 @@
-"""Bytes and FLOPs the MoE experts kernels (kernels/moe.py) move and issue per routed (token, expert)
+"""Bytes and FLOPs the MoE experts kernels (kernels/moe/) move and issue per routed (token, expert)
 pair, counted under the Triton interpreter, against the minimum.
 
 Method: the interpreter executes every tl.load / tl.store / tl.dot through its builder; this script

@@ -301,7 +301,7 @@ def _torch_rows(z: Tensor, t: Tensor, weight, ignore_index, eps, wsum, g=None, s
                 g_ent=None):
     """Per-row losses of a scratch chunk of logits z (m, C) (any dtype; math in fp32, fp64 for
     fp64), and with g ((m,) or (1,)) their gradient, written over z (otherwise z is left
-    clobbered). The formulas of kernels/cross_entropy.py, in place: e = exp(z - max) is computed
+    clobbered). The formulas of kernels/cross_entropy/, in place: e = exp(z - max) is computed
     once, lse = max + log(sum e) and p = e / sum e come from it; one fp32 (m, C) buffer at most
     (none for fp32 logits). linear_log_probs: the rows are z * scale; `ent` ((m,), class indices)
     receives each row's entropy (0 on ignored rows), and with g the entropy's gradient times

@@ -1,6 +1,6 @@
 """linear_log_probs: per-token log-probabilities (and entropy) of linear(input, weight, bias) /
 temperature without the (N, V) logits, on both paths, through the linear cross-entropy machinery
-(fasttx/ops/cross_entropy.py, kernels/cross_entropy.py): log p_y = -cross_entropy of the scaled
+(fasttx/ops/cross_entropy.py, kernels/cross_entropy/): log p_y = -cross_entropy of the scaled
 logits (no class weights, no smoothing), the entropy an extra per-row accumulator of the same row
 pass. Both outputs are differentiable for any upstream gradient on either.
 

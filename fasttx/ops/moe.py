@@ -9,12 +9,12 @@ custom ops, forward and backward, and their DTensor rules.
                         d_down_proj, d_gate_up_bias, d_down_bias)
 
 Autograd saves the inputs only: the backward rebuilds the routing metadata and recomputes the
-gate/up activations (kernels/moe.py says why). `unsupported(...)` names what the kernels do not
+gate/up activations (kernels/moe/ says why). `unsupported(...)` names what the kernels do not
 cover (fp64, zero-size hidden or intermediate dims); route() then runs the torch path.
 
 expert_ids (None, or the (E_local,) global ids of the experts the weights hold) is a tensor
 argument so that DTensor can shard it with the weights: expert parallel is then a sharding rule
-(below, registered by fasttx/distributed.py), each rank computing the pairs of its own experts (kernels/moe.py).
+(below, registered by fasttx/distributed.py), each rank computing the pairs of its own experts (kernels/moe/).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """rms_norm, add_rms_norm and offset_rms_norm: their contracts (checks, `unsupported`, the torch path and the Triton
 path, run by fasttx._registry.route) and the Triton path's custom ops, on the LayerNorm kernels'
-RMSNorm flags (kernels/layer_norm.py: IS_RMS_NORM, and the Llama/Gemma casting orders).
+RMSNorm flags (kernels/layer_norm/: IS_RMS_NORM, and the Llama/Gemma casting orders).
 
 One custom op pair serves both functions (residual None for rms_norm), each with a fake (shape)
 implementation so `torch.compile(fullgraph=True)` sees opaque ops:

@@ -1,0 +1,245 @@
+"""Block settings, the launchers (tensors in, tensors out) and compile_variants (see __init__.py)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .._common import as_rows, num_sms, row_config, seed_tensor, stat_dtype
+from .._dtypes import LOW, RMS_NORM_CASTS
+from .backward import _layer_norm_bwd_kernel
+from .forward import _layer_norm_fwd_kernel
+
+
+# Largest hidden size (N = prod(normalized_shape)) the launchers accept: the largest size the tests
+# run. Nothing in the kernels breaks just above it (large rows loop over chunks), but untested sizes
+# raise rather than risk a wrong answer.
+MAX_HIDDEN = 65536
+# Largest row held in registers at once. A GPU program has at most 16 warps (512 threads) of at
+# most 255 32-bit registers each; the backward keeps ~6 fp32 values per column live (x, dy, w,
+# dx, and the dweight/dbias partial sums), so 8192 columns is ~16 values per thread per array,
+# already near the limit without spilling. Rows longer than this loop over chunks of
+# MAX_BLOCK_N columns instead (SINGLE_BLOCK=False): a few more passes over the row (served
+# mostly from L2), but no register spills and no size ceiling from the register file.
+MAX_BLOCK_N = 8192
+
+
+def calc_settings(N: int):
+    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for rows of N elements (the shared row_config):
+    one block up to MAX_BLOCK_N columns, else MAX_BLOCK_N-column chunks one row per tile; raises
+    ValueError past MAX_HIDDEN (ops/layer_norm.py's `unsupported` falls back before that)."""
+    return row_config(N, max_n=MAX_HIDDEN, block_n_cap=MAX_BLOCK_N, name="layer_norm")
+
+
+def _num_programs(rows: int, block_m: int, device: torch.device) -> int:
+    """Programs of the backward kernel, each owning a contiguous group of rows. One per SM keeps
+    the (programs, N) fp32 partial-sum buffer small; it depends only on (rows, N, device), so the
+    fixed-order reduction, and thus dweight/dbias, are bit-identical from run to run."""
+    return max(1, min(triton.cdiv(rows, block_m), num_sms(device)))
+
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float32: tl.float32, torch.float64: tl.float64}
+CASTS = RMS_NORM_CASTS  # RMSNorm casting orders (module docstring)
+
+
+def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtype, h_dtype,
+             rms=False, cast="torch"):
+    """Allocate y (out_dtype), h (h_dtype, if store_h) and the statistics, and launch."""
+    block_m, block_n, num_warps, single = calc_settings(N)
+    weight = weight.contiguous() if weight is not None else None  # kernels index W + col
+    bias = bias.contiguous() if bias is not None else None
+    sdt = stat_dtype(h_dtype)
+    rows = x.numel() // N if N > 0 else 0
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=h_dtype, device=x.device) if store_h else None
+    mean = None if rms else torch.empty(rows, dtype=sdt, device=x.device)
+    rstd = torch.empty(rows, dtype=sdt, device=x.device)
+    if x.numel() > 0:
+        x2 = as_rows(x, N)  # (rows, N)
+        r2 = as_rows(residual, N) if residual is not None else x2
+        y2 = y.view(-1, N)
+        h2 = h.view(-1, N) if store_h else y2
+        low = h_dtype in LOW
+        _layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+            x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
+            y2, h2, keep if keep is not None else y2,
+            mean if mean is not None else rstd, rstd,
+            x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0),
+            rows, N, eps,
+            seed_tensor(seed, x.device) if p > 0.0 else rstd, p, 0.0 if p >= 1.0 else 1.0 / (1.0 - p),
+            HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0, STORE_H=store_h,
+            STORE_MASK=keep is not None, HAS_WEIGHT=weight is not None,
+            HAS_BIAS=bias is not None, IS_RMS_NORM=rms,
+            ROUND_H=rms and residual is not None and low,
+            CAST_XHAT=cast == "llama" and low, XHAT_DTYPE=_TL_DTYPE[h_dtype],
+            WEIGHT_PLUS_ONE=cast == "gemma",
+            SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    return y, h, mean, rstd
+
+
+def layer_norm_forward(
+    x: torch.Tensor,
+    N: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    eps: float,
+    residual: Optional[torch.Tensor] = None,
+    p: float = 0.0,
+    seed=0,
+    store_h: bool = False,
+    return_mask: bool = False,
+):
+    """LayerNorm over the last N elements of x, optionally of h = residual + dropout(x, p).
+
+    x (*, N-trailing), residual like x or None, weight/bias (N,)-shaped or None. Dropout is
+    compiled in only when p > 0; its keep-mask is drawn from Philox (seed, offset 0) at the flat
+    element index of x. Returns (y, h, mean, rstd): y and h like x (y in the dtype of h, which is
+    torch.result_type(x, residual)), h None unless store_h; mean and rstd (rows,) fp32 (fp64 for
+    fp64 input). return_mask=True (a test hook) appends the keep mask, bool like x (None without
+    dropout). The caller validates shapes and dtypes."""
+    out_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    keep = torch.empty(x.shape, dtype=torch.int8, device=x.device) if return_mask and p > 0.0 else None
+    out = _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtype, out_dtype)
+    if return_mask:
+        out = out + (keep.bool() if keep is not None else None,)
+    return out
+
+
+def rms_norm_out_dtype(h_dtype: torch.dtype, weight: Optional[torch.Tensor], cast: str) -> torch.dtype:
+    """y's dtype: h's, except Llama's `weight * xhat.to(h.dtype)`, which promotes with the weight."""
+    if cast == "llama" and weight is not None:
+        return torch.promote_types(h_dtype, weight.dtype)
+    return h_dtype
+
+
+def rms_norm_forward(
+    x: torch.Tensor,
+    N: int,
+    weight: Optional[torch.Tensor],
+    eps: float,
+    residual: Optional[torch.Tensor] = None,
+    cast: str = "torch",
+):
+    """RMSNorm over the last N elements of x, or of h = x + residual (then h is also returned).
+
+    x (*, N-trailing), residual like x or None, weight (N,)-shaped or None; cast in CASTS.
+    Returns (y, h, rstd): h in torch.result_type(x, residual) (None without a residual), y in
+    rms_norm_out_dtype(dtype of h, weight, cast), rstd (rows,) fp32 (fp64 for fp64 h). The caller
+    validates shapes and dtypes."""
+    assert cast in CASTS, cast
+    h_dtype = x.dtype if residual is None else torch.result_type(x, residual)
+    y, h, _, rstd = _forward(x, N, weight, None, eps, residual, 0.0, 0, residual is not None, None,
+                             rms_norm_out_dtype(h_dtype, weight, cast), h_dtype, rms=True, cast=cast)
+    return y, h, rstd
+
+
+def _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_dtype,
+              rms=False, cast="torch"):
+    block_m, block_n, num_warps, single = calc_settings(N)
+    weight = weight.contiguous() if weight is not None else None
+    dx = torch.empty(h.shape, dtype=dx_dtype or h.dtype, device=h.device)
+    dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if store_dh else None
+    rows = h.numel() // N if N > 0 else 0
+    programs = _num_programs(rows, block_m, h.device) if rows > 0 else 0
+    # rows per program: a multiple of BLOCK_M, so that only the last tile of the last program
+    # is partial
+    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m if rows else 0
+    dw_part = torch.zeros(programs, N, dtype=rstd.dtype, device=h.device) if weight is not None else None
+    db_part = torch.zeros(programs, N, dtype=rstd.dtype, device=h.device) if bias is not None else None
+    if h.numel() > 0:
+        h2, dy2 = as_rows(h, N), as_rows(dy, N)  # (rows, N)
+        dho2 = as_rows(dh_out, N) if dh_out is not None else dy2
+        dx2 = dx.view(-1, N)
+        dh2 = dh.view(-1, N) if dh is not None else dx2
+        _layer_norm_bwd_kernel[(programs,)](
+            h2, weight if weight is not None else h2, dy2, dho2,
+            dx2, dh2,
+            dw_part if dw_part is not None else rstd, db_part if db_part is not None else rstd,
+            mean if mean is not None else rstd, rstd,
+            h2.stride(0), dy2.stride(0), dho2.stride(0), dx2.stride(0), dh2.stride(0),
+            rows, N, rows_per_program,
+            seed_tensor(seed, h.device) if p > 0.0 else rstd, p, 0.0 if p >= 1.0 else 1.0 / (1.0 - p),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+            HAS_DH_OUT=dh_out is not None, HAS_DROPOUT=p > 0.0, STORE_DH=store_dh,
+            IS_RMS_NORM=rms, WEIGHT_PLUS_ONE=cast == "gemma",
+            SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        )
+    # Fixed-order fp32 reduction of the per-program partial sums (deterministic, no atomics).
+    dweight = dw_part.sum(0).to(weight.dtype).view(weight.shape) if weight is not None else None
+    dbias = db_part.sum(0).to(bias.dtype).view(bias.shape) if bias is not None else None
+    return dx, dh, dweight, dbias
+
+
+def layer_norm_backward(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    N: int,
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dh_out: Optional[torch.Tensor] = None,
+    p: float = 0.0,
+    seed=0,
+    store_dh: bool = False,
+    dx_dtype: Optional[torch.dtype] = None,
+):
+    """Gradients of layer_norm_forward. dy, h, dh_out (*, N-trailing), all shaped like h; h is what
+    the forward normalized (its input x, or the stored h of the fused op); mean, rstd (rows,).
+
+    Returns (dx, dh, dweight, dbias): dh = LN_backward(dy) + dh_out (the gradient of h, i.e. of
+    the residual), None unless store_dh; dx = dh * keep / (1 - p) with the forward's mask when
+    p > 0, else dh, in dx_dtype (default h's dtype); dweight/dbias in the dtype of weight/bias,
+    None when they are None."""
+    return _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_dtype)
+
+
+def rms_norm_backward(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    N: int,
+    weight: Optional[torch.Tensor],
+    rstd: torch.Tensor,
+    dh_out: Optional[torch.Tensor] = None,
+    cast: str = "torch",
+    store_dh: bool = False,
+    dx_dtype: Optional[torch.dtype] = None,
+):
+    """Gradients of rms_norm_forward: dy like y, h what it normalized (x, or the returned h),
+    dh_out (the gradient of h) like h or None, rstd (rows,). Returns (dx, dh, dweight): dh = the
+    norm's gradient + dh_out (None unless store_dh), dx = dh in dx_dtype (default h's dtype),
+    dweight in weight's dtype (None without a weight; fp32 fixed-order partial sums)."""
+    assert cast in CASTS, cast
+    dx, dh, dw, _ = _backward(dy, h, N, weight, None, None, rstd, dh_out, 0.0, 0, store_dh, dx_dtype,
+                              rms=True, cast=cast)
+    return dx, dh, dw
+
+
+def compile_variants(quick: bool):
+    """One-block and chunked rows, affine on/off, the fused residual+dropout, and RMSNorm (with and
+    without the residual, each casting order), per dtype."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+
+    def r(*shape, dtype):
+        return torch.randn(*shape, dtype=dtype)
+
+    for dt in dtypes:
+        for n in ([1000, 65536] if quick else [7, 1000, 4096, 8192, 16384, 65536]):
+            x, w, b = r(4, n, dtype=dt), r(n, dtype=dt), r(n, dtype=dt)
+            for affine in ((w, b), (None, None)):
+                y, h, mean, rstd = layer_norm_forward(x, n, *affine, 1e-5)
+                layer_norm_backward(r(4, n, dtype=dt), x, n, *affine, mean, rstd)
+            y, h, mean, rstd = layer_norm_forward(x, n, w, b, 1e-5, residual=r(4, n, dtype=dt),
+                                              p=0.1, seed=1, store_h=True)
+            layer_norm_backward(r(4, n, dtype=dt), h, n, w, b, mean, rstd, dh_out=r(4, n, dtype=dt),
+                           p=0.1, seed=1, store_dh=True)
+            for cast in CASTS:
+                for res in (None, r(4, n, dtype=dt)):
+                    y, h, rstd = rms_norm_forward(x, n, w, 1e-6, residual=res, cast=cast)
+                    rms_norm_backward(r(4, n, dtype=dt), h if h is not None else x, n, w, rstd,
+                                      dh_out=r(4, n, dtype=dt) if res is not None else None,
+                                      cast=cast, store_dh=res is not None)
