@@ -13,8 +13,11 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fasttx
 import torch  # noqa: E402
 
 # Test shapes are small: one thread per test process avoids OpenMP threads spinning against each
-# other on a shared CPU and across the `-n` pytest workers.
+# other on a shared CPU and across the `-n` pytest workers. The same for the processes tests start
+# (README snippets, examples, probes, torchrun ranks): with two workers busy, a 2-thread child spun
+# for minutes (the GPT README snippet, 10 s alone, passed its 300 s limit).
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 if not torch.cuda.is_available():
     if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
