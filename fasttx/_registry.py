@@ -141,13 +141,19 @@ def autocast_inputs(name: str, *tensors):
         if device == "cuda" and torch.is_autocast_enabled("cuda"):
             return tuple(t.float() if t is not None and t.dtype in _LOW else t for t in tensors)
     elif policy == "lower":
-        if torch.is_autocast_enabled(device):
-            low = torch.get_autocast_dtype(device)
-            return tuple(
-                t.to(low) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                for t in tensors
-            )
+        return autocast_lower(device, *tensors)
     return tensors
+
+
+def autocast_lower(device_type: str, *tensors):
+    """`tensors` as torch's lower-precision autocast list casts them (F.linear, matmul, SDPA):
+    floating tensors other than fp64 to the autocast dtype while autocast is on for this device,
+    unchanged otherwise (None passes through)."""
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    low = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(low) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
 
 
 def autocast_to_fp32(device_type: str) -> bool:

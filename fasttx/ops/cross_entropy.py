@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasttx._registry import autocast_inputs, autocast_to_fp32, contract
+from fasttx._registry import autocast_inputs, autocast_lower, contract
 from fasttx._torch_errors import raise_as_torch
 from fasttx.distributed import opt, placements, sharding_rule
 
@@ -527,17 +527,12 @@ def _lce_prepare(input, linear_weight, target, linear_bias, weight, reduction, i
 
 def _lce_path(use_triton: bool):
     def path(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options):
-        if torch.is_autocast_enabled(input.device.type):
-            # as torch's composite under autocast: the linear in the autocast dtype (the loss math is
-            # fp32 inside either way; under CUDA autocast torch's loss comes out in fp32)
-            low = torch.get_autocast_dtype(input.device.type)
-            input, linear_weight, linear_bias = (
-                t.to(low) if t is not None and t.dtype != torch.float64 else t
-                for t in (input, linear_weight, linear_bias)
-            )
+        # as torch's composite under autocast: the linear in the autocast dtype, the loss in fp32
+        # (cross_entropy is on torch's fp32 autocast list on CPU and CUDA alike)
+        input, linear_weight, linear_bias = autocast_lower(input.device.type, input, linear_weight, linear_bias)
         out = linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                    ignore_index, label_smoothing, use_triton=use_triton)
-        return out.float() if autocast_to_fp32(input.device.type) else out
+        return out.float() if torch.is_autocast_enabled(input.device.type) else out
 
     return path
 

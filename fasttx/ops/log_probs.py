@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fasttx._registry import contract
+from fasttx._registry import autocast_lower, contract
 from fasttx.distributed import opt, placements, sharding_rule
 
 from . import cross_entropy as ce
@@ -177,10 +177,8 @@ def _prepare(input, weight, target, bias, temperature, ignore_index, return_entr
 
 def _path(use_triton: bool):
     def path(input, weight, target, bias, temperature, ignore_index, return_entropy):
-        if torch.is_autocast_enabled(input.device.type):  # the head's matmul in the autocast dtype, as F.linear
-            low = torch.get_autocast_dtype(input.device.type)
-            input, weight, bias = (t.to(low) if t is not None and t.dtype != torch.float64 else t
-                                   for t in (input, weight, bias))
+        # the head's matmul in the autocast dtype, as F.linear
+        input, weight, bias = autocast_lower(input.device.type, input, weight, bias)
         return linear_log_probs(input, weight, target, bias, temperature, ignore_index, return_entropy, use_triton)
 
     return path
