@@ -4,6 +4,7 @@ output_attentions=True runs eager attention for that call (loss.py owns the mode
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Callable, Optional
@@ -16,6 +17,29 @@ import fasttx.functional as FF
 
 from .attention import eager_for_this_call
 from .modules import has_op, set_forward
+
+
+@contextlib.contextmanager
+def head_inputs(head: nn.Module):
+    """While inside, `head` (the LM head) returns no logits: each call appends its input (the final
+    hidden states) to the yielded list and returns an empty (*, 0) tensor. The instance's own
+    forward (if one was set on it) is restored on exit."""
+    captured = []
+
+    def capture(hidden):
+        captured.append(hidden)
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    had = "forward" in head.__dict__
+    previous = head.__dict__.get("forward")
+    head.forward = capture
+    try:
+        yield captured
+    finally:
+        if had:
+            head.forward = previous
+        else:
+            del head.forward
 
 try:
     from transformers.loss.loss_utils import ForCausalLMLoss as _ForCausalLMLoss
@@ -153,22 +177,8 @@ def _fused_loss_forward(self, forward, kwargs):
     kwargs["return_dict"] = True
 
     head = self.lm_head
-    captured = []
-
-    def capture(hidden):  # stands in for the head: keeps its input, returns no logits
-        captured.append(hidden)
-        return hidden.new_empty((*hidden.shape[:-1], 0))
-
-    had = "forward" in head.__dict__
-    previous = head.__dict__.get("forward")
-    head.forward = capture
-    try:
+    with head_inputs(head) as captured:
         out = forward(**kwargs)
-    finally:
-        if had:
-            head.forward = previous
-        else:
-            del head.forward
     (hidden,) = captured
     softcap = getattr(self.config, "final_logit_softcapping", None)
     loss = _linear_causal_lm_loss(hidden, head, labels, num_items, ignore_index, shift_labels, softcap)

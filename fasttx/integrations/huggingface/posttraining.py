@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 import fasttx.functional as FF
 
+from .loss import head_inputs
+
 
 def hidden_states_and_head(model: nn.Module, *args, **kwargs) -> Tuple[Tensor, nn.Linear]:
     """Run a causal LM (patched by apply_fasttx or not) without its LM head: returns (hidden
@@ -32,22 +34,8 @@ def hidden_states_and_head(model: nn.Module, *args, **kwargs) -> Tuple[Tensor, n
                              f"(config.{attr} = {getattr(cfg, attr)})")
     if kwargs.get("labels") is not None:
         raise ValueError("hidden_states_and_head: pass no labels (the loss is the caller's)")
-    captured = []
-
-    def capture(hidden):  # stands in for the head: keeps its input, returns no logits
-        captured.append(hidden)
-        return hidden.new_empty((*hidden.shape[:-1], 0))
-
-    had = "forward" in head.__dict__
-    previous = head.__dict__.get("forward")
-    head.forward = capture
-    try:
+    with head_inputs(head) as captured:
         model(*args, **kwargs)
-    finally:
-        if had:
-            head.forward = previous
-        else:
-            del head.forward
     if len(captured) != 1:
         raise RuntimeError(f"hidden_states_and_head: the LM head was called {len(captured)} times, expected once")
     return captured[0], head
