@@ -5,7 +5,7 @@ import triton.language as tl
 
 from .._math import dropout_keep
 from .config import _BWD_TABLE, _KEY, _configs, _prune_bwd
-from .tiles import _alibi_slope, _block_and_head, _head_row0, _key_range, _prologue, _scores
+from .tiles import _alibi_slope, _block_and_head, _head_row0, _key_range, _load_kv, _prologue, _scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -200,11 +200,7 @@ def _dq_block_loop(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_ok = (offs_n < S)[:, None] & d_ok[None, :]
         kv_off = offs_n[:, None].to(tl.int64)
-        k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + kv_off * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_kv(k_base, v_base, kv_off, kv_ok, offs_d, stride_kn, stride_vn, UPCAST)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
                        L, S, mask_base, stride_mm, stride_mn, scale, causal_off, left_off, alibi_off, slope,
                        softcap, HAS_MASK, MASK_BOOL, DIAG, WINDOW, SOFTCAP, ALIBI)

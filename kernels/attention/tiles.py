@@ -87,6 +87,18 @@ def _kv_rows(offs_n, k_end, bt_base, page_size, PAGED: tl.constexpr):
         return offs_n.to(tl.int64)
 
 
+@triton.jit
+def _load_kv(k_base, v_base, kv_off, kv_ok, offs_d, stride_kn, stride_vn, UPCAST: tl.constexpr):
+    """One (BLOCK_N, BLOCK_D) tile of K and of V at rows kv_off (int64, (BLOCK_N, 1)), zero where
+    not kv_ok; in fp32 when UPCAST (bf16 under the interpreter)."""
+    k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
+    v = tl.load(v_base + kv_off * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
+
+
 # ------------------------------------------------------------------------------------------------
 # The scores of one tile, shared by the forward and both backward kernels
 # ------------------------------------------------------------------------------------------------
