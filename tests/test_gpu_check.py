@@ -88,6 +88,18 @@ def test_budget_cuts_later_stages_cleanly(tmp_path):
     assert rec["status"] == "error" and "ZeroDivisionError" in rec["note"]
 
 
+def test_unused_time_passes_on_to_the_next_stage(tmp_path):
+    gc = _tool()
+    check = gc.Check(str(tmp_path), budget_s=100.0, rehearsal=True)
+    caps = []
+    check.stage("quick", 0.4, lambda cap: (caps.append(cap), ("ok", "done"))[1])  # uses ~0 of its 40 s
+    check.stage("next", 0.1, lambda cap: (caps.append(cap), ("ok", "done"))[1])
+    check.t0 -= 45.0  # as if "next" had run 45 s, past its own 10 s share
+    check.stage("last", 0.2, lambda cap: (caps.append(cap), ("ok", "done"))[1])
+    assert caps[0] == pytest.approx(40.0, abs=0.5) and caps[1] == pytest.approx(50.0, abs=0.5)
+    assert caps[2] == pytest.approx(25.0, abs=0.5)  # 70 s allotted so far, 45 s used
+
+
 def test_subprocess_is_stopped_at_its_cap(tmp_path):
     gc = _tool()
     check = gc.Check(str(tmp_path), budget_s=100.0, rehearsal=True)

@@ -73,6 +73,7 @@ class Check:
         self.out, self.budget_s, self.rehearsal = out, budget_s, rehearsal
         self.t0 = time.monotonic()
         self.stages: List[Dict[str, Any]] = []
+        self.allotted_s = 0.0  # the shares of the stages so far, in seconds: each stage's deadline
         self.log_file = open(log_path, "a") if log_path else None
 
     def elapsed(self) -> float:
@@ -89,9 +90,11 @@ class Check:
             self.log_file.flush()
 
     def stage(self, name: str, share: float, fn: Callable[[float], Tuple[str, str]]) -> Dict[str, Any]:
-        """Run fn(cap_s) -> (status, note) with cap_s = min(share of the budget, what is left);
-        status is "ok", "failed", "skipped" or "error" (an exception); "cut" if never started."""
-        cap = min(share * self.budget_s, self.left())
+        """Run fn(cap_s) -> (status, note) with cap_s = its share of the budget plus what the
+        stages before it left unused, at most what is left; status is "ok", "failed", "skipped"
+        or "error" (an exception); "cut" if never started."""
+        self.allotted_s += share * self.budget_s
+        cap = min(self.allotted_s - self.elapsed(), self.left())
         rec = {"name": name, "status": "cut", "seconds": 0.0, "cap_s": round(max(cap, 0.0), 1),
                "note": f"time budget spent ({self.elapsed():.0f} of {self.budget_s:.0f} s used)"}
         if cap < MIN_STAGE_S:
