@@ -18,7 +18,9 @@ Left out of or different from flash-attn, and why:
   its tests undo with its GPU's block size); ours need no rescaling. Without dropout S_dmask is an
   empty (0,) tensor, as flash-attn's.
 - num_splits is a hint only: the decode path sizes its split from the SM count itself.
-- deterministic is accepted and always true (no atomics in the backward).
+- deterministic is accepted and always true: the backward adds dQ in a fixed key-block order
+  (FASTTX_ATTN_DQ=atomic trades that for fp32 atomics, except under
+  torch.use_deterministic_algorithms(True)).
 - a paged cache is forward only (varlen with block_table, and the kv-cache); together with
   cache_leftpad or cache_batch_idx it is refused (flash-attn refuses leftpad with paging too).
   Varlen with block_table accepts inputs that require grad (as flash-attn) and raises a clear
@@ -185,7 +187,7 @@ def flash_attn_func(
     softcap * tanh(scale q.k / softcap). alibi_slopes fp32 (H,) or (B, H): adds -slope |i + Lk - Lq - j|.
     A row with no visible key gives zeros. dropout_p: dropout on the probabilities (the Triton path
     regenerates its mask in the backward, never stores it). deterministic: accepted; the backward is
-    always deterministic (no atomics).
+    always deterministic (dQ added in a fixed order; see the module's notes).
     return_attn_probs: return (out, softmax_lse (B, H, Lq) fp32, S_dmask); softmax_lse is -inf for a
     row without a visible key and carries no gradient; S_dmask (for testing, as flash-attn's): with
     dropout (B, H, Lq rounded up to 128, Lk rounded up to 128) in q's dtype, the probabilities

@@ -1,10 +1,11 @@
-"""Attention backward kernels: the delta preprocess, dK/dV (one program per key block and kv head)
-and dQ (one program per query block and head). Launched by launch.attention_backward."""
+"""Attention backward kernels: the delta preprocess, dK/dV (one program per key block and kv head,
+which also accumulates dQ unless DQ_MODE is DQ_KERNEL) and dQ (one program per query block and
+head; DQ_KERNEL mode only). Launched by launch.attention_backward."""
 import triton
 import triton.language as tl
 
 from .._math import dropout_keep
-from .config import _BWD_TABLE, _KEY, _configs, _prune_bwd
+from .config import _BWD_TABLE, _KEY, DQ_ATOMIC, DQ_KERNEL, _configs, _prune_bwd
 from .tiles import _alibi_slope, _block_and_head, _head_row0, _key_range, _load_kv, _prologue, _scores
 
 
@@ -27,8 +28,16 @@ from .tiles import _alibi_slope, _block_and_head, _head_row0, _key_range, _load_
 # torch's). So for 16-bit inputs the forward also writes its fp32 O and the preprocess reads that.
 #
 # dK/dV: one program per (key block, kv head) loops over the query blocks of every query head of
-# its group; dQ: one program per (query block, head) loops over key blocks. Each gradient element
-# is summed by exactly one program in a fixed order: no atomics, bit-identical reruns.
+# its group. dQ (DQ_MODE, config.py):
+#   DQ_ORDERED (default): the same program adds scale dS K of each query block it visits into an
+#     fp32 dQ; the key blocks that see a query block form a contiguous range [first, last], and
+#     key block n adds its part only once the block's counter says n - first parts are in
+#     (a spin lock on an int32 per (batch, head, query block)), so dQ is summed in key-block order:
+#     bit-identical reruns with 5 tile GEMMs (S, dP, dV, dK, dQ) instead of 7. Programs only
+#     wait for lower key blocks of their own head, which the GPU dispatches first: no deadlock.
+#   DQ_ATOMIC: the same adds as fp32 atomics (5 GEMMs, no waiting, not bit-reproducible).
+#   DQ_KERNEL: a second kernel, one program per (query block, head), recomputes S and dP over the
+#     key blocks (7 GEMMs); no shared accumulator at all.
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _attn_bwd_preprocess(
@@ -61,10 +70,12 @@ def _dkdv_block_loop(
     mask_base, stride_mm, stride_mn,
     L, S, E, scale, causal_off, left_off, alibi_off, slope, softcap,
     drop_base, drop_stride, drop_p, drop_scale, seed,  # dropout index of (i, j): drop_base + i * drop_stride + j
+    dq_base, lock_base, pid_n,           # this (batch, head)'s fp32 dQ rows and query-block counters; key block
     DIAG: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate without transposes.
     d_ok = offs_d < E
@@ -97,14 +108,40 @@ def _dkdv_block_loop(
         if SOFTCAP:  # d/dx softcap tanh(x / softcap) = 1 - tanh^2
             dsT = dsT * (1.0 - tT * tT)
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PREC)
+        if DQ_MODE != DQ_KERNEL:
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC) * scale
+            dq_ptrs = dq_base + row_off * E + offs_d[None, :]
+            dq_ok = m_ok[:, None] & d_ok[None, :]
+            if DQ_MODE == DQ_ATOMIC:
+                tl.atomic_add(dq_ptrs, dq, mask=dq_ok, sem="relaxed")
+            else:
+                # The first key block that visits this query block is where the dQ kernel's key
+                # range starts (this loop's hi(n) is its inverse).
+                first = _key_range(start_m, 0, S, causal_off, left_off, False, WINDOW, BLOCK_M, BLOCK_N)[0]
+                _ordered_add(dq_ptrs, dq, dq_ok, lock_base + start_m // BLOCK_M, pid_n - first // BLOCK_N)
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_BWD_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.jit
+def _ordered_add(ptrs, val, ok, lock, rank):
+    """ptrs += val once the int32 at lock equals rank (the parts before this one are in); then
+    lock = rank + 1. Loads bypass L1 (.cg): an earlier part was stored from another SM."""
+    while tl.atomic_cas(lock, rank, rank, sem="acquire") != rank:
+        pass
+    acc = tl.load(ptrs, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.store(ptrs, acc + val, mask=ok)
+    tl.debug_barrier()  # every thread's store is issued before the release
+    tl.atomic_xchg(lock, rank + 1, sem="release")
+
+
+@triton.autotune(configs=_configs(_BWD_TABLE), key=[*_KEY, "DQ_MODE"],
+                 prune_configs_by={"early_config_prune": _prune_bwd},
+                 reset_to_zero=["DQ", "Locks"])  # each benchmark run accumulates dQ from zero
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta,       # Lse, Delta (B, H, L) fp32 contiguous
     DK, DV,                              # (B, Hkv, S, E) contiguous outputs ((1, Hkv, total_k, E) if VARLEN_K)
+    DQ, Locks,                           # DQ_MODE != DQ_KERNEL: fp32 dQ like q; int32 (B * H, lock_stride); zeroed
     CuQ, KStart, KLen, BlockTable, Alibi,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
@@ -113,12 +150,12 @@ def _attn_bwd_dkdv(
     stride_dob, stride_doh, stride_dom,
     stride_ab, stride_btb,
     H, HKV, GROUPS, L, S, E, L_TOT, S_TOT,
-    scale, drop_p, drop_scale, SEED, causal_off, left_off, alibi_off, softcap, page_size,
+    scale, drop_p, drop_scale, SEED, causal_off, left_off, alibi_off, softcap, page_size, lock_stride,
     L_BUCKET, S_BUCKET,
     BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n, pid_bk = _block_and_head(S, BLOCK_N)
@@ -169,9 +206,10 @@ def _attn_bwd_dkdv(
                 L=Lb, S=Sb, E=E, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off,
                 slope=slope, softcap=softcap,
                 drop_base=row0 * S, drop_stride=S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
+                dq_base=DQ + row0 * E, lock_base=Locks + (b * H + h) * lock_stride, pid_n=pid_n,
                 DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
                 WINDOW=WINDOW, SOFTCAP=SOFTCAP, ALIBI=ALIBI,
-                UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_M=BLOCK_M)
+                UPCAST=UPCAST, DOT_PREC=DOT_PREC, DQ_MODE=DQ_MODE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
     if VARLEN_K:
         out_row = hk * S_TOT + k0 + offs_n
     else:

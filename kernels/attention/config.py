@@ -5,6 +5,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from .._common import INTERPRETING
 
@@ -40,6 +41,16 @@ if INTERPRETING:
 else:
     _FWD_TABLE, _BWD_TABLE = _FWD_GPU, _BWD_GPU
     _SPLIT_ALIGN = _SPLIT_ALIGN_GPU
+
+
+# How the attention backward forms dQ (backward.py explains the three): DQ_ORDERED unless
+# FASTTX_ATTN_DQ=atomic|kernel|ordered (read once, at import) says otherwise.
+DQ_KERNEL, DQ_ATOMIC, DQ_ORDERED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+_DQ_MODES = {"kernel": DQ_KERNEL, "atomic": DQ_ATOMIC, "ordered": DQ_ORDERED}
+_dq_env = os.environ.get("FASTTX_ATTN_DQ", "ordered").strip().lower()
+if _dq_env not in _DQ_MODES:
+    raise ValueError(f"FASTTX_ATTN_DQ must be one of {sorted(_DQ_MODES)}, got {_dq_env!r}")
+DQ_MODE = _DQ_MODES[_dq_env]
 
 
 def _upcast_dots(dtype) -> bool:

@@ -9,7 +9,7 @@ import triton
 from .._common import num_sms, seed_tensor
 from .._dtypes import KERNEL_FLOATS
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
-from .config import _DECODE_MAX_L, _DECODE_MIN_S, _SPLIT_ALIGN, _upcast_dots
+from .config import _DECODE_MAX_L, _DECODE_MIN_S, _SPLIT_ALIGN, DQ_ATOMIC, DQ_KERNEL, DQ_MODE, DQ_ORDERED, _upcast_dots
 from .forward import _attn_decode_combine, _attn_fwd, _dropout_mask_kernel
 
 MAX_HEAD_DIM = 256
@@ -213,13 +213,19 @@ def attention_forward(q, k, v, mask=None, opts: Optional[AttnOptions] = None, **
     return res
 
 
-def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] = None, **options):
+def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] = None, dq_mode=None, **options):
     """Gradients of attention_forward (same options; no paged cache). do like q (contiguous last
     dim), out and lse the forward's outputs: for 16-bit inputs pass its fp32 output
     (return_fp32_out=True), from which delta = rowsum(dO * O) is accurate (the 16-bit one works,
     less accurately on sharp attention). Returns (dq like q, dk, dv like k), contiguous, input dtype.
-    Reads its inputs only (nothing saved is overwritten); deterministic (no atomics)."""
+    Reads its inputs only (nothing saved is overwritten). dQ as config.DQ_MODE says (backward.py):
+    bit-identical reruns unless FASTTX_ATTN_DQ=atomic, and then too under
+    torch.use_deterministic_algorithms(True). dq_mode overrides it (tests, benchmarks)."""
     o = opts if opts is not None else AttnOptions(**options)
+    if dq_mode is None:
+        dq_mode = DQ_MODE
+    if dq_mode == DQ_ATOMIC and torch.are_deterministic_algorithms_enabled():
+        dq_mode = DQ_ORDERED
     assert o.block_table is None, "the backward takes no paged cache"
     (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, o)
     if do.stride(-1) != 1:
@@ -245,9 +251,20 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
     if args["VARLEN_Q"]:
         do_strides["stride_dob"] = 0
     launch = dict(args, **do_strides, HKV=Hkv, S_TOT=k.shape[2])
+    if dq_mode == DQ_KERNEL:
+        dq32 = locks = torch.zeros(1, dtype=torch.float32, device=q.device)  # never read
+        lock_stride = 0
+    else:  # fp32 dQ and one counter per (batch, head, query block of the smallest BLOCK_M)
+        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        lock_stride = triton.cdiv(L, 16)
+        locks = torch.zeros((B * H, lock_stride) if dq_mode == DQ_ORDERED else (1,), dtype=torch.int32,
+                            device=q.device)
     if dk.numel():
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
-        _attn_bwd_dkdv[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DK=dk, DV=dv, **launch)
+        _attn_bwd_dkdv[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DK=dk, DV=dv, DQ=dq32, Locks=locks,
+                             lock_stride=lock_stride, DQ_MODE=dq_mode, **launch)
+    if dq_mode != DQ_KERNEL:
+        return (dq32 if q.dtype == torch.float32 else dq.copy_(dq32)), dk, dv
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_bwd_dq[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DQ=dq, **launch)
     return dq, dk, dv
@@ -267,7 +284,7 @@ def dropout_mask(shape, seed, dropout_p, device):
 
 def compile_variants(quick: bool):
     """Call the launchers over every variant that selects different code (dtypes, head dims, causal,
-    masks, dropout, GQA, the fp32-output store, decode, and fasttx.flash's window, softcap, ALiBi,
+    masks, dropout, GQA, the fp32-output store, decode, the three dQ modes, and fasttx.flash's window, softcap, ALiBi,
     varlen and paged flags); tools/gpu_compile_check.py compiles them."""
     dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
@@ -291,6 +308,12 @@ def compile_variants(quick: bool):
                 out, lse, *out32 = attention_forward(q, k, v, mask, scale=e ** -0.5, return_fp32_out=fp32_out, **kw)
                 attention_backward(r(1, 4, 128, e, dtype=dt), q, k, v, mask, out32[0] if fp32_out else out, lse,
                                    scale=e ** -0.5, **kw)
+            for mode in (DQ_ATOMIC, DQ_KERNEL):  # the default DQ_ORDERED compiled above
+                q2 = q[:, :, :64]
+                out, lse, *out32 = attention_forward(q2, k, v, None, scale=e ** -0.5, return_fp32_out=fp32_out,
+                                                     is_causal=True)
+                attention_backward(r(1, 4, 64, e, dtype=dt), q2, k, v, None, out32[0] if fp32_out else out, lse,
+                                   scale=e ** -0.5, is_causal=True, dq_mode=mode)
             kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
             attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True)
             _compile_flash_variants(r, dt, e, quick)
