@@ -11,6 +11,9 @@ memory-bound, so its metric is GB/s: q, K, V read once, out written once, (2*S +
 The "fasttx-16bit-delta" provider is an ablation, not a peer: fasttx's own op with the fp32 copy
 of the output switched off (16-bit inputs; the backward's delta then comes from the rounded output,
 inaccurate on sharp attention), so fasttx vs it is the time and memory the fp32 copy costs.
+"fasttx-dq-atomic" and "fasttx-dq-kernel" are ablations of the backward's dQ (kernels/attention/
+backward.py): fp32 atomics instead of the default ordered adds (what determinism costs), and the
+separate 7-GEMM dQ kernel (what the ordered adds save).
 Training cases keep B*S = 16k tokens and H*E = 2048 (flash-attention's benchmark setting).
 """
 from __future__ import annotations
@@ -76,6 +79,36 @@ def _fasttx_16bit_delta(case, cfg):
     return Work(lambda: op._sdpa_fwd(q, k, v, None, 0.0, causal, scale, False)[0], leaves=(q, k, v))
 
 
+def _fasttx_dq(mode):
+    def build(case, cfg):
+        import math
+
+        import torch
+
+        from fasttx.kernels.attention import launch
+        from fasttx.kernels.attention.config import DQ_ATOMIC, DQ_KERNEL
+
+        dq_mode = {"atomic": DQ_ATOMIC, "kernel": DQ_KERNEL}[mode]
+        q, k, v = _qkv(case, cfg)
+        opts = launch.AttnOptions(scale=1.0 / math.sqrt(case.params["E"]), is_causal=case.params["causal"],
+                                  return_fp32_out=q.dtype != torch.float32)
+
+        class Attention(torch.autograd.Function):  # the launchers with this dQ mode; nothing else differs
+            @staticmethod
+            def forward(ctx, q, k, v):
+                out, lse, *out32 = launch.attention_forward(q, k, v, None, opts)
+                ctx.save_for_backward(q, k, v, out32[0] if out32 else out, lse)
+                return out
+
+            @staticmethod
+            def backward(ctx, do):
+                return launch.attention_backward(do, *ctx.saved_tensors[:3], None, *ctx.saved_tensors[3:],
+                                                 opts._replace(return_fp32_out=False), dq_mode=dq_mode)
+
+        return Work(lambda: Attention.apply(q, k, v), leaves=(q, k, v))
+    return build
+
+
 def _cuda_only(cfg):
     return None if cfg.cuda else "an ablation of the Triton path (CUDA only)"
 
@@ -126,6 +159,8 @@ def _providers(cfg: Config) -> List[Provider]:
     return [
         Provider("fasttx", _fasttx, kind="fasttx"),
         Provider("fasttx-16bit-delta", _fasttx_16bit_delta, _cuda_only, kind="fasttx", errors_are_skips=True),
+        *[Provider(f"fasttx-dq-{mode}", _fasttx_dq(mode), _cuda_only, kind="fasttx", errors_are_skips=True)
+          for mode in ("atomic", "kernel")],
         Provider("sdpa", _sdpa(None), kind="torch"),
         *[Provider(name, _sdpa(member), kind="torch", errors_are_skips=True)
           for name, member in SDPA_BACKENDS.items()],

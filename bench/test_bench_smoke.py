@@ -359,3 +359,24 @@ def test_a_fasttx_fallback_is_flagged_on_every_row(monkeypatch):
     fasttx_rows = [r for r in rows if r["provider"] == "fasttx"]
     assert len(fasttx_rows) == 6 and all("outside the kernel" in (r["fallback"] or "") for r in fasttx_rows)
     assert not [r for r in rows if r["provider"] == "torch" and r["fallback"]]
+
+
+def test_attention_dq_ablations_build_and_match_fasttx():
+    """The CUDA-only dQ ablations (fasttx-dq-atomic / -kernel) run here on their builders directly:
+    same output and gradients as the fasttx provider on a tiny case."""
+    from bench import bench_attention
+
+    cfg = smoke_config()
+    suite = next(s for s in bench_attention.suites(cfg) if s.name == "attention")
+    case = min(suite.cases, key=lambda c: c.x)
+    providers = {p.name: p for p in suite.providers}
+    results = {}
+    for name in ("fasttx", "fasttx-dq-atomic", "fasttx-dq-kernel"):
+        torch.manual_seed(0)
+        work = providers[name].build(case, cfg)
+        out = work.fn()
+        out.backward(torch.ones_like(out))
+        results[name] = [out.detach()] + [t.grad for t in work.leaves]
+    for name in ("fasttx-dq-atomic", "fasttx-dq-kernel"):
+        for a, b in zip(results["fasttx"], results[name]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -414,7 +414,7 @@ def bench_plan(rehearsal: bool, ops: List[str]) -> List[Dict[str, Any]]:
     else:
         sizes = {"attention": ["--size", "full"], "ops": ["--size", "quick"]}
         where16k, where4k = ["--where", "S=1024,4096,16384"], ["--where", "S=4096"]
-    sdpa = "fasttx,sdpa,sdpa-flash,sdpa-efficient,sdpa-cudnn,sdpa-math,flash_attn"
+    sdpa = "fasttx,fasttx-dq-atomic,fasttx-dq-kernel,sdpa,sdpa-flash,sdpa-efficient,sdpa-cudnn,sdpa-math,flash_attn"
     fwd = ["--modes", "fwd,fwd+bwd"]
     plan = [
         dict(name="bench:attention", share=0.34, args=["--ops", "attention", *sizes["attention"], *where16k,
