@@ -20,11 +20,12 @@ The package, by concern: modules.py (the fasttx forms of norms, activations, gat
 recognition.py (candidates and probes), attention.py (the attention function and policy, the
 rotary attention forward), loss.py (the loss and the model-level forward's contracts), experts.py
 (MoE experts through transformers' ExpertsInterface, "fasttx"), posttraining.py (hidden states and
-the LM head for log-probs without logits).
+the LM head for log-probs without logits), output_attentions.py (the config flag with "fasttx").
 
 transformers' contracts kept:
   - output_attentions=True (argument or config, also under generate) runs that call on
-    transformers' eager attention, so the weights are eager's, for every model;
+    transformers' eager attention, so the weights are eager's, for every model and its inner
+    models; the config flag may be set after patching (output_attentions.py);
   - an attention implementation chosen explicitly (anything but transformers' automatic sdpa /
     eager) is kept; `apply_fasttx(model, attention=True)` overrides it, `attention=False` keeps
     the model's attention (function and modules) wholly;

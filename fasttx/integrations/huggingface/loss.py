@@ -204,8 +204,13 @@ def _model_forward_for(cls) -> Callable:
 
 def patch_model_forward(model: nn.Module, keep_logits: bool, swapped: list, left: set) -> None:
     """The model-level forward (every model: the attention-weights contract) and, on causal LMs,
-    the loss."""
-    set_forward(model, _model_forward_for(type(model)))
+    the loss. Inner models (LlamaForCausalLM's `model`) get the attention-weights contract too: a
+    user may call them directly."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            set_forward(m, _model_forward_for(type(m)))
     model.__dict__["_fasttx_keep_logits"] = bool(keep_logits)
     if not is_causal_lm(model):
         return
