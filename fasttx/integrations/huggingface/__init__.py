@@ -9,7 +9,7 @@
 state_dict unchanged) and returns it. It walks any transformers model and swaps what fasttx
 reproduces, each piece only after its fasttx form matched the original on a probe
 (recognition.py): norms (every casting order, Gemma's `1 + weight`, bias-free LayerNorm, q/k
-norms), activations (GELU erf / tanh forms), gated MLPs (SiLU / GELU, split or fused projections),
+norms), activations (GELU erf / tanh forms, squared ReLU), gated MLPs (SiLU / GELU, split or fused projections),
 the rotary application inside attention modules of transformers 5's layout, the attention
 function (transformers' AttentionInterface entry "fasttx", with softcap and per-layer sliding
 windows) and the causal-LM loss (linear_cross_entropy, logits-free; a final logit softcap
@@ -80,6 +80,9 @@ def _torch_modules(model: nn.Module) -> dict:
     return {id(m): type(m) for m in model.modules()}
 
 
+_ACT_NAMES = {"gelu_tanh": "gelu tanh"}  # the report's name of an activation kind
+
+
 def _swap_modules(model: nn.Module, dtype, swapped: set, left: dict) -> None:
     for m in list(model.modules()):
         cls = type(m).__name__
@@ -108,7 +111,7 @@ def _swap_modules(model: nn.Module, dtype, swapped: set, left: dict) -> None:
             if new is not None:
                 new.train(child.training)
                 setattr(parent, name, new)
-                swapped.add(f"{type(child).__name__} (gelu{'' if kind == 'gelu' else ' tanh'})")
+                swapped.add(f"{type(child).__name__} ({_ACT_NAMES.get(kind, kind)})")
             elif kind is None and type(child).__module__ == "transformers.activations":
                 left[type(child).__name__] = why
 
