@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fasttx.functional as FF
 
+from .alibi import weights_wanted as alibi_weights_wanted
 from .attention import eager_for_this_call
 from .modules import has_op, set_forward
 
@@ -147,7 +148,8 @@ def _model_forward(self, *args, **kwargs):
     """The model class's forward, with the contracts of the module docstring."""
     forward = type(self).forward.__get__(self)
     kwargs = _bind(self, forward, args, kwargs)
-    with eager_for_this_call(self, _wants_weights(self, kwargs)):
+    wants = _wants_weights(self, kwargs)
+    with eager_for_this_call(self, wants), alibi_weights_wanted(wants):
         if self.__dict__.get("_fasttx_fused_loss") and _logits_free(self, kwargs):
             return _fused_loss_forward(self, forward, kwargs)
         return forward(**kwargs)
