@@ -79,6 +79,48 @@ def test_alibi_generate_with_left_padded_prompts():
     assert torch.equal(ours.eval().generate(prompt, **kw), ref.eval().generate(prompt, **kw))
 
 
+@pytest.mark.parametrize("model_type", ["bloom", "mpt"])
+def test_alibi_without_a_mask_runs_the_kernel_alibi(model_type, monkeypatch):
+    # No attention_mask, no cache (training): fasttx.flash with alibi_slopes, no (L, S) bias.
+    from fasttx import flash
+
+    _, ref, ours = _pair(model_type)
+    apply_fasttx(ours)
+    ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(4))
+    seen = []
+    real = flash.flash_attn_func
+    monkeypatch.setattr(flash, "flash_attn_func", lambda *a, **k: seen.append(k["alibi_slopes"]) or real(*a, **k))
+    monkeypatch.setattr(FF, "scaled_dot_product_attention", None)  # the additive path must not run
+    for model in (ref, ours):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert len(seen) == 2 and seen[0].shape == (4,)  # one call per layer, one slope per head
+    for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-4, msg=n)
+    # a decoding loop without a mask: the cache appends, the kernel's bottom-right causal alignment
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        outs = []
+        for model in (ref, ours):
+            first = model(input_ids=ids[:, :6], use_cache=True)
+            step = model(input_ids=ids[:, 6:], cache=first.past_key_values, use_cache=True)
+            outs.append((first.logits, step.logits))
+    assert len(seen) == 6
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_the_probe_covers_the_kernel_alibi_path(monkeypatch):
+    # A kernel path that computed something else (slopes doubled) is caught by the unpadded probe.
+    real = A._flash
+    monkeypatch.setattr(A, "_flash", lambda q, k, v, slopes, *rest: real(q, k, v, slopes * 2, *rest))
+    A._VERDICTS.clear()
+    _, _, ours = _pair("bloom")
+    apply_fasttx(ours)
+    A._VERDICTS.clear()
+    assert "differs" in fasttx_report(ours)["left"]["BloomAttention ALiBi attention"]
+
+
 def test_bloom_variant_it_does_not_reproduce_is_left():
     _, _, ours = _pair("bloom")
     for m in _attn_modules(ours, "bloom"):

@@ -130,7 +130,7 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
     fn_captured = {}
     delegated, matched, captured, failed = R.model_probe(model, use_fasttx, candidates + alibi_mods, fn_candidates,
                                                          fn_captured)
-    alibi_swapped = _swap_alibi(alibi_mods, captured, failed, swapped, left)
+    alibi_swapped = _swap_alibi(alibi_mods, captured, A.capture_unpadded(model, alibi_mods), failed, swapped, left)
     for m in candidates:
         cls = type(m).__name__
         if m not in captured:
@@ -181,12 +181,15 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
         swapped.add(f"attention function ({', '.join(names)})")
 
 
-def _swap_alibi(mods, captured: dict, failed, swapped: set, left: dict) -> bool:
+def _swap_alibi(mods, captured: dict, unpadded: dict, failed, swapped: set, left: dict) -> bool:
     """ALiBi attention modules outside the AttentionInterface (alibi.py), each after its probe."""
     done = False
     for m in mods:
         cls = type(m).__name__
-        form, why = A.probe(m, captured[m]) if m in captured else (None, failed or "not reached by the probe forward")
+        if m in captured:
+            form, why = A.probe(m, captured[m], unpadded.get(m))
+        else:
+            form, why = None, failed or "not reached by the probe forward"
         if form is None:
             left[f"{cls} ALiBi attention"] = why
         else:

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fasttx.functional as FF
 
+from .alibi import unpadded as alibi_unpadded
 from .alibi import weights_wanted as alibi_weights_wanted
 from .attention import eager_for_this_call
 from .modules import has_op, set_forward
@@ -149,7 +150,8 @@ def _model_forward(self, *args, **kwargs):
     forward = type(self).forward.__get__(self)
     kwargs = _bind(self, forward, args, kwargs)
     wants = _wants_weights(self, kwargs)
-    with eager_for_this_call(self, wants), alibi_weights_wanted(wants):
+    unpadded = kwargs.get("attention_mask") is None  # (ALiBi modules: the kernel's ALiBi then)
+    with eager_for_this_call(self, wants), alibi_weights_wanted(wants), alibi_unpadded(unpadded):
         if self.__dict__.get("_fasttx_fused_loss") and _logits_free(self, kwargs):
             return _fused_loss_forward(self, forward, kwargs)
         return forward(**kwargs)
