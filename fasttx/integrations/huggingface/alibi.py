@@ -135,8 +135,8 @@ def bloom_attention_forward(self, hidden_states: Tensor, residual: Tensor, alibi
         key, value = layer_past.update(key, value, self.layer_idx)  # (B, H, S, D)
     S = key.shape[-2]
     dropout = self.attention_dropout.p if self.training else 0.0
-    slopes = _bloom_slopes(self, query.device)
-    if _UNPADDED.get() and _appends(layer_past, self.layer_idx) and slopes is not None:
+    slopes = _bloom_slopes(self, query.device) if _UNPADDED.get() and _appends(layer_past, self.layer_idx) else None
+    if slopes is not None:
         out = _flash(query, key, value, slopes, dropout, self.inv_norm_factor)  # (B, L, H, D)
     else:
         bias = alibi.view(B, H, 1, S)
