@@ -69,7 +69,7 @@ def test_output_attentions_equal_eager(kind):
         torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out.logits, out_ref.logits, atol=1e-5, rtol=1e-5)
     assert ours.config._attn_implementation == "fasttx"  # for that call only
-    # the config flag too (set before patching: its setter refuses non-eager implementations)
+    # the config flag set before patching (after patching: tests/test_hf_output_attentions.py)
     cls, cfg = KINDS[kind]()
     model = cls._from_config(cfg, attn_implementation="eager")
     model.config.output_attentions = True

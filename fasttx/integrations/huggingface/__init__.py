@@ -9,22 +9,25 @@
 state_dict unchanged) and returns it. It walks any transformers model and swaps what fasttx
 reproduces, each piece only after its fasttx form matched the original on a probe
 (recognition.py): norms (every casting order, Gemma's `1 + weight`, bias-free LayerNorm, q/k
-norms), activations (GELU erf / tanh forms), gated MLPs (SiLU / GELU, split or fused projections),
-the rotary application inside attention modules of transformers 5's layout, the attention
+norms), activations (GELU erf / tanh forms, squared ReLU), gated MLPs (SiLU / GELU, split or
+fused projections), the rotary application inside attention modules of transformers 5's layout, the attention
 function (transformers' AttentionInterface entry "fasttx", with softcap and per-layer sliding
-windows) and the causal-LM loss (linear_cross_entropy, logits-free; a final logit softcap
-chunked). torch.nn LayerNorm / Dropout / GELU become fasttx.nn's through `fasttx.convert`.
+windows), the ALiBi attention modules outside that interface (BLOOM, MPT) and the causal-LM
+loss (linear_cross_entropy, logits-free; a final logit softcap chunked). torch.nn LayerNorm /
+Dropout / GELU become fasttx.nn's through `fasttx.convert`.
 Pieces left as transformers has them are named, with the reason, in one warning.
 
 The package, by concern: modules.py (the fasttx forms of norms, activations, gated MLPs),
 recognition.py (candidates and probes), attention.py (the attention function and policy, the
 rotary attention forward), loss.py (the loss and the model-level forward's contracts), experts.py
 (MoE experts through transformers' ExpertsInterface, "fasttx"), posttraining.py (hidden states and
-the LM head for log-probs without logits).
+the LM head for log-probs without logits), output_attentions.py (the config flag with "fasttx"),
+alibi.py (BLOOM's and MPT's attention modules).
 
 transformers' contracts kept:
   - output_attentions=True (argument or config, also under generate) runs that call on
-    transformers' eager attention, so the weights are eager's, for every model;
+    transformers' eager attention, so the weights are eager's, for every model and its inner
+    models; the config flag may be set after patching (output_attentions.py);
   - an attention implementation chosen explicitly (anything but transformers' automatic sdpa /
     eager) is kept; `apply_fasttx(model, attention=True)` overrides it, `attention=False` keeps
     the model's attention (function and modules) wholly;
@@ -54,6 +57,7 @@ from torch import nn
 from fasttx._convert import convert as _convert_torch_modules
 
 from . import experts  # noqa: F401  (registers "fasttx" in transformers' ExpertsInterface)
+from . import alibi as A
 from . import modules as M
 from . import recognition as R
 from .attention import (ATTN_IMPLEMENTATION, attention_policy, fasttx_attention_forward, register,
@@ -77,6 +81,9 @@ def fasttx_report(model: nn.Module) -> dict:
 
 def _torch_modules(model: nn.Module) -> dict:
     return {id(m): type(m) for m in model.modules()}
+
+
+_ACT_NAMES = {"gelu_tanh": "gelu tanh"}  # the report's name of an activation kind
 
 
 def _swap_modules(model: nn.Module, dtype, swapped: set, left: dict) -> None:
@@ -107,7 +114,7 @@ def _swap_modules(model: nn.Module, dtype, swapped: set, left: dict) -> None:
             if new is not None:
                 new.train(child.training)
                 setattr(parent, name, new)
-                swapped.add(f"{type(child).__name__} (gelu{'' if kind == 'gelu' else ' tanh'})")
+                swapped.add(f"{type(child).__name__} ({_ACT_NAMES.get(kind, kind)})")
             elif kind is None and type(child).__module__ == "transformers.activations":
                 left[type(child).__name__] = why
 
@@ -118,9 +125,12 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
         left["attention"] = why_not
         return
     candidates = R.rotary_candidates(model)
-    fn_candidates = R.rotary_fn_candidates(model, set(candidates))
+    alibi_mods = [m for m in model.modules() if A.layout(m) is not None]
+    fn_candidates = R.rotary_fn_candidates(model, set(candidates) | set(alibi_mods))
     fn_captured = {}
-    delegated, matched, captured, failed = R.model_probe(model, use_fasttx, candidates, fn_candidates, fn_captured)
+    delegated, matched, captured, failed = R.model_probe(model, use_fasttx, candidates + alibi_mods, fn_candidates,
+                                                         fn_captured)
+    alibi_swapped = _swap_alibi(alibi_mods, captured, A.capture_unpadded(model, alibi_mods), failed, swapped, left)
     for m in candidates:
         cls = type(m).__name__
         if m not in captured:
@@ -151,7 +161,8 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
         if m not in done and type(m).__name__.endswith("Attention") and R.takes_rotary_tables(m):
             left.setdefault(f"{type(m).__name__} rotary", "its rotary is not a form fasttx reproduces")
     if not use_fasttx:
-        left["attention function"] = why_not
+        if not alibi_swapped:  # (BLOOM, MPT: their attention runs on fasttx through the swapped modules)
+            left["attention function"] = why_not
         return
     if failed is not None:
         left["attention function"] = failed
@@ -168,6 +179,24 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
     names = sorted({type(m).__name__ for m, why in delegated.items() if why is None})
     if names:  # (every call delegated: nothing of the attention runs on fasttx)
         swapped.add(f"attention function ({', '.join(names)})")
+
+
+def _swap_alibi(mods, captured: dict, unpadded: dict, failed, swapped: set, left: dict) -> bool:
+    """ALiBi attention modules outside the AttentionInterface (alibi.py), each after its probe."""
+    done = False
+    for m in mods:
+        cls = type(m).__name__
+        if m in captured:
+            form, why = A.probe(m, captured[m], unpadded.get(m))
+        else:
+            form, why = None, failed or "not reached by the probe forward"
+        if form is None:
+            left[f"{cls} ALiBi attention"] = why
+        else:
+            M.set_forward(m, A.FORWARDS[form])
+            swapped.add(f"{cls} ({form} ALiBi attention)")
+            done = True
+    return done
 
 
 def _swap_experts(model: nn.Module, swapped: set, left: dict) -> None:

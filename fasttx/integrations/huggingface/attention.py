@@ -272,6 +272,9 @@ def _explicit_attention(q, k, v, mask, dropout, scaling, is_causal, enable_gqa, 
 def register() -> None:
     """Register "fasttx" in transformers' attention (and, where it exists, mask) interfaces.
     Idempotent; apply_fasttx calls it."""
+    from .output_attentions import allow
+
+    allow(ATTN_IMPLEMENTATION)  # config.output_attentions = True: eager for those calls, not transformers' error
     try:
         from transformers import AttentionInterface
 

@@ -15,6 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 import fasttx.functional as FF
 
+from .alibi import unpadded as alibi_unpadded
+from .alibi import weights_wanted as alibi_weights_wanted
 from .attention import eager_for_this_call
 from .modules import has_op, set_forward
 
@@ -147,7 +149,9 @@ def _model_forward(self, *args, **kwargs):
     """The model class's forward, with the contracts of the module docstring."""
     forward = type(self).forward.__get__(self)
     kwargs = _bind(self, forward, args, kwargs)
-    with eager_for_this_call(self, _wants_weights(self, kwargs)):
+    wants = _wants_weights(self, kwargs)
+    unpadded = kwargs.get("attention_mask") is None  # (ALiBi modules: the kernel's ALiBi then)
+    with eager_for_this_call(self, wants), alibi_weights_wanted(wants), alibi_unpadded(unpadded):
         if self.__dict__.get("_fasttx_fused_loss") and _logits_free(self, kwargs):
             return _fused_loss_forward(self, forward, kwargs)
         return forward(**kwargs)
@@ -204,8 +208,13 @@ def _model_forward_for(cls) -> Callable:
 
 def patch_model_forward(model: nn.Module, keep_logits: bool, swapped: list, left: set) -> None:
     """The model-level forward (every model: the attention-weights contract) and, on causal LMs,
-    the loss."""
-    set_forward(model, _model_forward_for(type(model)))
+    the loss. Inner models (LlamaForCausalLM's `model`) get the attention-weights contract too: a
+    user may call them directly."""
+    from transformers import PreTrainedModel
+
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            set_forward(m, _model_forward_for(type(m)))
     model.__dict__["_fasttx_keep_logits"] = bool(keep_logits)
     if not is_causal_lm(model):
         return

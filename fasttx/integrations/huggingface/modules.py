@@ -85,6 +85,7 @@ ACT_FORMS = {
     "gelu": lambda x: FF.gelu(x, approximate="none"),
     "gelu_tanh": lambda x: FF.gelu(x, approximate="tanh"),
     "silu": lambda x: torch.nn.functional.silu(x),
+    "relu_squared": lambda x: FF.relu_squared(x),
 }
 
 
@@ -95,6 +96,8 @@ def act_module(kind: str) -> Optional[nn.Module]:
 
     if kind in ("gelu", "gelu_tanh") and has_op("gelu"):
         return fnn.GELU(approximate="tanh" if kind == "gelu_tanh" else "none")
+    if kind == "relu_squared" and has_op("relu_squared"):
+        return fnn.ReLUSquared()
     return None
 
 

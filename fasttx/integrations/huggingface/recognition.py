@@ -190,6 +190,8 @@ def probe_mlp(m: nn.Module, dtype) -> Tuple[Optional[str], str]:
     kind, why = probe_act(act, dtype) if is_act_candidate(act) else (None, "its activation is not a module")
     if kind is None:
         verdict = (None, f"activation {type(act).__name__}: {why}")
+    elif kind not in ("silu", "gelu", "gelu_tanh"):  # (its activation module is swapped on its own)
+        verdict = (None, f"no fused gated form for {kind}")
     elif not M.has_op("swiglu" if kind == "silu" else "geglu"):
         verdict = (None, "this fasttx has no swiglu / geglu")
     else:
