@@ -179,6 +179,25 @@ def test_bf16_model_probed_in_its_dtype():
     assert model.model.norm.__dict__["forward"].__func__ is M.rms_fp32_weight
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_causal_lm_gets_the_logits_free_loss(dtype):
+    # transformers' loss is fp32 cross-entropy of the head's 16-bit logits; the fused loss must give
+    # that (it returned the loss rounded to 16 bits, the probe refused it, and 16-bit training
+    # silently kept the logits)
+    cls, cfg = _llama()
+    torch.manual_seed(0)
+    ref = cls(copy.deepcopy(cfg)).to(dtype)
+    ours = copy.deepcopy(ref)
+    apply_fasttx(ours)
+    assert any(s.startswith("causal-LM loss") for s in fasttx_report(ours)["swapped"])
+    ids = _ids(L=16)
+    ref.train()
+    ours.train()
+    out_ref, out = ref(input_ids=ids, labels=ids), ours(input_ids=ids, labels=ids)
+    assert out.logits is None and out.loss.dtype == out_ref.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, out_ref.loss, atol=2e-4, rtol=2e-4)
+
+
 def test_falcon_alibi_through_the_patched_attention():
     # Falcon with ALiBi hands its bias to the attention function inside the float mask: fasttx's
     # attention takes it on the masked (torch) path; loss, gradients, eval logits, generate exact.

@@ -463,9 +463,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
 
 
 def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=None, reduction="mean",
-                         ignore_index=-100, label_smoothing=0.0, use_triton=True):
+                         ignore_index=-100, label_smoothing=0.0, use_triton=True, out_dtype=None):
     """cross_entropy(linear(input, linear_weight, linear_bias), target) without the logits, on the
     Triton path (use_triton) or in plain torch (arguments already checked; ignore_index an int).
+    The loss in out_dtype (default input's), reduced from fp32 per-row losses before any rounding.
     input (H,) or (N, H); linear_weight (C, *out_features, H); target (N, *out_features) class
     indices or (N, C, *out_features) probabilities. With out_features, each position p has its own
     (C, H) matrix linear_weight[:, p]: one chunked pass per position."""
@@ -494,7 +495,7 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias=None, weight=
     loss = losses[0] if P == 1 else torch.stack(losses, dim=1).reshape(-1)  # (N * P,) in (n, p) order
     t_rows = tp if P == 1 else (t.movedim(1, -1).reshape(-1, C) if prob else t.reshape(-1))
     shape = (*input.shape[:-1], *out)
-    return reduce(loss, t_rows, weight, ignore_index, reduction, shape, input.dtype)
+    return reduce(loss, t_rows, weight, ignore_index, reduction, shape, out_dtype or input.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -528,11 +529,12 @@ def _lce_prepare(input, linear_weight, target, linear_bias, weight, reduction, i
 def _lce_path(use_triton: bool):
     def path(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, options):
         # as torch's composite under autocast: the linear in the autocast dtype, the loss in fp32
-        # (cross_entropy is on torch's fp32 autocast list on CPU and CUDA alike)
+        # (cross_entropy is on torch's fp32 autocast list on CPU and CUDA alike), never rounded
+        # to the autocast dtype on the way
+        fp32 = torch.is_autocast_enabled(input.device.type)
         input, linear_weight, linear_bias = autocast_lower(input.device.type, input, linear_weight, linear_bias)
-        out = linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
-                                   ignore_index, label_smoothing, use_triton=use_triton)
-        return out.float() if torch.is_autocast_enabled(input.device.type) else out
+        return linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                    label_smoothing, use_triton=use_triton, out_dtype=torch.float32 if fp32 else None)
 
     return path
 

@@ -108,9 +108,13 @@ def _linear_causal_lm_loss(hidden: Tensor, head: nn.Linear, labels: Tensor, num_
                                        use_reentrant=False)
         loss = total if reduction == "sum" else total / (target != ignore_index).sum()
     else:
-        loss = FF.linear_cross_entropy(
-            h, head.weight, target, linear_bias=head.bias, reduction=reduction, ignore_index=ignore_index,
-        ).float()  # transformers computes this loss in fp32 whatever the model's dtype
+        # transformers computes this loss in fp32 from the head's logits in the model's dtype: what
+        # linear_cross_entropy gives under autocast to that dtype (the loss itself never rounded)
+        low = h.dtype in (torch.float16, torch.bfloat16)
+        with torch.autocast(h.device.type, dtype=h.dtype if low else torch.bfloat16, enabled=low):
+            loss = FF.linear_cross_entropy(
+                h, head.weight, target, linear_bias=head.bias, reduction=reduction, ignore_index=ignore_index,
+            ).float()
     return loss if num_items_in_batch is None else _normalise(loss, num_items_in_batch)
 
 
