@@ -323,11 +323,13 @@ def test_layer_norm_hidden_limit(device, K):
     torch.testing.assert_close(y2, torch.nn.functional.layer_norm(x, (K.MAX_HIDDEN + 1,)))
     with pytest.raises(ValueError, match=f"at most {K.MAX_HIDDEN}"):
         K.calc_settings(K.MAX_HIDDEN + 1)
-    # the block-size helper: one block up to MAX_BLOCK_N columns, then chunks
+    # the block-size helper: one block up to MAX_BLOCK_N columns, then (CHUNK_M, CHUNK_N) tiles
     _, block_n, _, single = K.calc_settings(1000)
     assert block_n == 1024 and single
-    block_m, block_n, _, single = K.calc_settings(K.MAX_HIDDEN)
-    assert (block_m, block_n, single) == (1, K.MAX_BLOCK_N, False)
+    assert K.calc_settings(K.MAX_BLOCK_N)[1:] == (K.MAX_BLOCK_N, 16, True)
+    block_m, block_n, _, single = K.calc_settings(K.MAX_BLOCK_N + 1)
+    assert (block_m, block_n, single) == (K.CHUNK_M, K.CHUNK_N, False)
+    assert K.calc_settings(K.MAX_HIDDEN)[:2] == (K.CHUNK_M, K.CHUNK_N)
 
 
 # ----------------------------------------------------------------------------------------------
