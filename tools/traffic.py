@@ -262,10 +262,12 @@ def gpu_model(sms: int = H100_SMS, tile: int = GPU_TILE):
 # tests/test_traffic.py runs, counted with CI_SMS SMs: every program-count rule scales with the SM
 # count, so 256 rows on 8 SMs have the rows per program (and the weight reads per row) of an H100's
 # 132 SMs at 256 * 132 / 8 = 4224 rows, at 1/16 of the interpreter's time. "full": the issue's
-# 4096 x 4096 on 132 SMs (minutes); "chunked": rows past MAX_BLOCK_N.
+# 4096 x 4096 on 132 SMs (minutes); "wide": the norms at N = 4096 (one row per GPU tile);
+# "chunked": rows past MAX_BLOCK_N (9000: 17 full 512-column chunks and a ragged one), counted
+# with CHUNKED_SMS: 64 rows on 2 SMs stand for 4224 rows on 132 as above.
 SIZES = {
-    "layer_norm": {"ci": (256, [1024]), "chunked": (256, [16384]), "full": (4096, [4096])},
-    "rms_norm": {"ci": (256, [1024]), "chunked": (256, [16384]), "full": (4096, [4096])},
+    "layer_norm": {"ci": (256, [1024]), "wide": (256, [4096]), "chunked": (64, [9000]), "full": (4096, [4096])},
+    "rms_norm": {"ci": (256, [1024]), "wide": (256, [4096]), "chunked": (64, [9000]), "full": (4096, [4096])},
     "gelu": {"ci": (256, [1024]), "full": (4096, [4096])},
     "dropout": {"ci": [2**18], "full": [2**24]},
     "softmax": {"ci": (256, [1024]), "full": (4096, [4096])},
@@ -273,6 +275,7 @@ SIZES = {
     "cross_entropy": {"ci": [(256, 64, 4096)], "full": [(4096, 2048, 32000)]},
 }
 CI_SMS = 8
+CHUNKED_SMS = 2
 MEMORY_BOUND = ("layer_norm", "rms_norm", "gelu", "dropout", "softmax", "rotary", "cross_entropy")
 
 

@@ -27,9 +27,11 @@ MAX_BLOCK_N = 8192
 
 
 # Long rows (N > MAX_BLOCK_N) are walked in (CHUNK_M, CHUNK_N) tiles: several rows per tile, so
-# that the backward's first pass reads a weight chunk once per CHUNK_M rows, and 8192 elements per
-# tile (16 warps, 16 per thread per live array), as the one-block tiles on a GPU.
-CHUNK_M, CHUNK_N = 4, 2048
+# that the backward's first pass reads a weight chunk once per CHUNK_M rows, and 2048 elements per
+# tile (16 warps, 4 per thread per live array; each row's 512 columns are 1 KB contiguous in 16
+# bits). Larger tiles spilled in the fused dropout variants on sm_90, at the 128 registers a
+# 16-warp program may hold: (4, 2048) forward 104 B and backward 336 B, (4, 1024) backward 16 B.
+CHUNK_M, CHUNK_N = 4, 512
 # Programs per SM of the forward (the backward runs one per SM: each writes an fp32 partial row of
 # dweight/dbias). Each program loads the weight and bias once and holds them across its rows, so
 # fewer programs read them fewer times; two per SM keep 2 x 16 warps of loads in flight.
