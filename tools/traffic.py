@@ -260,22 +260,23 @@ def gpu_model(sms: int = H100_SMS, tile: int = GPU_TILE):
 # ----------------------------------------------------------------------------------------------
 # bench module -> {size name: what its _sizes(cfg) returns}. "ci": the one size per op that
 # tests/test_traffic.py runs, counted with CI_SMS SMs: every program-count rule scales with the SM
-# count, so 256 rows on 8 SMs have the rows per program (and the weight reads per row) of an H100's
-# 132 SMs at 256 * 132 / 8 = 4224 rows, at 1/16 of the interpreter's time. "full": the issue's
-# 4096 x 4096 on 132 SMs (minutes); "wide": the norms at N = 4096 (one row per GPU tile);
-# "chunked": rows past MAX_BLOCK_N (9000: 17 full 512-column chunks and a ragged one), counted
-# with CHUNKED_SMS: 64 rows on 2 SMs stand for 4224 rows on 132 as above.
+# count, so 128 rows on 4 SMs have the rows per program (and the weight reads per row) of an H100's
+# 132 SMs at 128 * 132 / 4 = 4224 rows, at 1/33 of the interpreter's time. "wide": the norms at
+# N = 4096 (one row per GPU tile), 256 rows on 8 SMs; "chunked": rows past MAX_BLOCK_N (9000: 17
+# full 512-column chunks and a ragged one), 32 rows on CHUNKED_SMS = 1 (again 4224 rows on 132);
+# "full": the issue's 4096 x 4096 on 132 SMs (minutes).
 SIZES = {
-    "layer_norm": {"ci": (256, [1024]), "wide": (256, [4096]), "chunked": (64, [9000]), "full": (4096, [4096])},
-    "rms_norm": {"ci": (256, [1024]), "wide": (256, [4096]), "chunked": (64, [9000]), "full": (4096, [4096])},
-    "gelu": {"ci": (256, [1024]), "full": (4096, [4096])},
-    "dropout": {"ci": [2**18], "full": [2**24]},
-    "softmax": {"ci": (256, [1024]), "full": (4096, [4096])},
-    "rotary": {"ci": [(1, 8, 2, 256, 64)], "full": [(4, 32, 8, 1024, 128)]},
-    "cross_entropy": {"ci": [(256, 64, 4096)], "full": [(4096, 2048, 32000)]},
+    "layer_norm": {"ci": (128, [1024]), "wide": (256, [4096]), "chunked": (32, [9000]), "full": (4096, [4096])},
+    "rms_norm": {"ci": (128, [1024]), "wide": (256, [4096]), "chunked": (32, [9000]), "full": (4096, [4096])},
+    "gelu": {"ci": (128, [1024]), "full": (4096, [4096])},
+    "dropout": {"ci": [2**14], "full": [2**24]},
+    "softmax": {"ci": (128, [1024]), "full": (4096, [4096])},
+    "rotary": {"ci": [(1, 4, 2, 32, 64)], "full": [(4, 32, 8, 1024, 128)]},
+    "cross_entropy": {"ci": [(64, 64, 4096)], "full": [(4096, 2048, 32000)]},
 }
-CI_SMS = 8
-CHUNKED_SMS = 2
+CI_SMS = 4
+CHUNKED_SMS = 1
+SIZE_SMS = {"ci": CI_SMS, "wide": 8, "chunked": CHUNKED_SMS, "full": H100_SMS}  # the CLI's default --sms
 MEMORY_BOUND = ("layer_norm", "rms_norm", "gelu", "dropout", "softmax", "rotary", "cross_entropy")
 
 
@@ -392,9 +393,10 @@ def main(argv=None):
     p.add_argument("--size", default="ci", help="a key of SIZES[op] (ci, chunked, full)")
     p.add_argument("--modes", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     p.add_argument("--dtype", default="fp16", choices=sorted(DTYPES))
-    p.add_argument("--sms", type=int, default=H100_SMS)
+    p.add_argument("--sms", type=int, default=None, help="SMs of the GPU model (default: SIZE_SMS[size])")
     p.add_argument("--launches", action="store_true", help="also print every launch's bytes")
     a = p.parse_args(argv)
+    a.sms = a.sms or SIZE_SMS.get(a.size, H100_SMS)
     rows = []
     for op in a.ops:
         if a.size not in SIZES[op]:
