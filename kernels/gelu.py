@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._math import gelu, gelu_grad
-from ._common import MAX_ROW_PROGRAMS, acc_dtype, as_rows, elementwise_config, stat_dtype
+from ._common import MAX_ROW_PROGRAMS, acc_dtype, as_rows, elementwise_config, num_sms, stat_dtype
 
 # Activation codes (constexpr ACT); constexpr globals so the kernels can compare against them.
 _GELU = tl.constexpr(0)
@@ -43,7 +43,9 @@ _SILU = tl.constexpr(3)
 _RELU2 = tl.constexpr(4)
 ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "relu2": 4}
 
-# dbias partials: at most this many row strips, so the fp32 partial buffer stays (<= 256, N).
+# dbias partials: at most this many row strips, so the fp32 partial buffer stays (<= 256, N); and
+# at most one strip per SM: each strip writes (and the reduction reads) an fp32 row of N, which at
+# 4 rows per strip was 1.25x the minimum traffic of the backward (tools/traffic.py).
 _MAX_DBIAS_STRIPS = 256
 
 
@@ -182,7 +184,10 @@ def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> 
     x2 = as_rows(x)  # (M, N)
     y2 = y.view(x2.shape)  # (M, N)
     M, N = x2.shape
-    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
+    # with a bias: about 2 row programs per SM, each loading its bias columns once for all its rows
+    # (one program per 4-row tile read the bias 1.12x over the minimum traffic, tools/traffic.py)
+    max_rows = min(MAX_ROW_PROGRAMS, 2 * num_sms(x.device)) if bias is not None else MAX_ROW_PROGRAMS
+    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows)
     acc = acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
     _bias_act_fwd_kernel[grid](
         x2, bias if bias is not None else x2, x2, y2, M, N, x2.stride(0), 0, y2.stride(0),
@@ -204,7 +209,7 @@ def bias_act_backward(dy: torch.Tensor, x: torch.Tensor, bias, activation: str):
     x2, dy2 = as_rows(x), as_rows(dy)  # (M, N)
     dx2 = dx.view(x2.shape)  # (M, N)
     M, N = x2.shape
-    max_rows = _MAX_DBIAS_STRIPS if bias is not None else MAX_ROW_PROGRAMS
+    max_rows = min(_MAX_DBIAS_STRIPS, num_sms(x.device)) if bias is not None else MAX_ROW_PROGRAMS
     block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows)
     compute = torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype
     acc = acc_dtype(compute)

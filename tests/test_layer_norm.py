@@ -226,6 +226,33 @@ def test_layer_norm_nan_propagates_to_its_row_only(backend, device):
         assert_close(o, t, msg=name)
 
 
+def test_long_rows_walk_several_tiles_per_program(device):
+    # Rows past MAX_BLOCK_N are walked in (CHUNK_M, CHUNK_N) tiles, several per program: 37 rows
+    # on the interpreter's 4 "SMs" give 12 rows (3 tiles) per program and 1 row to the last; the
+    # weight chunk and the fp32 dweight/dbias partials are held across the tiles. LayerNorm and
+    # RMSNorm against the fp64 reference, forward and every gradient.
+    import fasttx
+
+    torch.manual_seed(3)
+    rows, hidden = 37, 9000
+    x = torch.randn(rows, hidden, device=device)
+    w = 1 + 0.5 * torch.randn(hidden, device=device)
+    b = 0.5 * torch.randn(hidden, device=device)
+    dy = torch.randn(rows, hidden, device=device)
+    with fasttx.use_backend("triton"):
+        ours, ref = _ln_case(x, (hidden,), w, b, dy)
+        _check_all(ours, ref, torch.float32)
+        xs, ws = _leaf(x), _leaf(w)
+        y = FF.rms_norm(xs, (hidden,), ws, 1e-6)
+        y.backward(dy)
+    xr, wr = _leaf(x.to(F64)), _leaf(w.to(F64))
+    yr = R.rms_norm(xr, (hidden,), wr, 1e-6)
+    gx, gw = torch.autograd.grad(yr, (xr, wr), dy.to(F64))
+    assert_close(y, yr, dtype=torch.float32, msg="rms y")
+    assert_close(xs.grad, gx, dtype=torch.float32, msg="rms dx")
+    assert_close(ws.grad, gw, dtype=torch.float32, msg="rms dweight")
+
+
 @pytest.mark.parametrize("hidden", [1000, 10000])
 def test_layer_norm_large_mean_accuracy(backend, device, hidden):
     # h = 1000 + noise: E[h^2] - E[h]^2 in fp32 would be off by ~10% (the naive one-pass
@@ -323,11 +350,13 @@ def test_layer_norm_hidden_limit(device, K):
     torch.testing.assert_close(y2, torch.nn.functional.layer_norm(x, (K.MAX_HIDDEN + 1,)))
     with pytest.raises(ValueError, match=f"at most {K.MAX_HIDDEN}"):
         K.calc_settings(K.MAX_HIDDEN + 1)
-    # the block-size helper: one block up to MAX_BLOCK_N columns, then chunks
+    # the block-size helper: one block up to MAX_BLOCK_N columns, then (CHUNK_M, CHUNK_N) tiles
     _, block_n, _, single = K.calc_settings(1000)
     assert block_n == 1024 and single
-    block_m, block_n, _, single = K.calc_settings(K.MAX_HIDDEN)
-    assert (block_m, block_n, single) == (1, K.MAX_BLOCK_N, False)
+    assert K.calc_settings(K.MAX_BLOCK_N)[1:] == (K.MAX_BLOCK_N, 16, True)
+    block_m, block_n, _, single = K.calc_settings(K.MAX_BLOCK_N + 1)
+    assert (block_m, block_n, single) == (K.CHUNK_M, K.CHUNK_N, False)
+    assert K.calc_settings(K.MAX_HIDDEN)[:2] == (K.CHUNK_M, K.CHUNK_N)
 
 
 # ----------------------------------------------------------------------------------------------

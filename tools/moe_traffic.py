@@ -1,13 +1,12 @@
 """Bytes and FLOPs the MoE experts kernels (kernels/moe/) move and issue per routed (token, expert)
 pair, counted under the Triton interpreter, against the minimum.
 
-Method: the interpreter executes every tl.load / tl.store / tl.dot through its builder; this script
-wraps InterpreterBuilder.create_masked_load / create_masked_store to add up the bytes of the
-elements whose mask is true (what the kernels request from global memory; on a GPU, repeated reads of
-a weight tile by many row tiles are partly served by L2, so this is the request volume, an upper
-bound on DRAM traffic), the number of distinct bytes addressed over the pass (every byte any kernel
-touches, once: the traffic if every reuse hit in cache, intermediates included), and create_dot to
-add 2 M N K per tile product (issued FLOPs, padding of partial tiles included). The GPU tile sizes
+Method: tools/traffic.py's Counter (the interpreter's masked loads/stores and tl.dot, hooked): the
+bytes of the elements whose mask is true (what the kernels request from global memory; on a GPU,
+repeated reads of a weight tile by many row tiles are partly served by L2, so this is the request
+volume, an upper bound on DRAM traffic), the distinct bytes addressed over the pass (every byte any
+kernel touches, once: the traffic if every reuse hit in cache, intermediates included), and 2 M N K
+per tile product (issued FLOPs, padding of partial tiles included). The GPU tile sizes
 (BLOCK_M/N/K = 64, rows per tile from block_m_for) are set for the count.
 
     TRITON_INTERPRET=1 python tools/moe_traffic.py [--T 256 --H 256 --I 192 --E 8 --k 2]
@@ -19,54 +18,18 @@ import argparse
 import os
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import numpy as np  # noqa: E402
+from traffic import count  # noqa: E402  (sets TRITON_INTERPRET=1 before triton is imported)
+
 import torch  # noqa: E402
-from triton.runtime import interpreter as _interp  # noqa: E402
 
 from fasttx.kernels import moe as K  # noqa: E402
 
-COUNT = {"load": 0, "store": 0, "flops": 0}
-ADDRS = []
-
-
-def _install():
-    B = _interp.InterpreterBuilder
-    load, store, dot = B.create_masked_load, B.create_masked_store, B.create_dot
-
-    def masked_load(self, ptrs, mask, other, *a):
-        nbytes = ptrs.get_element_ty().primitive_bitwidth // 8
-        m = np.broadcast_to(mask.data, ptrs.data.shape)
-        COUNT["load"] += int(m.sum()) * nbytes
-        ADDRS.append((ptrs.data[m].astype(np.int64), nbytes))
-        return load(self, ptrs, mask, other, *a)
-
-    def masked_store(self, ptrs, value, mask, *a):
-        nbytes = ptrs.get_element_ty().primitive_bitwidth // 8
-        m = np.broadcast_to(mask.data, ptrs.data.shape)
-        COUNT["store"] += int(m.sum()) * nbytes
-        ADDRS.append((ptrs.data[m].astype(np.int64), nbytes))
-        return store(self, ptrs, value, mask, *a)
-
-    def create_dot(self, a, b, d, *rest):
-        M, Kd = a.data.shape[-2:]
-        COUNT["flops"] += 2 * M * Kd * b.data.shape[-1]
-        return dot(self, a, b, d, *rest)
-
-    B.create_masked_load, B.create_masked_store, B.create_dot = masked_load, masked_store, create_dot
-
 
 def _measure(fn):
-    for key in COUNT:
-        COUNT[key] = 0
-    ADDRS.clear()
-    fn()
-    distinct = 0  # distinct bytes: unique element addresses per element size (tensors do not overlap)
-    for size in {n for _, n in ADDRS}:
-        distinct += np.unique(np.concatenate([a for a, n in ADDRS if n == size])).size * size
-    return dict(COUNT), distinct
+    t = count(fn)
+    return {"load": t.load, "store": t.store, "flops": t.flops}, t.distinct
 
 
 def main(argv=None):
@@ -76,7 +39,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     T, H, NI, E, k = a.T, a.H, a.I, a.E, a.k
     K.BLOCK_M, K.BLOCK_N, K.BLOCK_K = 64, 64, 64  # the GPU tiles
-    _install()
     dt = torch.bfloat16
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, H, generator=g).to(dt)

@@ -31,6 +31,8 @@ from .backward import _layer_norm_bwd_kernel  # noqa: F401
 from .forward import _layer_norm_fwd_kernel  # noqa: F401
 from .launch import (  # noqa: F401
     CASTS,
+    CHUNK_M,
+    CHUNK_N,
     MAX_BLOCK_N,
     MAX_HIDDEN,
     calc_settings,

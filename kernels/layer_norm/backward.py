@@ -21,13 +21,25 @@ from .._math import dropout_keep
 # identity, so every casting order shares this backward.
 # The fused op adds the gradient flowing into its second output h:  dh += dh_out.
 # Then d_residual = dh and d_input = dh * keep / (1 - p) (the same mask, regenerated from the seed).
-# dweight/dbias: each program sums its contiguous group of rows in fp32 into its own row of a
-# (programs, N) buffer; the launcher reduces that buffer in a fixed order. No atomics: two
-# backward runs give bit-identical results.
+# dweight/dbias: each program sums its contiguous group of rows in fp32 registers into its own row
+# of a (programs, N) buffer, written once; the launcher reduces that buffer in a fixed order. No
+# atomics: two backward runs give bit-identical results. The weight is loaded once per program
+# (per chunk, for long rows) and held across its rows.
+@triton.jit
+def _load_w(W, c, N, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, WEIGHT_PLUS_ONE: tl.constexpr):
+    """The weight of the columns c in ACC (Gemma: 1 + w); ones without a weight (never used then)."""
+    w = tl.full(c.shape, 1.0, ACC)
+    if HAS_WEIGHT:
+        w = tl.load(W + c, mask=c < N, other=0.0).to(ACC)
+        if WEIGHT_PLUS_ONE:
+            w = w + 1.0
+    return w
+
+
 @triton.jit
 def _tile_g(
-    X, W, DY, rows, cols, mask, N, stride_x, stride_dy, mean, rstd,
-    HAS_WEIGHT: tl.constexpr, WEIGHT_PLUS_ONE: tl.constexpr, ACC: tl.constexpr,
+    X, w, DY, rows, cols, mask, stride_x, stride_dy, mean, rstd,
+    HAS_WEIGHT: tl.constexpr, ACC: tl.constexpr,
 ):
     """(xhat, dy, g = dy * w) of a (BLOCK_M, BLOCK_N) tile, in ACC, 0 outside the tensor."""
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
@@ -35,9 +47,6 @@ def _tile_g(
     xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     g = dy
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=cols < N, other=0.0).to(ACC)
-        if WEIGHT_PLUS_ONE:
-            w = w + 1.0
         g = dy * w[None, :]
     return xhat, dy, g
 
@@ -62,11 +71,23 @@ def _tile_store_dx(
 
 
 @triton.jit
+def _stats(Mean, Rstd, rows, row_ok, IS_RMS_NORM: tl.constexpr, ACC: tl.constexpr):
+    """(mean, rstd) of the rows: the saved statistics (mean 0 for RMSNorm)."""
+    if IS_RMS_NORM:
+        mean = tl.zeros(rows.shape, dtype=ACC)
+    else:
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    return mean, rstd
+
+
+@triton.jit
 def _layer_norm_bwd_kernel(
     X, W, DY, DHO,             # saved h (M, N), weight (N,), dy (M, N), dh_out (M, N)
     DX, DH,                    # outputs: d_input (M, N), d_residual = dh (M, N)
-    DW, DB,                    # (programs, N) fp32 partial sums of dweight, dbias (zeroed)
+    DW, DB,                    # (programs, N) fp32 partial sums of dweight, dbias
     Mean, Rstd,                # saved statistics (M,); Mean unused for RMSNorm
+    C,                         # long rows: (2, M) fp32 scratch for the row constants c1, c2
     stride_x, stride_dy, stride_dho, stride_dx, stride_dh,  # row strides, unit column stride
     M, N, rows_per_program,
     SEED, p, scale,            # dropout, as in the forward
@@ -88,20 +109,17 @@ def _layer_norm_bwd_kernel(
     DW += pid * N
     DB += pid * N
     if SINGLE_BLOCK:
-        # The partial sums stay in registers across this program's rows.
+        # The weight and the partial sums stay in registers across this program's rows.
+        w = _load_w(W, cols, N, ACC, HAS_WEIGHT, WEIGHT_PLUS_ONE)
         dw = tl.zeros([BLOCK_N], dtype=ACC)
         db = tl.zeros([BLOCK_N], dtype=ACC)
         for tile in range(row_start, row_end, BLOCK_M):
             rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile  # int64 whatever the loop var is
             row_ok = rows < row_end
             mask = row_ok[:, None] & (cols < N)[None, :]
-            if IS_RMS_NORM:
-                mean = tl.zeros([BLOCK_M], dtype=ACC)
-            else:
-                mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-            xhat, dy, g = _tile_g(X, W, DY, rows, cols, mask, N, stride_x, stride_dy, mean, rstd,
-                                  HAS_WEIGHT, WEIGHT_PLUS_ONE, ACC)
+            mean, rstd = _stats(Mean, Rstd, rows, row_ok, IS_RMS_NORM, ACC)
+            xhat, dy, g = _tile_g(X, w, DY, rows, cols, mask, stride_x, stride_dy, mean, rstd,
+                                  HAS_WEIGHT, ACC)
             c1 = tl.sum(xhat * g, axis=1) / N
             if IS_RMS_NORM:
                 c2 = tl.zeros([BLOCK_M], dtype=ACC)
@@ -119,44 +137,55 @@ def _layer_norm_bwd_kernel(
         if HAS_BIAS:
             tl.store(DB + cols, db, mask=cols < N)
     else:
-        # Long rows (BLOCK_M == 1), two passes per row: 1) c1, c2; 2) dh, and the partial sums
-        # read-modify-written in this program's own row of DW/DB (no other program touches it:
-        # no atomics). The compiler may give the load and the store different thread layouts,
-        # so a barrier after each row makes one row's stores visible to the next row's loads.
+        # Long rows, two passes over the program's rows. 1) per BLOCK_M rows, c1 and c2 in one
+        # sweep over the row's chunks, stored in the scratch C. 2) chunk by chunk: the chunk's
+        # weight loaded once, every row of the program's dh, dx stored, and the chunk's dweight /
+        # dbias partial summed in fp32 registers across the rows and written once (no
+        # read-modify-write). Traffic: h and dy read twice, dx written once.
         for tile in range(row_start, row_end, BLOCK_M):
             rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile  # int64 whatever the loop var is
             row_ok = rows < row_end
-            if IS_RMS_NORM:
-                mean = tl.zeros([BLOCK_M], dtype=ACC)
-            else:
-                mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-            rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+            mean, rstd = _stats(Mean, Rstd, rows, row_ok, IS_RMS_NORM, ACC)
             a1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             a2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 mask = row_ok[:, None] & (c < N)[None, :]
-                xhat, dy, g = _tile_g(X, W, DY, rows, c, mask, N, stride_x, stride_dy, mean,
-                                      rstd, HAS_WEIGHT, WEIGHT_PLUS_ONE, ACC)
+                w = _load_w(W, c, N, ACC, HAS_WEIGHT, WEIGHT_PLUS_ONE)
+                xhat, dy, g = _tile_g(X, w, DY, rows, c, mask, stride_x, stride_dy, mean, rstd,
+                                      HAS_WEIGHT, ACC)
                 a1 += xhat * g
                 a2 += g
-            c1 = tl.sum(a1, axis=1) / N
-            if IS_RMS_NORM:
-                c2 = tl.zeros([BLOCK_M], dtype=ACC)
-            else:
-                c2 = tl.sum(a2, axis=1) / N
-            for start in range(0, N, BLOCK_N):
-                c = start + cols
+            tl.store(C + rows, tl.sum(a1, axis=1) / N, mask=row_ok)
+            if not IS_RMS_NORM:
+                tl.store(C + M + rows, tl.sum(a2, axis=1) / N, mask=row_ok)
+        # pass 2 reads the constants this program stored in pass 1 (from other threads)
+        tl.debug_barrier()
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            w = _load_w(W, c, N, ACC, HAS_WEIGHT, WEIGHT_PLUS_ONE)
+            dw = tl.zeros([BLOCK_N], dtype=ACC)
+            db = tl.zeros([BLOCK_N], dtype=ACC)
+            for tile in range(row_start, row_end, BLOCK_M):
+                rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile  # int64 whatever the loop var is
+                row_ok = rows < row_end
                 mask = row_ok[:, None] & (c < N)[None, :]
-                xhat, dy, g = _tile_g(X, W, DY, rows, c, mask, N, stride_x, stride_dy, mean,
-                                      rstd, HAS_WEIGHT, WEIGHT_PLUS_ONE, ACC)
+                mean, rstd = _stats(Mean, Rstd, rows, row_ok, IS_RMS_NORM, ACC)
+                c1 = tl.load(C + rows, mask=row_ok, other=0.0)
+                if IS_RMS_NORM:
+                    c2 = tl.zeros([BLOCK_M], dtype=ACC)
+                else:
+                    c2 = tl.load(C + M + rows, mask=row_ok, other=0.0)
+                xhat, dy, g = _tile_g(X, w, DY, rows, c, mask, stride_x, stride_dy, mean, rstd,
+                                      HAS_WEIGHT, ACC)
                 dh = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
                 _tile_store_dx(DX, DH, DHO, rows, c, mask, N, stride_dx, stride_dh, stride_dho,
                                dh, seed, p, scale, HAS_DH_OUT, HAS_DROPOUT, STORE_DH)
                 if HAS_WEIGHT:
-                    tl.store(DW + c, tl.load(DW + c, mask=c < N, other=0.0)
-                             + tl.sum(dy * xhat, axis=0), mask=c < N)
+                    dw += tl.sum(dy * xhat, axis=0)
                 if HAS_BIAS:
-                    tl.store(DB + c, tl.load(DB + c, mask=c < N, other=0.0)
-                             + tl.sum(dy, axis=0), mask=c < N)
-            tl.debug_barrier()
+                    db += tl.sum(dy, axis=0)
+            if HAS_WEIGHT:
+                tl.store(DW + c, dw, mask=c < N)
+            if HAS_BIAS:
+                tl.store(DB + c, db, mask=c < N)

@@ -69,19 +69,62 @@ def _load_h(
 
 
 @triton.jit
-def _affine(y, W, B, c, N, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-            CAST_XHAT: tl.constexpr, XHAT_DTYPE: tl.constexpr, WEIGHT_PLUS_ONE: tl.constexpr):
-    """xhat (BLOCK_M, BLOCK_N) -> xhat * w + b, with the casting order's flags (see the top)."""
+def _load_wb(W, B, c, N, ACC: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+             WEIGHT_PLUS_ONE: tl.constexpr):
+    """(w, b) of the columns c, in ACC (Gemma: 1 + w); zeros for an absent one (never used then)."""
+    w = tl.zeros(c.shape, dtype=ACC)
+    b = tl.zeros(c.shape, dtype=ACC)
+    if HAS_WEIGHT:
+        w = tl.load(W + c, mask=c < N, other=0.0).to(ACC)
+        if WEIGHT_PLUS_ONE:
+            w = w + 1.0  # Gemma: (1 + w), in fp32
+    if HAS_BIAS:
+        b = tl.load(B + c, mask=c < N, other=0.0).to(ACC)
+    return w, b
+
+
+@triton.jit
+def _affine(y, w, b, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+            CAST_XHAT: tl.constexpr, XHAT_DTYPE: tl.constexpr):
+    """xhat (BLOCK_M, BLOCK_N) -> xhat * w + b (w, b from _load_wb), with the casting order's flags."""
     if CAST_XHAT:
         y = y.to(XHAT_DTYPE).to(y.dtype)  # Llama: round the normalized value to h's dtype first
     if HAS_WEIGHT:
-        w = tl.load(W + c, mask=c < N, other=0.0).to(y.dtype)
-        if WEIGHT_PLUS_ONE:
-            w = w + 1.0  # Gemma: (1 + w), in fp32
         y = y * w[None, :]
     if HAS_BIAS:
-        y = y + tl.load(B + c, mask=c < N, other=0.0).to(y.dtype)[None, :]
+        y = y + b[None, :]
     return y
+
+
+@triton.jit
+def _welford_lanes(n, mean, m2, s, h, ok):
+    """Per-lane Welford update with one more value h where ok: count n, mean, and the sum of squared
+    deviations kept as m2 * s^2 (s as in _add_squares, so that values past 1e16 cannot overflow)."""
+    n_new = n + tl.where(ok, 1.0, 0.0)
+    d = tl.where(ok, h - mean, 0.0)
+    mean_new = mean + d / tl.maximum(n_new, 1.0)
+    e = tl.where(ok, h - mean_new, 0.0)
+    a = tl.maximum(tl.abs(d), tl.abs(e))
+    s_new = tl.maximum(s, tl.where(a > _SQ_SAFE, a, 1.0))
+    r = s / s_new
+    return n_new, mean_new, m2 * r * r + (d / s_new) * (e / s_new), s_new
+
+
+@triton.jit
+def _welford_rows(n, mean, m2, s, N, eps):
+    """(mean, rstd) per row from the lanes' Welford states (BLOCK_M, BLOCK_N), merged as Chan et al.:
+    mean = sum(n_l mean_l) / N, corrected by sum(n_l (mean_l - mean)) / N (the single-block path's
+    correction step), M2 = sum(m2_l) + sum(n_l (mean_l - mean)^2), all squares scaled by the row's S."""
+    mean_r = tl.sum(n * mean, axis=1) / N
+    dl = tl.where(n > 0, mean - mean_r[:, None], 0.0)
+    mean_r += tl.sum(n * dl, axis=1) / N
+    dl = tl.where(n > 0, mean - mean_r[:, None], 0.0)
+    a = tl.abs(dl)
+    S = tl.maximum(tl.max(s, axis=1), tl.max(tl.where(a > _SQ_SAFE, a, 1.0), axis=1))
+    r = s / S[:, None]
+    ds = dl / S[:, None]
+    ms = (tl.sum(m2 * r * r, axis=1) + tl.sum(n * ds * ds, axis=1)) / N  # var / S^2
+    return mean_r, 1.0 / (S * tl.sqrt(ms + eps / (S * S)))
 
 
 @triton.jit
@@ -92,6 +135,7 @@ def _layer_norm_fwd_kernel(
     stride_x, stride_r,        # row strides (elements) of X and R; columns are contiguous
     stride_y, stride_h,        # row strides of Y and H
     M, N,                      # rows, row length
+    rows_per_program,          # each program normalizes rows [pid * this, (pid + 1) * this), a multiple of BLOCK_M
     eps,                       # added to the variance
     SEED, p, scale,            # dropout: (1,) int64 Philox seed read on the device, p, 1/(1-p)
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_H: tl.constexpr,
@@ -103,88 +147,98 @@ def _layer_norm_fwd_kernel(
     SINGLE_BLOCK: tl.constexpr,  # the whole row fits in one BLOCK_N (else loop over chunks)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per BLOCK_M rows. Statistics in ACC (fp32 at least); the LayerNorm variance is
-    # taken from centred values, mean((h - mean)^2), never E[h^2] - E[h]^2, so a large common
-    # offset (h ~ 1000 + noise) loses no accuracy. RMSNorm's mean(h^2) has no such cancellation.
+    # Each program owns a contiguous group of rows and walks it BLOCK_M rows at a time; the weight
+    # and bias are loaded once per program (per chunk, for long rows) and held across its rows.
+    # Statistics in ACC (fp32 at least); the LayerNorm variance is taken from centred values,
+    # never E[h^2] - E[h]^2, so a large common offset (h ~ 1000 + noise) loses no accuracy.
+    # RMSNorm's mean(h^2) has no such cancellation.
     ACC: tl.constexpr = Rstd.dtype.element_ty
     if HAS_DROPOUT:
         seed = tl.load(SEED)  # on the device: a CUDA graph replay's new draw takes effect
     else:
         seed = 0
     H_DTYPE: tl.constexpr = H.dtype.element_ty
-    # int64 rows: row * stride can exceed 2^31
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    pid = tl.program_id(0).to(tl.int64)  # int64 rows: row * stride can exceed 2^31
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
     cols = tl.arange(0, BLOCK_N)
     if SINGLE_BLOCK:
-        mask = row_ok[:, None] & (cols < N)[None, :]
-        h = _load_h(X, R, KEEP, rows, cols, M, N, stride_x, stride_r, seed, p, scale,
-                    HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)  # (BLOCK_M, BLOCK_N)
-        if STORE_H:
-            tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H_DTYPE), mask=mask)
-        ones = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
-        zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        if IS_RMS_NORM:
-            sq, sc = _add_squares(zeros, ones, h)  # h is 0 outside the row
-            rstd = _rstd(sq, sc, N, eps, 0.0)
-            y = h * rstd[:, None]
-        else:
-            mean = tl.sum(h, axis=1) / N  # (BLOCK_M,)
-            # One correction step: the sum above rounds at the scale of |h| (e.g. 1000), the
-            # centred sum at the scale of the spread, so mean + mean(h - mean) is accurate to the
-            # spread's precision; y = (h - mean) * rstd would carry the first mean's error * rstd.
-            mean += tl.sum(tl.where(mask, h - mean[:, None], 0.0), axis=1) / N
-            hc = tl.where(mask, h - mean[:, None], 0.0)
-            sq, sc = _add_squares(zeros, ones, hc)  # var = mean(hc^2), overflow-safe
-            rstd = _rstd(sq, sc, N, eps, 0.0)
-            y = hc * rstd[:, None]
-        y = _affine(y, W, B, cols, N, HAS_WEIGHT, HAS_BIAS, CAST_XHAT, XHAT_DTYPE, WEIGHT_PLUS_ONE)
-        tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
-    else:
-        # Long rows (BLOCK_M == 1): passes over the row, recomputing h (and regenerating the same
-        # dropout mask) each time instead of keeping it. LayerNorm: 1) mean (and the h / mask
-        # stores), 2) variance from centred values, 3) normalize and store. RMSNorm: 1) mean(h^2)
-        # (and the stores), 3) normalize and store.
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-        sc = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
-        for start in range(0, N, BLOCK_N):
-            c = start + cols
-            h = _load_h(X, R, KEEP, rows, c, M, N, stride_x, stride_r, seed, p, scale,
-                        HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)
+        w, b = _load_wb(W, B, cols, N, ACC, HAS_WEIGHT, HAS_BIAS, WEIGHT_PLUS_ONE)
+        for tile in range(row_start, row_end, BLOCK_M):
+            rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile  # int64 whatever the loop var is
+            row_ok = rows < row_end
+            mask = row_ok[:, None] & (cols < N)[None, :]
+            h = _load_h(X, R, KEEP, rows, cols, row_end, N, stride_x, stride_r, seed, p, scale,
+                        HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)  # (BLOCK_M, BLOCK_N)
             if STORE_H:
-                tl.store(H + rows[:, None] * stride_h + c[None, :], h.to(H_DTYPE),
-                         mask=row_ok[:, None] & (c < N)[None, :])
+                tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H_DTYPE), mask=mask)
+            ones = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
+            zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             if IS_RMS_NORM:
-                acc, sc = _add_squares(acc, sc, h)
+                sq, sc = _add_squares(zeros, ones, h)  # h is 0 outside the row
+                rstd = _rstd(sq, sc, N, eps, 0.0)
+                y = h * rstd[:, None]
             else:
-                acc += h
-        if IS_RMS_NORM:
-            mean = tl.zeros([BLOCK_M], dtype=ACC)
-            rstd = _rstd(acc, sc, N, eps, 0.0)
-        else:
-            mean = tl.sum(acc, axis=1) / N
+                mean = tl.sum(h, axis=1) / N  # (BLOCK_M,)
+                # One correction step: the sum above rounds at the scale of |h| (e.g. 1000), the
+                # centred sum at the scale of the spread, so mean + mean(h - mean) is accurate to
+                # the spread's precision; y = (h - mean) * rstd would carry the first mean's error.
+                mean += tl.sum(tl.where(mask, h - mean[:, None], 0.0), axis=1) / N
+                hc = tl.where(mask, h - mean[:, None], 0.0)
+                sq, sc = _add_squares(zeros, ones, hc)  # var = mean(hc^2), overflow-safe
+                rstd = _rstd(sq, sc, N, eps, 0.0)
+                y = hc * rstd[:, None]
+                tl.store(Mean + rows, mean, mask=row_ok)
+            tl.store(Rstd + rows, rstd, mask=row_ok)
+            y = _affine(y, w, b, HAS_WEIGHT, HAS_BIAS, CAST_XHAT, XHAT_DTYPE)
+            tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Long rows, two passes over the program's rows. 1) per BLOCK_M rows, the statistics in one
+        # sweep over the row's chunks (LayerNorm: per-lane Welford merged as Chan et al.; RMSNorm:
+        # mean(h^2)), and the h / mask stores; mean and rstd are stored. 2) chunk by chunk, the
+        # chunk's weight and bias loaded once and every row of the program normalized (h recomputed
+        # and the same dropout mask regenerated; mean and rstd read back). Traffic: the input read
+        # twice, the output written once, weight and bias once per program.
+        for tile in range(row_start, row_end, BLOCK_M):
+            rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile  # int64 whatever the loop var is
+            row_ok = rows < row_end
+            n = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            mu = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
-            acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
+            sc = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
             for start in range(0, N, BLOCK_N):
                 c = start + cols
-                h = _load_h(X, R, KEEP, rows, c, M, N, stride_x, stride_r, seed, p, scale,
-                            HAS_RESIDUAL, HAS_DROPOUT, False, ACC, ROUND_H, H_DTYPE)
-                hc = tl.where(row_ok[:, None] & (c < N)[None, :], h - mean[:, None], 0.0)
-                acc += hc
-                acc2, sc = _add_squares(acc2, sc, hc)
-            # The corrected two-pass formula: with d = mean(h - m) for the first estimate m,
-            # mean = m + d and var = mean((h - m)^2) - d^2 (the single-block path's correction).
-            d = tl.sum(acc, axis=1) / N
-            mean += d
-            rstd = _rstd(acc2, sc, N, eps, d)
+                ok = row_ok[:, None] & (c < N)[None, :]
+                h = _load_h(X, R, KEEP, rows, c, row_end, N, stride_x, stride_r, seed, p, scale,
+                            HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)
+                if STORE_H:
+                    tl.store(H + rows[:, None] * stride_h + c[None, :], h.to(H_DTYPE), mask=ok)
+                if IS_RMS_NORM:
+                    acc, sc = _add_squares(acc, sc, h)
+                else:
+                    n, mu, acc, sc = _welford_lanes(n, mu, acc, sc, h, ok)
+            if IS_RMS_NORM:
+                rstd = _rstd(acc, sc, N, eps, 0.0)
+            else:
+                mean, rstd = _welford_rows(n, mu, acc, sc, N, eps)
+                tl.store(Mean + rows, mean, mask=row_ok)
+            tl.store(Rstd + rows, rstd, mask=row_ok)
+        # pass 2 reads the statistics this program stored in pass 1 (from other threads)
+        tl.debug_barrier()
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            m = row_ok[:, None] & (c < N)[None, :]
-            h = _load_h(X, R, KEEP, rows, c, M, N, stride_x, stride_r, seed, p, scale,
-                        HAS_RESIDUAL, HAS_DROPOUT, False, ACC, ROUND_H, H_DTYPE)
-            y = (h - mean[:, None]) * rstd[:, None]
-            y = _affine(y, W, B, c, N, HAS_WEIGHT, HAS_BIAS, CAST_XHAT, XHAT_DTYPE, WEIGHT_PLUS_ONE)
-            tl.store(Y + rows[:, None] * stride_y + c[None, :], y.to(Y.dtype.element_ty), mask=m)
-    if not IS_RMS_NORM:
-        tl.store(Mean + rows, mean, mask=row_ok)
-    tl.store(Rstd + rows, rstd, mask=row_ok)
+            w, b = _load_wb(W, B, c, N, ACC, HAS_WEIGHT, HAS_BIAS, WEIGHT_PLUS_ONE)
+            for tile in range(row_start, row_end, BLOCK_M):
+                rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile  # int64 whatever the loop var is
+                row_ok = rows < row_end
+                m = row_ok[:, None] & (c < N)[None, :]
+                rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+                h = _load_h(X, R, KEEP, rows, c, row_end, N, stride_x, stride_r, seed, p, scale,
+                            HAS_RESIDUAL, HAS_DROPOUT, False, ACC, ROUND_H, H_DTYPE)
+                if IS_RMS_NORM:
+                    y = h * rstd[:, None]
+                else:
+                    mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+                    y = (h - mean[:, None]) * rstd[:, None]
+                y = _affine(y, w, b, HAS_WEIGHT, HAS_BIAS, CAST_XHAT, XHAT_DTYPE)
+                tl.store(Y + rows[:, None] * stride_y + c[None, :], y.to(Y.dtype.element_ty), mask=m)

@@ -20,24 +20,42 @@ MAX_HIDDEN = 65536
 # Largest row held in registers at once. A GPU program has at most 16 warps (512 threads) of at
 # most 255 32-bit registers each; the backward keeps ~6 fp32 values per column live (x, dy, w,
 # dx, and the dweight/dbias partial sums), so 8192 columns is ~16 values per thread per array,
-# already near the limit without spilling. Rows longer than this loop over chunks of
-# MAX_BLOCK_N columns instead (SINGLE_BLOCK=False): a few more passes over the row (served
-# mostly from L2), but no register spills and no size ceiling from the register file.
+# already near the limit without spilling. Rows longer than this loop over (CHUNK_M, CHUNK_N) tiles
+# instead (SINGLE_BLOCK=False): two passes over the program's rows (the input read twice, the
+# output written once), but no register spills and no size ceiling from the register file.
 MAX_BLOCK_N = 8192
 
 
+# Long rows (N > MAX_BLOCK_N) are walked in (CHUNK_M, CHUNK_N) tiles: several rows per tile, so
+# that the backward's first pass reads a weight chunk once per CHUNK_M rows, and 2048 elements per
+# tile (16 warps, 4 per thread per live array; each row's 512 columns are 1 KB contiguous in 16
+# bits). Larger tiles spilled in the fused dropout variants on sm_90, at the 128 registers a
+# 16-warp program may hold: (4, 2048) forward 104 B and backward 336 B, (4, 1024) backward 16 B.
+CHUNK_M, CHUNK_N = 4, 512
+# Programs per SM of the forward (the backward runs one per SM: each writes an fp32 partial row of
+# dweight/dbias). Each program loads the weight and bias once and holds them across its rows, so
+# fewer programs read them fewer times; two per SM keep 2 x 16 warps of loads in flight.
+FWD_PROGRAMS_PER_SM = 2
+
+
 def calc_settings(N: int):
-    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for rows of N elements (the shared row_config):
-    one block up to MAX_BLOCK_N columns, else MAX_BLOCK_N-column chunks one row per tile; raises
-    ValueError past MAX_HIDDEN (ops/layer_norm.py's `unsupported` falls back before that)."""
-    return row_config(N, max_n=MAX_HIDDEN, block_n_cap=MAX_BLOCK_N, name="layer_norm")
+    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for rows of N elements: one block up to
+    MAX_BLOCK_N columns (the shared row_config), else (CHUNK_M, CHUNK_N) tiles; raises ValueError
+    past MAX_HIDDEN (ops/layer_norm.py's `unsupported` falls back before that)."""
+    block_m, block_n, num_warps, single = row_config(N, max_n=MAX_HIDDEN, block_n_cap=MAX_BLOCK_N,
+                                                     name="layer_norm")
+    if single:
+        return block_m, block_n, num_warps, single
+    return CHUNK_M, CHUNK_N, 16, False
 
 
-def _num_programs(rows: int, block_m: int, device: torch.device) -> int:
-    """Programs of the backward kernel, each owning a contiguous group of rows. One per SM keeps
-    the (programs, N) fp32 partial-sum buffer small; it depends only on (rows, N, device), so the
-    fixed-order reduction, and thus dweight/dbias, are bit-identical from run to run."""
-    return max(1, min(triton.cdiv(rows, block_m), num_sms(device)))
+def _rows_per_program(rows: int, block_m: int, programs: int) -> int:
+    """Rows per program for about `programs` programs: a multiple of BLOCK_M, so that only the last
+    tile of the last program is partial. The grid is then cdiv(rows, this): every program owns
+    at least one row. Depends only on (rows, N, device): the backward's fixed-order reduction of
+    the per-program partials, and thus dweight/dbias, are bit-identical from run to run."""
+    programs = max(1, min(triton.cdiv(rows, block_m), programs))
+    return triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m
 
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
@@ -63,12 +81,14 @@ def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtyp
         y2 = y.view(-1, N)
         h2 = h.view(-1, N) if store_h else y2
         low = h_dtype in LOW
-        _layer_norm_fwd_kernel[(triton.cdiv(rows, block_m),)](
+        sms = num_sms(x.device)
+        rpp = _rows_per_program(rows, block_m, FWD_PROGRAMS_PER_SM * sms if single else sms)
+        _layer_norm_fwd_kernel[(triton.cdiv(rows, rpp),)](
             x2, r2, weight if weight is not None else x2, bias if bias is not None else x2,
             y2, h2, keep if keep is not None else y2,
             mean if mean is not None else rstd, rstd,
             x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0),
-            rows, N, eps,
+            rows, N, rpp, eps,
             seed_tensor(seed, x.device) if p > 0.0 else rstd, p, 0.0 if p >= 1.0 else 1.0 / (1.0 - p),
             HAS_RESIDUAL=residual is not None, HAS_DROPOUT=p > 0.0, STORE_H=store_h,
             STORE_MASK=keep is not None, HAS_WEIGHT=weight is not None,
@@ -144,12 +164,14 @@ def _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_
     dx = torch.empty(h.shape, dtype=dx_dtype or h.dtype, device=h.device)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if store_dh else None
     rows = h.numel() // N if N > 0 else 0
-    programs = _num_programs(rows, block_m, h.device) if rows > 0 else 0
-    # rows per program: a multiple of BLOCK_M, so that only the last tile of the last program
-    # is partial
-    rows_per_program = triton.cdiv(triton.cdiv(rows, programs), block_m) * block_m if rows else 0
-    dw_part = torch.zeros(programs, N, dtype=rstd.dtype, device=h.device) if weight is not None else None
-    db_part = torch.zeros(programs, N, dtype=rstd.dtype, device=h.device) if bias is not None else None
+    # One program per SM, each owning rows_per_program rows and writing its whole row of the
+    # partial buffers (so they need no zeroing).
+    rows_per_program = _rows_per_program(rows, block_m, num_sms(h.device)) if rows else 0
+    programs = triton.cdiv(rows, rows_per_program) if rows else 0
+    dw_part = torch.empty(programs, N, dtype=rstd.dtype, device=h.device) if weight is not None else None
+    db_part = torch.empty(programs, N, dtype=rstd.dtype, device=h.device) if bias is not None else None
+    # long rows: the row constants c1, c2 between the backward's two passes
+    consts = torch.empty(2, rows, dtype=rstd.dtype, device=h.device) if not single and rows else rstd
     if h.numel() > 0:
         h2, dy2 = as_rows(h, N), as_rows(dy, N)  # (rows, N)
         dho2 = as_rows(dh_out, N) if dh_out is not None else dy2
@@ -159,7 +181,7 @@ def _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_
             h2, weight if weight is not None else h2, dy2, dho2,
             dx2, dh2,
             dw_part if dw_part is not None else rstd, db_part if db_part is not None else rstd,
-            mean if mean is not None else rstd, rstd,
+            mean if mean is not None else rstd, rstd, consts,
             h2.stride(0), dy2.stride(0), dho2.stride(0), dx2.stride(0), dh2.stride(0),
             rows, N, rows_per_program,
             seed_tensor(seed, h.device) if p > 0.0 else rstd, p, 0.0 if p >= 1.0 else 1.0 / (1.0 - p),
