@@ -280,3 +280,17 @@ def test_sdpa_with_sinks_bad_sinks(backend, device):
     q = _randn(1, 4, 5, 16, device=device)
     with pytest.raises(RuntimeError, match=r"sinks must be a floating-point tensor of shape \(Hq,\)"):
         sdpa_with_sinks(q, q, q, sinks=torch.zeros(2, device=device))
+
+
+def test_flash_sink_gradient_alone_bf16(backend, device):
+    # only the sinks require grad (frozen q/k/v): the backward still gets the fp32 output for delta
+    q, k, v = (_randn(1, 13, 2, 32, dtype=bf16, device=device, seed=i) for i in range(3))
+    sinks = _randn(2, device=device, seed=7).requires_grad_()
+    do = _randn(1, 13, 2, 32, dtype=bf16, device=device, seed=8)
+    (ours,) = torch.autograd.grad(flash_attn_func(q, k, v, causal=True, learnable_sink=sinks), sinks, do)
+    s64 = sinks.detach().double().requires_grad_()
+    (ref,) = torch.autograd.grad(R.flash_attention(q.double(), k.double(), v.double(), causal=True, sinks=s64)[0],
+                                 s64, do.double())
+    s16 = sinks.detach().requires_grad_()
+    (low,) = torch.autograd.grad(R.flash_attention(q, k, v, causal=True, sinks=s16)[0], s16, do)
+    assert_2x_rule(ours, low, ref, mult=3.0, atol=ATOL_FLOOR[bf16], name="dsink")

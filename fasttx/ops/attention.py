@@ -508,7 +508,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, features: FlashFeatures,
     out then has Dv). Returns (out in q's layout,
     lse (B, H, Lq) or (H, total_q) fp32 without gradient, the dropout's Philox seed (for S_dmask))."""
     f, s = features, seqlens
-    fp32_out = q.dtype != torch.float32 and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    fp32_out = q.dtype != torch.float32 and torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, f.sinks))
     res = _flash_fwd(_heads_view(q), _heads_view(k), _heads_view(v), s.cu_q if s else None, s.k_start if s else None,
                      s.k_len if s else None, f.alibi, float(f.dropout_p), float(f.scale), bool(f.causal), int(f.left),
                      int(f.right), float(f.softcap), int(s.max_q) if s else 0, int(s.max_k) if s else 0, fp32_out,
