@@ -294,3 +294,25 @@ def test_flash_sink_gradient_alone_bf16(backend, device):
     s16 = sinks.detach().requires_grad_()
     (low,) = torch.autograd.grad(R.flash_attention(q, k, v, causal=True, sinks=s16)[0], s16, do)
     assert_2x_rule(ours, low, ref, mult=3.0, atol=ATOL_FLOOR[bf16], name="dsink")
+
+
+def test_dropout_replay_with_sinks_and_value_head_dim(device):
+    # The kernels' keep-mask replayed through the oracle: out, dq, dk, dv and the sink's gradient
+    # (ds_h = -sum_i P_sink_i delta_i holds with dropout too: delta_i = dO_i . O_i of the dropped O).
+    if not fasttx._backend.triton_available():
+        pytest.skip("triton is not installed")
+    from fasttx.kernels import attention as K
+    q = _randn(1, 2, 20, 16, device=device, seed=1)  # (B, H, L, E): the launchers' layout
+    k, v = _randn(1, 2, 24, 16, device=device, seed=2), _randn(1, 2, 24, 8, device=device, seed=3)
+    sinks, do = _randn(2, device=device, seed=4), _randn(1, 2, 20, 8, device=device, seed=5)
+    opts = dict(scale=0.25, dropout_p=0.4, seed=77, is_causal=True, causal_offset=4, sinks=sinks)
+    out, lse, keep = K.attention_forward(q, k, v, None, return_mask=True, **opts)
+    g = K.attention_backward(do, q, k, v, None, out, lse, **opts)
+    tr = lambda t: t.transpose(1, 2).double()  # noqa: E731  (B, L, H, *) for the oracle
+    ref, gr = _flash_grads(lambda q, k, v, s: R.flash_attention(q, k, v, softmax_scale=0.25, causal=True, dropout_p=0.4,
+                                                                dropout_mask=keep, sinks=s)[0],
+                           (tr(q), tr(k), tr(v), sinks.double()), tr(do))
+    torch.testing.assert_close(tr(out), ref, atol=1e-4, rtol=1e-4)
+    for a, b in zip(g[:3], gr[:3]):
+        torch.testing.assert_close(tr(a), b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g[3].double(), gr[3], atol=1e-4, rtol=1e-4)
