@@ -11,8 +11,12 @@ and calls
 gradients of broadcast (stride-0) batch and head dims by itself.
 
 Value's head dim Ev may differ from E (DeepSeek's MLA: E = 192, Ev = 128; Ev > E too): a separate
-power-of-two block in the kernels. Not covered by the kernels: head dims (E or Ev) above 256, dtypes
-other than fp16/bf16/fp32, and a
+power-of-two block in the kernels. Attention sinks (gpt-oss: a per-head logit in each row's softmax
+denominator, differentiable) are the kernels' SINK flag: an optional argument of the custom ops,
+reached through `sdpa_with_sinks` (SDPA's semantics; torch's own signature has no place for it) and
+fasttx.flash's `learnable_sink` (FlashFeatures.sinks).
+
+Not covered by the kernels: head dims (E or Ev) above 256, dtypes other than fp16/bf16/fp32, and a
 float mask that requires grad (torch differentiates the mask; the fused kernels never materialise
 the L x S gradient it would need).
 """
