@@ -316,3 +316,22 @@ def test_dropout_replay_with_sinks_and_value_head_dim(device):
     for a, b in zip(g[:3], gr[:3]):
         torch.testing.assert_close(tr(a), b, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g[3].double(), gr[3], atol=1e-4, rtol=1e-4)
+
+
+def test_compiles_fullgraph_with_sinks_and_value_head_dim(backend, device):
+    # the custom ops' optional sinks argument and Ev-shaped fakes trace under torch.compile
+    from fasttx.ops.attention import sdpa_with_sinks
+
+    q, k = _randn(1, 7, 4, 16, device=device, seed=1), _randn(1, 9, 2, 16, device=device, seed=2)
+    v, s = _randn(1, 9, 2, 8, device=device, seed=3), _randn(4, device=device, seed=4)
+    flash_attn_func(q, k, v)  # the interpreter's one-time warning outside the traced call
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, s)]
+    fl = torch.compile(lambda q, k, v, s: flash_attn_func(q, k, v, causal=True, learnable_sink=s), fullgraph=True,
+                       backend="aot_eager")
+    sd = torch.compile(lambda q, k, v, s: sdpa_with_sinks(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                          is_causal=True, enable_gqa=True, sinks=s),
+                       fullgraph=True, backend="aot_eager")
+    out = fl(*leaves)
+    torch.autograd.grad(out.sum(), leaves)
+    torch.testing.assert_close(out, flash_attn_func(q, k, v, causal=True, learnable_sink=s))
+    assert sd(*leaves).shape == (1, 4, 7, 8)
