@@ -320,9 +320,10 @@ def compile_variants(quick: bool):
 
 
 def _compile_mla_sink_variants(r, dt, quick):
-    """BLOCK_DV != BLOCK_D (DeepSeek's MLA 192/128, and Ev > E) and SINK (gpt-oss: with causal, a
-    window and GQA, 64-dim heads): forward, backward, the flash-decoding split and combine, varlen
-    and the kv-cache."""
+    """BLOCK_DV != BLOCK_D (DeepSeek's MLA 192/128, and Ev > E) and SINK (gpt-oss: causal, a window,
+    GQA, 64-dim heads): forward and backward, the flash-decoding split and its combine, and (full
+    mode) varlen; the kv-cache decode with sinks. Quick mode keeps the launches that compile new
+    code (the backward kernels have no SINK flag: with sinks they are the plain ones)."""
     fp32_out = dt != torch.float32
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
     dims = [(192, 128, None), (64, 64, torch.randn(4))]  # (E, Ev, sinks)
@@ -330,25 +331,29 @@ def _compile_mla_sink_variants(r, dt, quick):
         dims += [(64, 128, None), (192, 128, torch.randn(4))]
     for e, ev, sinks in dims:
         q, k, v = r(2, 4, 128, e, dtype=dt), r(2, 2, 160, e, dtype=dt), r(2, 2, 160, ev, dtype=dt)
-        kws = [dict(is_causal=True, causal_offset=32, sinks=sinks)]
-        if sinks is not None or not quick:
-            kws.append(dict(is_causal=True, causal_offset=32, window_offset=-96, sinks=sinks))
+        kws = [dict(is_causal=True, causal_offset=32, sinks=sinks),
+               dict(is_causal=True, causal_offset=32, window_offset=-96, sinks=sinks)]
+        if quick:
+            kws = kws[1:] if sinks is not None else kws[:1]
         for kw in kws:
             out, lse, *o32 = attention_forward(q, k, v, None, scale=e ** -0.5, return_fp32_out=fp32_out, **kw)
             attention_backward(r(2, 4, 128, ev, dtype=dt), q, k, v, None, o32[0] if fp32_out else out, lse,
                                scale=e ** -0.5, **kw)
         kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, ev, dtype=dt)
         attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True, sinks=sinks)
+        if sinks is not None or not quick:
+            kc, vc = r(1, 2, 2048, e, dtype=dt), r(1, 2, 2048, ev, dtype=dt)
+            cache = Seqlens(None, i32([0, 1024]), i32([700, 1024]), 1, 1024)
+            attention_forward(r(2, 4, 1, e, dtype=dt), kc, vc, None, scale=e ** -0.5, seqlens=cache, decode=True,
+                              is_causal=True, sinks=sinks)
+        if quick:
+            continue
         qp, kp, vp = r(1, 4, 200, e, dtype=dt), r(1, 2, 230, e, dtype=dt), r(1, 2, 230, ev, dtype=dt)
         seq = Seqlens(i32([0, 1, 200]), i32([0, 30]), i32([30, 200]), 199, 200)
         out, lse, *o32 = attention_forward(qp, kp, vp, None, scale=e ** -0.5, seqlens=seq, is_causal=True,
                                            return_fp32_out=fp32_out, sinks=sinks)
         attention_backward(r(1, 4, 200, ev, dtype=dt), qp, kp, vp, None, o32[0] if fp32_out else out, lse,
                            scale=e ** -0.5, seqlens=seq, is_causal=True, sinks=sinks)
-        kc, vc = r(1, 2, 2048, e, dtype=dt), r(1, 2, 2048, ev, dtype=dt)
-        cache = Seqlens(None, i32([0, 1024]), i32([700, 1024]), 1, 1024)
-        attention_forward(r(2, 4, 1, e, dtype=dt), kc, vc, None, scale=e ** -0.5, seqlens=cache, decode=True,
-                          is_causal=True, sinks=sinks)
 
 
 def _compile_flash_variants(r, dt, e, quick):
