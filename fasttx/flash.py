@@ -31,6 +31,11 @@ Left out of or different from flash-attn, and why:
   as the cache, and with a causal q longer than the new keys reads past it; we raise ValueError
   there.
 - ALiBi slopes get no gradient (as in flash-attn).
+- additions from flash-attn's newer interfaces, on every function here: v's head dim may differ
+  from q/k's (FA3's hdim_v, DeepSeek's MLA: D = 192, Dv = 128; out then has Dv), and the
+  keyword-only `learnable_sink` (the cute interface's name): (H,) per-head attention-sink logits
+  (gpt-oss) that join each row's softmax denominator with no value row, differentiable (flash-attn
+  takes bf16 only; here any float dtype, computed in fp32).
 - wider than flash-attn: fp32 inputs, any page size (flash-attn: multiples of 256), any rotary dim
   <= head dim (flash-attn: multiples of 16).
 - cu_seqlens / cache_seqlens are validated on the host (one sync per call) so that bad input
@@ -54,7 +59,8 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache
 _MAX_HEAD_DIM = 256
 
 
-def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, name="flash_attn_func", batch=None) -> None:
+def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, name="flash_attn_func", batch=None,
+           sinks=None) -> None:
     rank, dims = (3, "(total, heads, headdim)") if batch is not None else (4, "(batch, seqlen, heads, headdim)")
     for arg, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != rank:
@@ -67,20 +73,25 @@ def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, name="flash_a
         raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if batch is None:
         B, Lq, H, D = q.shape
-        if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-            raise ValueError(f"{name}: k and v must be (batch, seqlen_k, heads_k, headdim) = (B, Lk, Hk, {D}) "
-                             f"like each other, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.shape[:3] != v.shape[:3] or k.shape[0] != B or k.shape[3] != D:
+            raise ValueError(f"{name}: k and v must be (batch, seqlen_k, heads_k, headdim) = (B, Lk, Hk, {D}) and "
+                             f"(B, Lk, Hk, headdim_v), got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     else:
         B, H, D = batch, q.shape[-2], q.shape[-1]
-        if k.shape != v.shape or k.shape[-1] != D:
-            raise ValueError(f"{name}: k and v must have one shape (..., heads_k, {D}), got q {tuple(q.shape)}, "
-                             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        if k.shape[:-1] != v.shape[:-1] or k.shape[-1] != D:
+            raise ValueError(f"{name}: k and v must be (..., heads_k, {D}) and (..., heads_k, headdim_v) with the "
+                             f"same leading dims, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     Hk = k.shape[-2]
     if Hk == 0 or H % Hk:
         raise ValueError(f"{name}: the number of query heads must be divisible by the number of key/value "
                          f"heads, got {H} and {Hk}")
-    if D > _MAX_HEAD_DIM:
-        raise ValueError(f"{name}: head dim {D} above {_MAX_HEAD_DIM} is not supported")
+    if max(D, v.shape[-1]) > _MAX_HEAD_DIM:
+        raise ValueError(f"{name}: head dims {D} (q, k) and {v.shape[-1]} (v) must be at most {_MAX_HEAD_DIM}")
+    if sinks is not None and (not isinstance(sinks, Tensor) or not sinks.is_floating_point()
+                              or sinks.shape != (H,) or sinks.device != q.device):
+        raise ValueError(f"{name}: learnable_sink must be a floating-point tensor of shape (nheads,) = ({H},) on "
+                         f"q's device, got " + (f"{sinks.dtype} {tuple(sinks.shape)} on {sinks.device}"
+                                                if isinstance(sinks, Tensor) else type(sinks).__name__))
     if not 0.0 <= dropout_p <= 1.0:
         raise ValueError(f"{name}: dropout_p must be in [0, 1], got {dropout_p}")
     if not all(w >= -1 for w in window_size):
@@ -93,9 +104,11 @@ def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, name="flash_a
                              f"{alibi_slopes.dtype} {tuple(alibi_slopes.shape)}")
 
 
-def _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_slopes, return_probs=False):
+def _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_slopes, return_probs=False,
+                sinks=None):
     """flash-attn's semantics in torch ops (autograd differentiates it): fp32 math for 16-bit inputs,
-    the (Lq, Lk) visibility built from the bottom-right-aligned distances. return_probs: also the
+    the (Lq, Lk) visibility built from the bottom-right-aligned distances; sinks (H,) join each
+    row's softmax as one more logit without a value row. return_probs: also the
     probabilities before dropout (B, H, Lq, Lk) and the keep-mask that was applied (None without
     dropout), both detached (for S_dmask)."""
     B, Lq, H, D = q.shape
@@ -118,14 +131,20 @@ def _torch_path(q, k, v, dropout_p, scale, causal, window_size, softcap, alibi_s
     if right >= 0:
         visible = visible & (dist >= -right)
     s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq)
     none_visible = ~visible.any(-1, keepdim=True)  # (Lq, 1): such rows give zeros, zero gradients
-    p = torch.softmax(s.masked_fill(none_visible, 0.0), dim=-1).masked_fill(none_visible, 0.0)
+    if sinks is None:
+        lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq)
+        p = torch.softmax(s.masked_fill(none_visible, 0.0), dim=-1)
+    else:  # the sink column takes part in the softmax, then is dropped (it has no value row)
+        col = sinks.to(dt).reshape(1, H, 1, 1).expand(B, H, Lq, 1)
+        lse = torch.logsumexp(torch.cat((s, col), dim=-1), dim=-1)  # (B, H, Lq); the sink's logit where none is visible
+        p = torch.softmax(torch.cat((s.masked_fill(none_visible, 0.0), col), dim=-1), dim=-1)[..., :-1]
+    p = p.masked_fill(none_visible, 0.0)
     probs, keep = p.detach(), None
     if dropout_p > 0.0:  # F.dropout's rule (keep with probability 1 - p, scale by 1 / (1 - p)), mask kept
         keep = torch.empty(p.shape, dtype=torch.bool, device=p.device).bernoulli_(1.0 - dropout_p)
         p = p * keep * (1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0)
-    out = torch.matmul(p, vh).transpose(1, 2).to(q.dtype).contiguous()  # (B, Lq, H, D)
+    out = torch.matmul(p, vh).transpose(1, 2).to(q.dtype).contiguous()  # (B, Lq, H, Dv)
     return (out, lse.detach().float(), probs, keep) if return_probs else (out, lse.detach().float())
 
 
@@ -177,11 +196,14 @@ def flash_attn_func(
     alibi_slopes: Optional[Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    *,
+    learnable_sink: Optional[Tensor] = None,
 ):
     """flash_attn.flash_attn_func.
 
-    q (B, Lq, H, D), k and v (B, Lk, Hk, D), H % Hk == 0, one dtype (fp16, bf16 as flash-attn, plus
-    fp32), D <= 256 -> out (B, Lq, H, D) contiguous. softmax_scale defaults to 1/sqrt(D). causal:
+    q (B, Lq, H, D), k (B, Lk, Hk, D) and v (B, Lk, Hk, Dv), H % Hk == 0, one dtype (fp16, bf16 as
+    flash-attn, plus fp32), D, Dv <= 256 (Dv != D as FA3's hdim_v) -> out (B, Lq, H, Dv) contiguous.
+    softmax_scale defaults to 1/sqrt(D). causal:
     bottom-right aligned (query i sees keys j <= i + Lk - Lq). window_size (left, right): query i sees
     keys in [i + Lk - Lq - left, i + Lk - Lq + right], -1 unbounded. softcap > 0: scores
     softcap * tanh(scale q.k / softcap). alibi_slopes fp32 (H,) or (B, H): adds -slope |i + Lk - Lq - j|.
@@ -195,27 +217,31 @@ def flash_attn_func(
     so out = (S_dmask[..., :Lq, :Lk].clamp(min=0) / (1 - dropout_p)) @ v; without dropout an empty
     (0,) tensor.
     window_size: (left, right) ints, or a 2-element integer tensor; a side >= Lk is unbounded.
+    learnable_sink (keyword-only, flash-attn cute's name): None or (H,) attention-sink logits s_h
+    (gpt-oss): P_ij = exp(S_ij) / (sum_j exp(S_ij) + exp(s_h)), no value row; it gets a gradient;
+    softmax_lse includes it (a row without a visible key: zeros and lse = s_h).
     """
     window_size = _window_pair("flash_attn_func", window_size)
-    _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes)
+    _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, sinks=learnable_sink)
     D = q.shape[-1]
     scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
     left, right = _window(causal, window_size, k.shape[1])
     probs = return_attn_probs and dropout_p > 0.0  # flash-attn fills S_dmask only with dropout
-    if use_triton(q, k, v, alibi_slopes):
+    sinks = learnable_sink
+    if use_triton(q, k, v, alibi_slopes, sinks):
         from .ops import attention as op
 
-        out, lse, seed = op.flash_attention(  # (B, Lq, H, D), (B, H, Lq)
-            q, k, v, op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes, dropout_p))
+        out, lse, seed = op.flash_attention(  # (B, Lq, H, Dv), (B, H, Lq)
+            q, k, v, op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes, dropout_p, sinks))
         if probs:  # the kernel's own keep-mask, regenerated from its seed; probabilities in torch
             from .ops.flash_dropout import flash_dropout_keep
 
             p = _torch_path(q.detach(), k.detach(), v.detach(), 0.0, scale, causal, (left, right), softcap,
-                            alibi_slopes, return_probs=True)[2]
+                            alibi_slopes, return_probs=True, sinks=None if sinks is None else sinks.detach())[2]
             keep = flash_dropout_keep(seed, p.shape, float(dropout_p))
     else:
         out, lse, p, keep = _torch_path(q, k, v, dropout_p, scale, causal, (left, right), softcap, alibi_slopes,
-                                        return_probs=True)
+                                        return_probs=True, sinks=sinks)
     if not return_attn_probs:
         return out
     if not probs:
@@ -253,6 +279,8 @@ def flash_attn_varlen_func(
     deterministic: bool = False,
     return_attn_probs: bool = False,
     block_table: Optional[Tensor] = None,
+    *,
+    learnable_sink: Optional[Tensor] = None,
 ):
     """flash_attn.flash_attn_varlen_func: packed sequences, each attending only within itself.
 
@@ -264,14 +292,15 @@ def flash_attn_varlen_func(
     sequence's own lengths); empty sequences and length-1 ones are fine. return_attn_probs:
     (out, softmax_lse (H, total_q), S_dmask), S_dmask as in flash_attn_func with sequence b's
     entries at [b, :, :len_q[b], :len_k[b]] of (B, H, max_seqlen_q and max_seqlen_k rounded up to
-    128). With block_table, inputs may require grad but the backward raises RuntimeError."""
+    128). With block_table, inputs may require grad but the backward raises RuntimeError.
+    v may have its own head dim Dv (out (total_q, H, Dv)); learnable_sink as in flash_attn_func."""
     name = "flash_attn_varlen_func"
     if not isinstance(cu_seqlens_k, Tensor):
         _check_cu(name, "cu_seqlens_k", cu_seqlens_k, 0)
     B = cu_seqlens_k.numel() - 1
     window_size = _window_pair(name, window_size)
     _check(q, k if block_table is None else k[0], v if block_table is None else v[0], dropout_p, window_size,
-           softcap, alibi_slopes, name=name, batch=B)
+           softcap, alibi_slopes, name=name, batch=B, sinks=learnable_sink)
     _check_cu(name, "cu_seqlens_q", cu_seqlens_q, q.shape[0])
     if block_table is not None:
         if k.dim() != 4 or block_table.dtype != torch.int32 or block_table.dim() != 2 or block_table.shape[0] != B:
@@ -296,7 +325,8 @@ def flash_attn_varlen_func(
     left, right = _window(causal, window_size, int(max_seqlen_k))
     probs = return_attn_probs and dropout_p > 0.0  # flash-attn fills S_dmask only with dropout
     paged = block_table is not None
-    triton = use_triton(q, k, v, alibi_slopes)
+    sinks = learnable_sink
+    triton = use_triton(q, k, v, alibi_slopes, sinks)
     if triton and paged and dropout_p > 0.0:
         warn_fallback(name, "dropout with a paged cache (block_table): the paged kernel has no dropout")
         triton = False
@@ -310,7 +340,7 @@ def flash_attn_varlen_func(
         k_start = torch.zeros_like(cu_k[:-1]) if paged else cu_k[:-1].contiguous()
         k_len = (cu_k[1:] - cu_k[:-1]).contiguous()
         seqlens = op.SeqLens(cu_seqlens_q.to(q.device), k_start, k_len, int(max_seqlen_q), int(max_seqlen_k))
-        features = op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes, dropout_p)
+        features = op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes, dropout_p, sinks)
         if paged:
             kv = [t.reshape(-1, *t.shape[2:]) for t in (k, v)]  # (pages * page_size, Hk, D) views
             out, lse = op.flash_attention_kvcache(q, kv[0], kv[1], features, seqlens, block_table.to(q.device),
@@ -324,7 +354,8 @@ def flash_attn_varlen_func(
                 for b in range(B):
                     kb, vb, slopes = sequence(b)
                     p = _torch_path(q[None, cq[b]:cq[b + 1]].detach(), kb[None].detach(), vb[None].detach(), 0.0,
-                                    scale, causal, (left, right), softcap, slopes, return_probs=True)[2]
+                                    scale, causal, (left, right), softcap, slopes, return_probs=True,
+                                    sinks=None if sinks is None else sinks.detach())[2]
                     lq, lk = p.shape[-2:]
                     sdmask[b, :, :lq, :lk] = torch.where(keep[0, :, cq[b]:cq[b + 1], :lk], p[0], -p[0])
         return out, lse  # (total_q, H, D), (H, total_q)
@@ -343,13 +374,13 @@ def flash_attn_varlen_func(
         for b in range(B):
             kb, vb, slopes = sequence(b)
             o, s, p, keep = _torch_path(q[None, cq[b]:cq[b + 1]], kb[None], vb[None], dropout_p, scale, causal,
-                                        (left, right), softcap, slopes, return_probs=True)
+                                        (left, right), softcap, slopes, return_probs=True, sinks=sinks)
             outs.append(o[0])
             lses.append(s[0])
             if probs:
                 lq, lk = p.shape[-2:]
                 sdmask[b, :, :lq, :lk] = torch.where(keep[0], p[0], -p[0])
-        out = torch.cat(outs) if outs else q.new_empty(q.shape)
+        out = torch.cat(outs) if outs else q.new_empty((*q.shape[:-1], v.shape[-1]))
         lse = torch.cat(lses, dim=-1) if lses else q.new_empty((H, 0), dtype=torch.float32)
         return out, lse
 
@@ -431,6 +462,8 @@ def flash_attn_with_kvcache(
     alibi_slopes: Optional[Tensor] = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    *,
+    learnable_sink: Optional[Tensor] = None,
 ):
     """flash_attn.flash_attn_with_kvcache (inference: no autograd).
 
@@ -447,7 +480,8 @@ def flash_attn_with_kvcache(
     needs only the rows it is read at (a table as long as the cache always does for k);
     rotary_interleaved as flash-attn (True: pairs (0, 1), (2, 3), ...). num_splits: a hint, ignored
     (the kernel sizes its flash-decoding split itself). Returns out (B, Lq, H, D), and
-    softmax_lse (B, H, Lq) fp32 when return_softmax_lse."""
+    softmax_lse (B, H, Lq) fp32 when return_softmax_lse. v_cache (and v) may have their own head dim
+    Dv (out (B, Lq, H, Dv)); learnable_sink as in flash_attn_func."""
     name = "flash_attn_with_kvcache"
     paged = block_table is not None
     if not isinstance(q, Tensor) or q.dim() != 4:
@@ -467,7 +501,9 @@ def flash_attn_with_kvcache(
         raise ValueError(f"{name}: cache_batch_idx is not supported with a paged cache (block_table)")
     window_size = _window_pair(name, window_size)
     kb_probe = k_cache[:1].expand(B, *k_cache.shape[1:])  # shape-only stand-in for the checks
-    _check(q, kb_probe, v_cache[:1].expand(B, *v_cache.shape[1:]), 0.0, window_size, softcap, alibi_slopes, name=name)
+    _check(q, kb_probe, v_cache[:1].expand(B, *v_cache.shape[1:]), 0.0, window_size, softcap, alibi_slopes, name=name,
+           sinks=learnable_sink)
+    Dv = v_cache.shape[-1]
     Hk = k_cache.shape[2]
     S_c = k_cache.shape[1]
     cap = block_table.shape[1] * S_c if paged else S_c
@@ -485,9 +521,10 @@ def flash_attn_with_kvcache(
         raise ValueError(f"{name}: cache_batch_idx must index the cache's {k_cache.shape[0]} rows")
     Lnew = 0
     if k is not None:
-        if k.dim() != 4 or k.shape != v.shape or k.shape[0] != B or k.shape[2:] != (Hk, D):
-            raise ValueError(f"{name}: k and v must be (batch={B}, seqlen_new, heads_k={Hk}, headdim={D}), got "
-                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        if (k.dim() != 4 or v.dim() != 4 or k.shape[:3] != v.shape[:3] or k.shape[0] != B or k.shape[2:] != (Hk, D)
+                or v.shape[3] != Dv):
+            raise ValueError(f"{name}: k and v must be (batch={B}, seqlen_new, heads_k={Hk}, headdim={D} / "
+                             f"headdim_v={Dv}), got {tuple(k.shape)}, {tuple(v.shape)}")
         if k.dtype != q.dtype:
             raise ValueError(f"{name}: k and v must have q's dtype {q.dtype}, got {k.dtype}")
         Lnew = k.shape[1]
@@ -530,28 +567,30 @@ def flash_attn_with_kvcache(
                 v_cache[rows.long()[:, None], pos] = v
         scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
         k_len = (total - leftpad.long()).to(torch.int32)
-        if use_triton(q, k_cache, v_cache, alibi_slopes):
+        if use_triton(q, k_cache, v_cache, alibi_slopes, learnable_sink):
             from .ops import attention as op
 
             k_start = (torch.zeros_like(rows) if paged else rows * S_c + leftpad).to(torch.int32)
-            kv = [t.reshape(-1, Hk, D) for t in (k_cache, v_cache)]  # (rows, Hk, D) views
+            kv = [t.reshape(-1, Hk, t.shape[-1]) for t in (k_cache, v_cache)]  # (rows, Hk, D / Dv) views
             lens = op.SeqLens(None, k_start.contiguous(), k_len.contiguous(), Lq, max(int(k_len.max()) if B else 0, 1))
             out, lse = op.flash_attention_kvcache(  # (B, Lq, H, D), (B, H, Lq)
-                q, kv[0], kv[1], op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes), lens,
-                block_table.contiguous() if paged else None, S_c)
+                q, kv[0], kv[1], op.FlashFeatures(scale, causal, left, right, softcap, alibi_slopes,
+                                                  sinks=learnable_sink),
+                lens, block_table.contiguous() if paged else None, S_c)
         else:
             outs, lses = [], []
             for b in range(B):
                 lo, hi = int(leftpad[b]), int(total[b])
                 if paged:
                     pages = block_table[b, :_cdiv(hi, S_c)].long()
-                    kb, vb = (t[pages].reshape(-1, Hk, D)[lo:hi] for t in (k_cache, v_cache))
+                    kb, vb = (t[pages].reshape(-1, Hk, t.shape[-1])[lo:hi] for t in (k_cache, v_cache))
                 else:
                     kb, vb = (t[int(rows[b]), lo:hi] for t in (k_cache, v_cache))
                 slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
-                o, s = _torch_path(q[b:b + 1], kb[None], vb[None], 0.0, scale, causal, (left, right), softcap, slopes)
+                o, s = _torch_path(q[b:b + 1], kb[None], vb[None], 0.0, scale, causal, (left, right), softcap, slopes,
+                                   sinks=learnable_sink)
                 outs.append(o)
                 lses.append(s)
-            out = torch.cat(outs) if outs else q.new_empty(q.shape)
+            out = torch.cat(outs) if outs else q.new_empty((*q.shape[:3], Dv))
             lse = torch.cat(lses) if lses else q.new_empty((0, H, Lq), dtype=torch.float32)
     return (out, lse) if return_softmax_lse else out

@@ -175,6 +175,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     dropout_mask: Optional[torch.Tensor] = None,
     upcast: Optional[torch.dtype] = None,
+    sinks: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """softmax(Q K^T * scale + bias) V with torch SDPA's semantics.
 
@@ -183,6 +184,7 @@ def scaled_dot_product_attention(
     Rows whose scores are all -inf (fully masked) give zeros, not NaN, as torch does.
     `dropout_mask` (bool, broadcastable to (N, ..., Hq, L, S), True = kept) replays a mask;
     without one a mask is drawn from torch's generator when dropout_p > 0.
+    `sinks` (Hq,): attention sinks, see `_sink_softmax` (not a torch argument: fasttx's extension).
     """
     q, k, v = _up(query, upcast), _up(key, upcast), _up(value, upcast)
     L, S, E = q.size(-2), k.size(-2), q.size(-1)
@@ -194,14 +196,27 @@ def scaled_dot_product_attention(
     scores = (q @ k.transpose(-2, -1)) * scale  # (N, Hq, L, S)
     bias = attention_bias(L, S, attn_mask, is_causal, dtype=scores.dtype, device=scores.device)
     scores = scores + bias
-    # A row with every score -inf (fully masked) attends to nothing: zeros out, zero gradients.
-    # Its scores are replaced before the softmax so that neither pass produces NaN there.
-    fully_masked = scores.amax(dim=-1, keepdim=True) == float("-inf")
-    probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1)
-    probs = probs.masked_fill(fully_masked, 0.0)
+    if sinks is not None:
+        probs = _sink_softmax(scores, _up(sinks, upcast or scores.dtype).to(scores.dtype))[0]
+    else:
+        # A row with every score -inf (fully masked) attends to nothing: zeros out, zero gradients.
+        # Its scores are replaced before the softmax so that neither pass produces NaN there.
+        fully_masked = scores.amax(dim=-1, keepdim=True) == float("-inf")
+        probs = torch.softmax(scores.masked_fill(fully_masked, 0.0), dim=-1)
+        probs = probs.masked_fill(fully_masked, 0.0)
     if dropout_p > 0.0:
         probs = dropout(probs, dropout_p, keep_mask=dropout_mask)
     return probs @ v  # (N, Hq, L, Ev)
+
+
+def _sink_softmax(scores: torch.Tensor, sinks: torch.Tensor):
+    """Attention sinks (gpt-oss): a per-head logit s_h (sinks (H,), heads at dim -3 of scores
+    (..., H, L, S)) joins each row's softmax denominator and has no value row:
+        lse_i = log(sum_j exp(S_ij) + exp(s_h)),   P_ij = exp(S_ij - lse_i).
+    A row whose scores are all -inf gives P = 0 and lse = s_h. Returns (P, lse)."""
+    s_h = sinks.reshape(-1, 1, 1).expand(*scores.shape[:-1], 1)  # (..., H, L, 1)
+    lse = torch.logsumexp(torch.cat((scores, s_h), dim=-1), dim=-1)  # (..., H, L)
+    return torch.exp(scores - lse[..., None]), lse
 
 
 def flash_attention(
@@ -216,9 +231,11 @@ def flash_attention(
     dropout_p: float = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
     upcast: Optional[torch.dtype] = None,
+    sinks: Optional[torch.Tensor] = None,
 ):
-    """flash-attn 2's semantics in plain math: q (B, Lq, H, D), k, v (B, Lk, Hk, D), H % Hk == 0.
-    Returns (out (B, Lq, H, D), lse (B, H, Lq)).
+    """flash-attn 2's semantics in plain math: q (B, Lq, H, D), k (B, Lk, Hk, D), v (B, Lk, Hk, Dv),
+    H % Hk == 0. Returns (out (B, Lq, H, Dv), lse (B, H, Lq)). sinks (H,): attention sinks
+    (flash-attn's learnable_sink), see `_sink_softmax`.
 
     Query i and key j are aligned at the bottom-right corner: with d = i + Lk - Lq - j, key j is
     visible when d <= left (if left >= 0) and -d <= right (if right >= 0); causal sets right = 0.
@@ -251,12 +268,15 @@ def flash_attention(
     if right >= 0:
         visible &= -d <= right
     s = s.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq); -inf for rows without a visible key
-    empty = ~visible.any(-1)[:, None]  # (Lq, 1)
-    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if sinks is not None:
+        p, lse = _sink_softmax(s, _up(sinks, upcast or s.dtype).to(s.dtype))
+    else:
+        lse = torch.logsumexp(s, dim=-1)  # (B, H, Lq); -inf for rows without a visible key
+        empty = ~visible.any(-1)[:, None]  # (Lq, 1)
+        p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0.0:
         p = dropout(p, dropout_p, keep_mask=dropout_mask)
-    return (p @ vh).transpose(1, 2), lse  # (B, Lq, H, D), (B, H, Lq)
+    return (p @ vh).transpose(1, 2), lse  # (B, Lq, H, Dv), (B, H, Lq)
 
 
 # ----------------------------------------------------------------------------------------------

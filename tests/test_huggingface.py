@@ -408,7 +408,7 @@ def test_attention_sliding_window(backend, device):
     _assert_close(out, _sdpa(q[:, :, -1:], k, v, attn_mask=banded[-1:]), "window, one query")
 
 
-@pytest.mark.parametrize("name", ["s_aux", "position_bias"])
+@pytest.mark.parametrize("name", ["position_bias", "cache"])  # s_aux (sinks): tests/test_hf_attention_sinks_mla.py
 def test_attention_unsupported_arguments_go_to_eager_or_raise(name):
     # Arguments fasttx's attention does not implement run the module's own eager attention (its
     # modeling file's eager_attention_forward, with one warning); without one, a clear error.

@@ -6,7 +6,8 @@
     launch.py    AttnOptions, launch arguments, attention_forward / attention_backward, compile_variants
 
 Layout the launchers expect (the op wrapper in fasttx/ops/attention.py normalises to it):
-    q (B, H, L, E), k and v (B, Hkv, S, E) with H % Hkv == 0 (GQA/MQA: query head h reads kv head
+    q (B, H, L, E), k (B, Hkv, S, E) and v (B, Hkv, S, Ev) (Ev may differ from E: MLA; its own
+    power-of-two block BLOCK_DV) with H % Hkv == 0 (GQA/MQA: query head h reads kv head
     h // (H // Hkv), nothing is copied), any strides as long as the last dim is contiguous
     (stride 0 for broadcast batch/head dims is fine); mask None or (B, H, L, S), bool (True = attend)
     or float (added to the scores), any strides (an expand()ed mask keeps its stride-0 dims and is
@@ -14,6 +15,8 @@ Layout the launchers expect (the op wrapper in fasttx/ops/attention.py normalise
 
 Semantics are torch.nn.functional.scaled_dot_product_attention's:
     P = softmax(scale * Q K^T + bias),  O = dropout(P) V
+with attention sinks (SINK, gpt-oss) a per-head logit s_h joins each row's softmax denominator
+only: P_ij = exp(S_ij) / (sum_j exp(S_ij) + exp(s_h)) (no value row; its gradient in backward.py).
 bias: -inf above the diagonal when causal (top-left aligned: query i sees keys j <= i, also when
 L != S), -inf where a bool mask is False, the float mask's value otherwise. A row with every score
 -inf gives O = 0, lse = -inf and zero gradients (never NaN); a NaN score in an unmasked position

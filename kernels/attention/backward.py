@@ -19,6 +19,12 @@ from .tiles import _alibi_slope, _block_and_head, _head_row0, _key_range, _load_
 #   dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik)            (softmax Jacobian, row by row)
 #   sum_k P_ik dP_ik = sum_k Z_ik (dO_i . V_k) = dO_i . O_i =: delta_i   (the preprocess kernel)
 #   dQ   = scale dS K,   dK = scale dS^T Q
+# Attention sinks (SINK in the forward): row i's denominator also holds exp(s_h), a per-head logit
+# with no value row, so P_ij = exp(S_ij - lse_i) with lse_i = log(sum_j exp(S_ij) + exp(s_h)).
+# Nothing above changes (the sink has no dP; delta_i = dO_i . O_i still), and with
+# P_sink_i = exp(s_h - lse_i), dP_ik/ds_h = -P_ik P_sink_i gives
+#   ds_h = sum_i sum_k dP_ik (-P_ik P_sink_i) = -sum_i P_sink_i delta_i   (over h's rows, every batch)
+# which launch.attention_backward sums from lse and delta in a fixed order (no atomics).
 # P is recomputed as exp(S - lse) from the saved fp32 row logsumexp. A fully masked row has
 # lse = -inf; it is read as +inf so that every P_ij = exp(S_ij - inf) = 0 there (zero gradients).
 #
@@ -42,6 +48,7 @@ from .tiles import _alibi_slope, _block_and_head, _head_row0, _key_range, _load_
 @triton.jit
 def _attn_bwd_preprocess(
     Out, DO, Delta,                      # (B, H, L, E) contiguous (any float dtype); dO strided; (B, H, L) fp32 out
+                                         # (E here is the output's head dim: v's, EV)
     stride_dob, stride_doh, stride_dom,
     H, L, E,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -62,13 +69,13 @@ def _attn_bwd_preprocess(
 
 @triton.jit
 def _dkdv_block_loop(
-    dk, dv,                              # (BLOCK_N, BLOCK_D) fp32 accumulators
-    k, v, offs_n, offs_d,                # this block's key and value tiles, its keys, the head-dim columns
+    dk, dv,                              # (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) fp32 accumulators
+    k, v, offs_n, offs_d, offs_dv,       # this block's key and value tiles, its keys, the q/k and v head-dim columns
     lo, hi,                              # query blocks [lo, hi), lo a multiple of BLOCK_M
     q_base, do_base, stride_qm, stride_dom,
     lse_ptr, delta_ptr,                  # this (batch, head)'s rows of lse and delta
     mask_base, stride_mm, stride_mn,
-    L, S, E, scale, causal_off, left_off, alibi_off, slope, softcap,
+    L, S, E, EV, scale, causal_off, left_off, alibi_off, slope, softcap,
     drop_base, drop_stride, drop_p, drop_scale, seed,  # dropout index of (i, j): drop_base + i * drop_stride + j
     dq_base, lock_base, pid_n,           # this (batch, head)'s fp32 dQ rows and query-block counters; key block
     DIAG: tl.constexpr,
@@ -79,12 +86,14 @@ def _dkdv_block_loop(
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate without transposes.
     d_ok = offs_d < E
+    dv_ok = offs_dv < EV
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < L
         row_off = offs_m[:, None].to(tl.int64)
         q = tl.load(q_base + row_off * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + row_off * stride_dom + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        do = tl.load(do_base + row_off * stride_dom + offs_dv[None, :], mask=m_ok[:, None] & dv_ok[None, :],
+                     other=0.0)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -140,7 +149,7 @@ def _ordered_add(ptrs, val, ok, lock, rank):
 @triton.jit
 def _attn_bwd_dkdv(
     Q, K, V, Mask, DO, Lse, Delta,       # Lse, Delta (B, H, L) fp32 contiguous
-    DK, DV,                              # (B, Hkv, S, E) contiguous outputs ((1, Hkv, total_k, E) if VARLEN_K)
+    DK, DV,                              # (B, Hkv, S, E), (B, Hkv, S, EV) contiguous ((1, Hkv, total_k, *) if VARLEN_K)
     DQ, Locks,                           # DQ_MODE != DQ_KERNEL: fp32 dQ like q; int32 (B * H, lock_stride); zeroed
     CuQ, KStart, KLen, BlockTable, Alibi,
     stride_qb, stride_qh, stride_qm,
@@ -149,10 +158,11 @@ def _attn_bwd_dkdv(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_ab, stride_btb,
-    H, HKV, GROUPS, L, S, E, L_TOT, S_TOT,
+    H, HKV, GROUPS, L, S, E, EV, L_TOT, S_TOT,
     scale, drop_p, drop_scale, SEED, causal_off, left_off, alibi_off, softcap, page_size, lock_stride,
     L_BUCKET, S_BUCKET,
-    BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr,
@@ -166,13 +176,11 @@ def _attn_bwd_dkdv(
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kv_ok = (offs_n[:, None] < Sb) & (offs_d[None, :] < E)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_ok = offs_n[:, None] < Sb
     kv_off = (k0 + offs_n[:, None]).to(tl.int64)
-    k = tl.load(K + b * stride_kb + hk * stride_kh + kv_off * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + kv_off * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_kv(K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh, kv_off, n_ok, offs_d,
+                    offs_dv, E, EV, stride_kn, stride_vn, UPCAST)
     # Query rows that see these keys: [mid, hi) see every key of the block (from the first with
     # m0 >= n0 + BLOCK_N - 1 on), [lo, mid) cross the causal diagonal; rows i < n0 - causal_off see
     # none, nor (WINDOW) rows i > n0 + BLOCK_N - 1 - left_off (skipped).
@@ -189,21 +197,21 @@ def _attn_bwd_dkdv(
         hi = tl.where(n0 < Sb, hi, 0)
         mid = tl.minimum(mid, hi)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(0, GROUPS):
         h = hk * GROUPS + g
         row0 = _head_row0(b, h, H, L_TOT, q0, VARLEN_Q)
         slope = _alibi_slope(Alibi, b, stride_ab, h, ALIBI)
         for diag in tl.static_range(2 if IS_CAUSAL else 1):  # the full blocks first, then the diagonal
             dk, dv = _dkdv_block_loop(
-                dk, dv, k, v, offs_n, offs_d,
+                dk, dv, k, v, offs_n, offs_d, offs_dv,
                 lo=mid if diag == 0 else lo, hi=hi if diag == 0 else mid,
                 q_base=Q + b * stride_qb + h * stride_qh + q0 * stride_qm,
                 do_base=DO + b * stride_dob + h * stride_doh + q0 * stride_dom,
                 stride_qm=stride_qm, stride_dom=stride_dom,
                 lse_ptr=Lse + row0, delta_ptr=Delta + row0,
                 mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-                L=Lb, S=Sb, E=E, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off,
+                L=Lb, S=Sb, E=E, EV=EV, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off,
                 slope=slope, softcap=softcap,
                 drop_base=row0 * S, drop_stride=S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
                 dq_base=DQ + row0 * E, lock_base=Locks + (b * H + h) * lock_stride, pid_n=pid_n,
@@ -214,31 +222,31 @@ def _attn_bwd_dkdv(
         out_row = hk * S_TOT + k0 + offs_n
     else:
         out_row = (b * HKV + hk) * S_TOT + offs_n
-    out = out_row[:, None] * E + offs_d[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    out_row = out_row[:, None]
+    tl.store(DK + out_row * E + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty),
+             mask=n_ok & (offs_d < E)[None, :])
+    tl.store(DV + out_row * EV + offs_dv[None, :], dv.to(DV.dtype.element_ty), mask=n_ok & (offs_dv < EV)[None, :])
 
 
 @triton.jit
 def _dq_block_loop(
     dq,                                  # (BLOCK_M, BLOCK_D) fp32 accumulator
-    q, do, lse, delta, offs_m, offs_d,   # this block's tiles and statistics, its rows, the columns
+    q, do, lse, delta, offs_m, offs_d, offs_dv,  # this block's tiles and statistics, its rows, the columns
     lo, hi,                              # key blocks [lo, hi), lo a multiple of BLOCK_N
     k_base, v_base, stride_kn, stride_vn,
     mask_base, stride_mm, stride_mn,
-    L, S, E, scale, causal_off, left_off, alibi_off, slope, softcap,
+    L, S, E, EV, scale, causal_off, left_off, alibi_off, slope, softcap,
     drop_row, drop_p, drop_scale, seed,
     DIAG: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    d_ok = offs_d < E
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n < S)[:, None] & d_ok[None, :]
         kv_off = offs_n[:, None].to(tl.int64)
-        k, v = _load_kv(k_base, v_base, kv_off, kv_ok, offs_d, stride_kn, stride_vn, UPCAST)
+        k, v = _load_kv(k_base, v_base, kv_off, (offs_n < S)[:, None], offs_d, offs_dv, E, EV, stride_kn, stride_vn,
+                        UPCAST)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
                        L, S, mask_base, stride_mm, stride_mn, scale, causal_off, left_off, alibi_off, slope,
                        softcap, HAS_MASK, MASK_BOOL, DIAG, WINDOW, SOFTCAP, ALIBI)
@@ -266,10 +274,11 @@ def _attn_bwd_dq(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_ab, stride_btb,
-    H, HKV, GROUPS, L, S, E, L_TOT, S_TOT,
+    H, HKV, GROUPS, L, S, E, EV, L_TOT, S_TOT,
     scale, drop_p, drop_scale, SEED, causal_off, left_off, alibi_off, softcap, page_size,
     L_BUCKET, S_BUCKET,
-    BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -286,11 +295,13 @@ def _attn_bwd_dq(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < Lb
     ok = m_ok[:, None] & (offs_d[None, :] < E)
     row_off = (q0 + offs_m[:, None]).to(tl.int64)
     q = tl.load(Q + b * stride_qb + h * stride_qh + row_off * stride_qm + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + row_off * stride_dom + offs_d[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + row_off * stride_dom + offs_dv[None, :],
+                 mask=m_ok[:, None] & (offs_dv[None, :] < EV), other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
         do = do.to(tl.float32)
@@ -306,13 +317,13 @@ def _attn_bwd_dq(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for diag in tl.static_range(2 if IS_CAUSAL else 1):
         dq = _dq_block_loop(
-            dq, q, do, lse, delta, offs_m, offs_d,
+            dq, q, do, lse, delta, offs_m, offs_d, offs_dv,
             lo=lo if diag == 0 else mid, hi=mid if diag == 0 else hi,
             k_base=K + b * stride_kb + hk * stride_kh + k0 * stride_kn,
             v_base=V + b * stride_vb + hk * stride_vh + k0 * stride_vn,
             stride_kn=stride_kn, stride_vn=stride_vn,
             mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-            L=Lb, S=Sb, E=E, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off,
+            L=Lb, S=Sb, E=E, EV=EV, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off,
             slope=slope, softcap=softcap,
             drop_row=row * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
             DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,

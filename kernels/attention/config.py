@@ -78,7 +78,7 @@ def _prune(configs, named_args, **kwargs):
     if len(configs) == 1:
         return configs
     args = {**named_args, **kwargs}
-    d, short_l = args["BLOCK_D"], args["L_BUCKET"] <= 16
+    d, short_l = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)), args["L_BUCKET"] <= 16  # the wider of q/k and v
     wide = args["Q"].element_size() * d  # bytes per row of a tile
     mask_bytes = _mask_bytes(args)
     kept = []
@@ -106,7 +106,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     if len(configs) == 1:
         return configs
-    wide = args["Q"].element_size() * args["BLOCK_D"]
+    wide = args["Q"].element_size() * max(args["BLOCK_D"], args.get("BLOCK_DV", 0))  # the wider of q/k and v
     mask_bytes = _mask_bytes(args)
     kept = [c for c in configs
             if c.num_stages * ((2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * wide
@@ -116,4 +116,4 @@ def _prune_bwd(configs, named_args, **kwargs):
 
 
 _KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "WINDOW", "SOFTCAP", "ALIBI", "VARLEN_Q", "VARLEN_K",
-        "PAGED", "L_BUCKET", "S_BUCKET"]
+        "PAGED", "L_BUCKET", "S_BUCKET", "BLOCK_DV"]

@@ -14,13 +14,13 @@ from .tiles import (_alibi_slope, _block_and_head, _head_row0, _key_range, _kv_r
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_block_loop(
-    acc, l_i, m_i,                       # running (BLOCK_M, BLOCK_D) output, row sum, row max (fp32)
-    q, offs_m, offs_d,                   # this block's query tile, its rows, the head-dim columns
+    acc, l_i, m_i,                       # running (BLOCK_M, BLOCK_DV) output, row sum, row max (fp32)
+    q, offs_m, offs_d, offs_dv,          # this block's query tile, its rows, the q/k and the v head-dim columns
     lo, hi, k_end,                       # key blocks [lo, hi) (lo a multiple of BLOCK_N); keys < k_end exist
     k_base, v_base, stride_kn, stride_vn,
     bt_base, page_size,                  # PAGED: this sequence's page-table row, keys per page
     mask_base, stride_mm, stride_mn,
-    L, E, scale, causal_off, left_off, alibi_off, slope, softcap,
+    L, E, EV, scale, causal_off, left_off, alibi_off, slope, softcap,
     drop_row, drop_p, drop_scale, seed,  # drop_row: (BLOCK_M,) int64 dropout index of (i, j=0)
     DIAG: tl.constexpr,                  # these blocks cross the causal diagonal
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -31,12 +31,11 @@ def _fwd_block_loop(
     # l' = l exp(m - m') + sum exp(s_new - m'), acc' = acc exp(m - m') + exp(s_new - m') V_new.
     # While every score so far is -inf, m' = -inf; exponentiating against 0 instead keeps p and the
     # rescale factor at exactly 0 (exp(-inf - -inf) would be NaN).
-    d_ok = offs_d < E
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n < k_end)[:, None] & d_ok[None, :]
         kv_off = _kv_rows(offs_n, k_end, bt_base, page_size, PAGED)[:, None]
-        k, v = _load_kv(k_base, v_base, kv_off, kv_ok, offs_d, stride_kn, stride_vn, UPCAST)
+        k, v = _load_kv(k_base, v_base, kv_off, (offs_n < k_end)[:, None], offs_d, offs_dv, E, EV, stride_kn,
+                        stride_vn, UPCAST)
         s, _t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
                         L, k_end, mask_base, stride_mm, stride_mn, scale, causal_off, left_off, alibi_off, slope,
                         softcap, HAS_MASK, MASK_BOOL, DIAG, WINDOW, SOFTCAP, ALIBI)
@@ -53,19 +52,21 @@ def _fwd_block_loop(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_TABLE), key=_KEY + ["SPLIT"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(_FWD_TABLE), key=_KEY + ["SPLIT", "SINK"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_fwd(
     Q, K, V, Mask,                       # inputs (see the module docstring for layouts)
-    Out, Lse, Out32,                     # (B, H, L, E) input dtype, (B, H, L) fp32, (B, H, L, E) fp32 if STORE_O32
-    PartAcc, PartM, PartL,               # SPLIT: (B*H, n_splits, L, E), (B*H, n_splits, L) x2, fp32
+    Out, Lse, Out32,                     # (B, H, L, EV) input dtype, (B, H, L) fp32, (B, H, L, EV) fp32 if STORE_O32
+    PartAcc, PartM, PartL,               # SPLIT: (B*H, n_splits, L, EV), (B*H, n_splits, L) x2, fp32
+    Sinks,                               # SINK: (H,) fp32 per-head sink logits
     CuQ, KStart, KLen, BlockTable, Alibi,  # VARLEN_Q / VARLEN_K / PAGED / ALIBI inputs (module docstring)
     stride_qb, stride_qh, stride_qm,     # element strides (the last dim has stride 1)
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_ab, stride_btb,               # ALiBi slopes' batch stride (0 for (H,)); page-table row stride
-    H, GROUPS, L, S, E,                  # query heads, query heads per kv head, sizes (max per sequence)
+    H, GROUPS, L, S, E, EV,              # query heads, query heads per kv head, sizes (max per sequence), v's head dim
     L_TOT,                               # rows of the q/out/lse views per head (L, or total_q when VARLEN_Q)
     scale, drop_p, drop_scale, SEED,     # softmax scale; dropout p, 1/(1-p) (0 when p == 1), Philox seed
     causal_off, left_off, alibi_off,     # right bound, left bound (WINDOW), ALiBi diagonal (+ Sb - Lb if VARLEN_K)
@@ -73,6 +74,8 @@ def _attn_fwd(
     split_size, n_splits,                # SPLIT: keys per program (a multiple of BLOCK_N), programs per row
     L_BUCKET, S_BUCKET,                  # autotune key only
     BLOCK_D: tl.constexpr,               # head dim rounded up to a power of two (>= 16)
+    BLOCK_DV: tl.constexpr,              # v's head dim EV rounded likewise (== BLOCK_D unless EV differs)
+    SINK: tl.constexpr,                  # a per-head sink logit joins every row's softmax denominator
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
@@ -92,7 +95,9 @@ def _attn_fwd(
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
     ok = (offs_m < Lb)[:, None] & (offs_d < E)[None, :]
+    ok_v = (offs_m < Lb)[:, None] & (offs_dv < EV)[None, :]
     row0 = _head_row0(b, h, H, L_TOT, q0, VARLEN_Q)
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + (q0 + offs_m[:, None]).to(tl.int64) * stride_qm + offs_d[None, :],
@@ -112,17 +117,25 @@ def _attn_fwd(
         mid = tl.minimum(mid, hi)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if SINK:
+        # The sink is one more score s_h per row with no value row: the online softmax starts from
+        # it (m = s_h, l = exp(s_h - s_h) = 1, acc = 0). With SPLIT only split 0 counts it, so the
+        # combine sees it once.
+        sink = tl.load(Sinks + h)
+        first = pid_s == 0
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.where(first, sink, float("-inf"))
+        l_i = l_i + tl.where(first, 1.0, 0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     for diag in tl.static_range(2 if IS_CAUSAL else 1):
         acc, l_i, m_i = _fwd_block_loop(
-            acc, l_i, m_i, q, offs_m, offs_d,
+            acc, l_i, m_i, q, offs_m, offs_d, offs_dv,
             lo=lo if diag == 0 else mid, hi=mid if diag == 0 else hi, k_end=k_end,
             k_base=K + b * stride_kb + hk * stride_kh + k0 * stride_kn,
             v_base=V + b * stride_vb + hk * stride_vh + k0 * stride_vn,
             stride_kn=stride_kn, stride_vn=stride_vn,
             bt_base=BlockTable + b * stride_btb, page_size=page_size,
             mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
-            L=Lb, E=E, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off, slope=slope,
+            L=Lb, E=E, EV=EV, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off, slope=slope,
             softcap=softcap,
             drop_row=(row0 + offs_m.to(tl.int64)) * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
             DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
@@ -132,19 +145,20 @@ def _attn_fwd(
     if SPLIT:
         # Unnormalised partials; _attn_decode_combine merges the n_splits of each row.
         part = (pid_bh.to(tl.int64) * n_splits + pid_s) * L + offs_m
-        tl.store(PartAcc + part[:, None] * E + offs_d[None, :], acc, mask=ok)
+        tl.store(PartAcc + part[:, None] * EV + offs_dv[None, :], acc, mask=ok_v)
         tl.store(PartM + part, m_i, mask=offs_m < Lb)
         tl.store(PartL + part, l_i, mask=offs_m < Lb)
     else:
-        # A fully masked row has l = 0 and acc = 0: output 0, lse = log 0 = -inf.
+        # A fully masked row has l = 0 and acc = 0: output 0, lse = log 0 = -inf (with a sink:
+        # l = 1 relative to m = s_h, output 0, lse = s_h).
         empty = l_i == 0.0
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
         row = row0 + offs_m
-        tl.store(Out + row[:, None] * E + offs_d[None, :], out.to(Out.dtype.element_ty), mask=ok)
+        tl.store(Out + row[:, None] * EV + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=ok_v)
         if STORE_O32:
-            tl.store(Out32 + row[:, None] * E + offs_d[None, :], out, mask=ok)
+            tl.store(Out32 + row[:, None] * EV + offs_dv[None, :], out, mask=ok_v)
         tl.store(Lse + row, lse, mask=offs_m < Lb)
 
 
@@ -152,7 +166,7 @@ def _attn_fwd(
 def _attn_decode_combine(
     PartAcc, PartM, PartL,               # (B*H, n_splits, L, E), (B*H, n_splits, L) x2, fp32
     Out, Lse,                            # (B, H, L, E) output dtype, (B, H, L) fp32
-    L, E, n_splits,
+    L, E, n_splits,                      # E: the output's (v's) head dim, BLOCK_D its power-of-two block
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     # Split s holds m_s, l_s = sum exp(x - m_s), acc_s = sum exp(x - m_s) v over its keys. With

@@ -58,7 +58,10 @@ class AttnOptions(NamedTuple):
     _SPLIT_ALIGN (default: enough splits to fill the GPU twice over). return_fp32_out: also return
     the output in fp32 (B, H, L, E) before the cast (what attention_backward wants as `out` for
     16-bit inputs); not with decode. return_mask: test hook, also return the dropout keep-mask
-    (B, H, L, S) bool that was applied."""
+    (B, H, L, S) bool that was applied.
+    sinks: None, or fp32 (H,) attention-sink logits (gpt-oss): s_h joins every row's softmax
+    denominator, P_ij = exp(S_ij) / (sum_j exp(S_ij) + exp(s_h)), with no value row; lse includes it
+    (a row that sees no key then gives 0 and lse = s_h). The backward also returns its gradient."""
     scale: float
     is_causal: bool = False
     causal_offset: int = 0
@@ -75,15 +78,17 @@ class AttnOptions(NamedTuple):
     split_size: Optional[int] = None
     return_fp32_out: bool = False
     return_mask: bool = False
+    sinks: Optional[torch.Tensor] = None
 
 
 def _launch_args(q, k, v, mask, o: AttnOptions):
     """Checks (asserts: the op wrapper has checked with torch's rules) and the keyword arguments
     shared by the forward and both backward kernels: strides, sizes, constexpr flags."""
-    assert q.dim() == k.dim() == v.dim() == 4, "attention launchers take q (B, H, L, E), k and v (B, Hkv, S, E)"
+    assert q.dim() == k.dim() == v.dim() == 4, \
+        "attention launchers take q (B, H, L, E), k (B, Hkv, S, E) and v (B, Hkv, S, Ev)"
     dropout_p, seqlens, block_table, page_size = o.dropout_p, o.seqlens, o.block_table, o.page_size
     window_offset, softcap, alibi_slopes = o.window_offset, o.softcap, o.alibi_slopes
-    H, L_TOT, E = q.shape[1], q.shape[2], q.shape[3]
+    H, L_TOT, E, EV = q.shape[1], q.shape[2], q.shape[3], v.shape[3]
     Hkv, S_TOT = k.shape[1], k.shape[2]
     if seqlens is None:
         B, L, S = q.shape[0], L_TOT, S_TOT
@@ -94,11 +99,12 @@ def _launch_args(q, k, v, mask, o: AttnOptions):
         assert k.shape[0] == 1 and (seqlens.cu_q is None and q.shape[0] == B or q.shape[0] == 1), \
             "with seqlens, k/v are (1, Hkv, rows, E) views and q (1, H, total_q, E) or (B, H, L, E)"
         assert all(t.dtype == torch.int32 for t in seqlens[:3] if t is not None), "seqlens must be int32"
-    assert k.shape == v.shape and k.shape[3] == E and Hkv > 0 and H % Hkv == 0, \
+    assert k.shape[:3] == v.shape[:3] and k.shape[3] == E and Hkv > 0 and H % Hkv == 0, \
         f"bad attention shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     assert q.dtype == k.dtype == v.dtype and q.dtype in KERNEL_FLOATS, \
         f"q, k, v must share one dtype among float16, bfloat16, float32; got {q.dtype}, {k.dtype}, {v.dtype}"
-    assert E <= MAX_HEAD_DIM, f"head dim E={E} exceeds the kernel's limit of {MAX_HEAD_DIM}"
+    assert E <= MAX_HEAD_DIM and EV <= MAX_HEAD_DIM, \
+        f"head dims E={E}, Ev={EV} exceed the kernel's limit of {MAX_HEAD_DIM}"
     assert all(t.stride(-1) == 1 for t in (q, k, v)), "q, k, v need a contiguous last dim (stride 1)"
     assert 0.0 <= dropout_p <= 1.0, f"dropout probability has to be between 0 and 1, but got {dropout_p}"
     assert block_table is None or (seqlens is not None and page_size > 0 and block_table.dtype == torch.int32
@@ -108,6 +114,8 @@ def _launch_args(q, k, v, mask, o: AttnOptions):
         assert alibi_slopes.dtype == torch.float32 and alibi_slopes.shape in ((H,), (B, H)), \
             "alibi_slopes (H,) or (B, H) fp32"
         alibi_slopes = alibi_slopes.contiguous()
+    if o.sinks is not None:
+        assert o.sinks.dtype == torch.float32 and o.sinks.shape == (H,), "sinks (H,) fp32"
     if mask is not None:
         assert seqlens is None, "no mask with seqlens"
         assert mask.shape == (B, H, L, S), \
@@ -126,13 +134,13 @@ def _launch_args(q, k, v, mask, o: AttnOptions):
            else dict(stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0)),
         stride_ab=H if alibi_slopes is not None and alibi_slopes.dim() == 2 else 0,
         stride_btb=block_table.stride(0) if block_table is not None else 0,
-        H=H, GROUPS=H // Hkv, L=L, S=S, E=E, L_TOT=L_TOT,
+        H=H, GROUPS=H // Hkv, L=L, S=S, E=E, EV=EV, L_TOT=L_TOT,
         drop_p=dropout_p, drop_scale=1.0 / (1.0 - dropout_p) if dropout_p < 1.0 else 0.0,  # p == 1 drops everything
         left_off=0 if window_offset is None else int(window_offset), alibi_off=int(o.alibi_offset),
         softcap=float(softcap) if softcap > 0.0 else 1.0, page_size=max(int(page_size), 1),
         L_BUCKET=lb, S_BUCKET=sb,
         scale=o.scale, SEED=_seed_arg(o.seed, dropout_p, q), causal_off=o.causal_offset, IS_CAUSAL=o.is_causal,
-        BLOCK_D=max(16, triton.next_power_of_2(E)),
+        BLOCK_D=max(16, triton.next_power_of_2(E)), BLOCK_DV=max(16, triton.next_power_of_2(EV)),
         HAS_MASK=mask is not None,
         MASK_BOOL=mask is not None and mask.dtype == torch.uint8,
         HAS_DROPOUT=dropout_p > 0.0,
@@ -146,7 +154,7 @@ def _launch_args(q, k, v, mask, o: AttnOptions):
         args["stride_qb"] = 0
     if args["VARLEN_K"]:
         args["stride_kb"] = args["stride_vb"] = 0
-    return (B, H, Hkv, L, S, E), args
+    return (B, H, Hkv, L, S, E, EV), args
 
 
 def _buckets(L, S):
@@ -164,9 +172,10 @@ def attention_forward(q, k, v, mask=None, opts: Optional[AttnOptions] = None, **
 
     q (B, H, L, E), k, v (B, Hkv, S, E) with a contiguous last dim, H % Hkv == 0; mask None or
     (B, H, L, S) bool/float (any strides, stride 0 for broadcast dims); opts an AttnOptions (or its
-    fields as keywords). Returns (out (B, H, L, E) in q's dtype contiguous, lse (B, H, L) fp32: the
-    row logsumexp of the scaled, biased scores, -inf for fully masked rows), then out32 with
-    return_fp32_out and the keep-mask with return_mask.
+    fields as keywords). v's head dim Ev may differ from E (MLA). Returns (out (B, H, L, Ev) in q's
+    dtype contiguous, lse (B, H, L) fp32: the row logsumexp of the scaled, biased scores (and the
+    sink), -inf for fully masked rows), then out32 with return_fp32_out and the keep-mask with
+    return_mask.
     """
     o = opts if opts is not None else AttnOptions(**options)
     dropout_p, decode, return_fp32_out = o.dropout_p, o.decode, o.return_fp32_out
@@ -175,10 +184,11 @@ def attention_forward(q, k, v, mask=None, opts: Optional[AttnOptions] = None, **
         res = attention_forward(q, k, v, mask, o._replace(return_mask=False))
         shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         return (*res, dropout_mask(shape, o.seed, dropout_p, q.device))
-    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, o)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    (B, H, Hkv, L, S, E, EV), args = _launch_args(q, k, v, mask, o)
+    out_shape = (*q.shape[:3], EV)
+    out = torch.empty(out_shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    out32 = torch.empty(q.shape if return_fp32_out else (0,), dtype=torch.float32, device=q.device)
+    out32 = torch.empty(out_shape if return_fp32_out else (0,), dtype=torch.float32, device=q.device)
     res = (out, lse, out32) if return_fp32_out else (out, lse)
     if out.numel() == 0 or B == 0:
         return res
@@ -188,7 +198,8 @@ def attention_forward(q, k, v, mask=None, opts: Optional[AttnOptions] = None, **
     assert not (decode and dropout_p > 0.0), "the decode (flash-decoding) path is for inference: dropout_p must be 0"
     assert not (decode and return_fp32_out), "the decode (flash-decoding) path does not write an fp32 output"
     assert not (decode and args["VARLEN_Q"]), "the decode (flash-decoding) path takes dense queries"
-    launch = dict(args, STORE_O32=return_fp32_out)
+    launch = dict(args, STORE_O32=return_fp32_out, SINK=o.sinks is not None,
+                  Sinks=o.sinks if o.sinks is not None else lse)
     if not decode:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, 1)  # noqa: E731
         _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=out32 if return_fp32_out else lse,
@@ -202,14 +213,14 @@ def attention_forward(q, k, v, mask=None, opts: Optional[AttnOptions] = None, **
     assert split_size > 0 and split_size % _SPLIT_ALIGN == 0, \
         f"split_size must be a positive multiple of {_SPLIT_ALIGN}, got {split_size}"
     n_splits = max(1, triton.cdiv(S, split_size))
-    part_acc = torch.empty((B * H, n_splits, L, E), dtype=torch.float32, device=q.device)
+    part_acc = torch.empty((B * H, n_splits, L, EV), dtype=torch.float32, device=q.device)
     part_m = torch.empty((B * H, n_splits, L), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, n_splits)  # noqa: E731
     _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=lse, PartAcc=part_acc, PartM=part_m, PartL=part_l,
                     split_size=split_size, n_splits=n_splits, SPLIT=True, **launch)
     _attn_decode_combine[(triton.cdiv(L, 16) * B * H,)](
-        part_acc, part_m, part_l, out, lse, L, E, n_splits, BLOCK_M=16, BLOCK_D=args["BLOCK_D"])
+        part_acc, part_m, part_l, out, lse, L, EV, n_splits, BLOCK_M=16, BLOCK_D=args["BLOCK_DV"])
     return res
 
 
@@ -217,7 +228,8 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
     """Gradients of attention_forward (same options; no paged cache). do like q (contiguous last
     dim), out and lse the forward's outputs: for 16-bit inputs pass its fp32 output
     (return_fp32_out=True), from which delta = rowsum(dO * O) is accurate (the 16-bit one works,
-    less accurately on sharp attention). Returns (dq like q, dk, dv like k), contiguous, input dtype.
+    less accurately on sharp attention). Returns (dq like q, dk like k, dv like v), contiguous, input
+    dtype, and with sinks their gradient dsinks (H,) fp32 = -sum over rows of exp(s_h - lse) delta.
     Reads its inputs only (nothing saved is overwritten). dQ as config.DQ_MODE says (backward.py):
     bit-identical reruns unless FASTTX_ATTN_DQ=atomic, and then too under
     torch.use_deterministic_algorithms(True). dq_mode overrides it (tests, benchmarks)."""
@@ -227,26 +239,30 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
     if dq_mode == DQ_ATOMIC and torch.are_deterministic_algorithms_enabled():
         dq_mode = DQ_ORDERED
     assert o.block_table is None, "the backward takes no paged cache"
-    (B, H, Hkv, L, S, E), args = _launch_args(q, k, v, mask, o)
+    (B, H, Hkv, L, S, E, EV), args = _launch_args(q, k, v, mask, o)
+    sinks = o.sinks
     if do.stride(-1) != 1:
         do = do.contiguous()
     out = out.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if dq.numel() == 0 and dk.numel() == 0:
-        return dq, dk, dv
-    if L == 0 or E == 0 or B == 0 or dq.numel() == 0:  # no query rows (or an empty head dim): every gradient is 0
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    res = (dq, dk, dv) if sinks is None else (dq, dk, dv, torch.zeros_like(sinks))
+    if dq.numel() == 0 and dk.numel() == 0 and dv.numel() == 0:
+        return res
+    if L == 0 or E == 0 or B == 0 or dq.numel() == 0 or EV == 0:  # no query rows or an empty head dim: all 0
+        for t in (dq, dk, dv):
+            t.zero_()
+        return res
     if args["VARLEN_K"]:  # rows of the k/v views outside every sequence get no gradient from the kernel
         dk.zero_()
         dv.zero_()
     Bq, Lq = q.shape[0], q.shape[2]
     delta = torch.empty((Bq, H, Lq), dtype=torch.float32, device=q.device)
-    pre_m = 64 if args["BLOCK_D"] <= 128 else 32
-    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m) * Bq * H,)](
-        out, do, delta, do.stride(0), do.stride(1), do.stride(2), H, Lq, E,
-        BLOCK_M=pre_m, BLOCK_D=args["BLOCK_D"])
+    pre_m = 64 if args["BLOCK_DV"] <= 128 else 32
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m) * Bq * H,)](  # delta over the output's head dim Ev
+        out, do, delta, do.stride(0), do.stride(1), do.stride(2), H, Lq, EV,
+        BLOCK_M=pre_m, BLOCK_D=args["BLOCK_DV"])
     do_strides = _strides("do", do)
     if args["VARLEN_Q"]:
         do_strides["stride_dob"] = 0
@@ -263,11 +279,18 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DK=dk, DV=dv, DQ=dq32, Locks=locks,
                              lock_stride=lock_stride, DQ_MODE=dq_mode, **launch)
-    if dq_mode != DQ_KERNEL:
-        return (dq32 if q.dtype == torch.float32 else dq.copy_(dq32)), dk, dv
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-    _attn_bwd_dq[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DQ=dq, **launch)
-    return dq, dk, dv
+    if dq_mode == DQ_KERNEL:
+        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H,)  # noqa: E731
+        _attn_bwd_dq[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DQ=dq, **launch)
+    else:
+        dq.copy_(dq32)
+    if sinks is not None:
+        # ds_h = -sum_i exp(s_h - lse_i) delta_i over head h's rows (backward.py's header): a plain
+        # reduction in torch's fixed order, deterministic. Every row of lse/delta is a real query row.
+        # A row with lse = -inf (no visible key and s_h = -inf) has no sink probability: 0, not NaN.
+        p_sink = torch.where(lse == float("-inf"), 0.0, torch.exp(sinks[None, :, None] - lse))  # (Bq, H, Lq)
+        res[3].copy_(-(p_sink * delta).sum(dim=(0, 2)))
+    return res
 
 
 def dropout_mask(shape, seed, dropout_p, device):
@@ -284,8 +307,8 @@ def dropout_mask(shape, seed, dropout_p, device):
 
 def compile_variants(quick: bool):
     """Call the launchers over every variant that selects different code (dtypes, head dims, causal,
-    masks, dropout, GQA, the fp32-output store, decode, the three dQ modes, and fasttx.flash's window, softcap, ALiBi,
-    varlen and paged flags); tools/gpu_compile_check.py compiles them."""
+    masks, dropout, GQA, the fp32-output store, decode, the three dQ modes, fasttx.flash's window, softcap,
+    ALiBi, varlen and paged flags, v's own head dim BLOCK_DV and SINK); tools/gpu_compile_check.py compiles them."""
     dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
 
@@ -317,6 +340,44 @@ def compile_variants(quick: bool):
             kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
             attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True)
             _compile_flash_variants(r, dt, e, quick)
+        _compile_mla_sink_variants(r, dt, quick)
+
+
+def _compile_mla_sink_variants(r, dt, quick):
+    """BLOCK_DV != BLOCK_D (DeepSeek's MLA 192/128, and Ev > E) and SINK (gpt-oss: causal, a window,
+    GQA, 64-dim heads): forward and backward, the flash-decoding split and its combine, and (full
+    mode) varlen; the kv-cache decode with sinks. Quick mode keeps the launches that compile new
+    code (the backward kernels have no SINK flag: with sinks they are the plain ones)."""
+    fp32_out = dt != torch.float32
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    dims = [(192, 128, None), (64, 64, torch.randn(4))]  # (E, Ev, sinks)
+    if not quick:
+        dims += [(64, 128, None), (192, 128, torch.randn(4))]
+    for e, ev, sinks in dims:
+        q, k, v = r(2, 4, 128, e, dtype=dt), r(2, 2, 160, e, dtype=dt), r(2, 2, 160, ev, dtype=dt)
+        kws = [dict(is_causal=True, causal_offset=32, sinks=sinks),
+               dict(is_causal=True, causal_offset=32, window_offset=-96, sinks=sinks)]
+        if quick:
+            kws = kws[1:] if sinks is not None else kws[:1]
+        for kw in kws:
+            out, lse, *o32 = attention_forward(q, k, v, None, scale=e ** -0.5, return_fp32_out=fp32_out, **kw)
+            attention_backward(r(2, 4, 128, ev, dtype=dt), q, k, v, None, o32[0] if fp32_out else out, lse,
+                               scale=e ** -0.5, **kw)
+        kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, ev, dtype=dt)
+        attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True, sinks=sinks)
+        if sinks is not None or not quick:
+            kc, vc = r(1, 2, 2048, e, dtype=dt), r(1, 2, 2048, ev, dtype=dt)
+            cache = Seqlens(None, i32([0, 1024]), i32([700, 1024]), 1, 1024)
+            attention_forward(r(2, 4, 1, e, dtype=dt), kc, vc, None, scale=e ** -0.5, seqlens=cache, decode=True,
+                              is_causal=True, sinks=sinks)
+        if quick:
+            continue
+        qp, kp, vp = r(1, 4, 200, e, dtype=dt), r(1, 2, 230, e, dtype=dt), r(1, 2, 230, ev, dtype=dt)
+        seq = Seqlens(i32([0, 1, 200]), i32([0, 30]), i32([30, 200]), 199, 200)
+        out, lse, *o32 = attention_forward(qp, kp, vp, None, scale=e ** -0.5, seqlens=seq, is_causal=True,
+                                           return_fp32_out=fp32_out, sinks=sinks)
+        attention_backward(r(1, 4, 200, ev, dtype=dt), qp, kp, vp, None, o32[0] if fp32_out else out, lse,
+                           scale=e ** -0.5, seqlens=seq, is_causal=True, sinks=sinks)
 
 
 def _compile_flash_variants(r, dt, e, quick):

@@ -88,11 +88,12 @@ def _kv_rows(offs_n, k_end, bt_base, page_size, PAGED: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(k_base, v_base, kv_off, kv_ok, offs_d, stride_kn, stride_vn, UPCAST: tl.constexpr):
-    """One (BLOCK_N, BLOCK_D) tile of K and of V at rows kv_off (int64, (BLOCK_N, 1)), zero where
-    not kv_ok; in fp32 when UPCAST (bf16 under the interpreter)."""
-    k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)
-    v = tl.load(v_base + kv_off * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)
+def _load_kv(k_base, v_base, kv_off, n_ok, offs_d, offs_dv, E, EV, stride_kn, stride_vn, UPCAST: tl.constexpr):
+    """One (BLOCK_N, BLOCK_D) tile of K and one (BLOCK_N, BLOCK_DV) tile of V (value head dim EV,
+    which may differ from E: DeepSeek's MLA) at rows kv_off (int64, (BLOCK_N, 1)), zero where not
+    n_ok ((BLOCK_N, 1)) or past the head dim; in fp32 when UPCAST (bf16 under the interpreter)."""
+    k = tl.load(k_base + kv_off * stride_kn + offs_d[None, :], mask=n_ok & (offs_d < E)[None, :], other=0.0)
+    v = tl.load(v_base + kv_off * stride_vn + offs_dv[None, :], mask=n_ok & (offs_dv < EV)[None, :], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)

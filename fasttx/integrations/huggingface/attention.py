@@ -22,7 +22,6 @@ ATTN_IMPLEMENTATION = "fasttx"
 # Attention arguments of other models that this function does not implement: the call goes to the
 # model's own eager attention (with one warning naming why), never ignored.
 _DELEGATED_KWARGS = {
-    "s_aux": "attention sinks need kernel flags",
     "position_bias": "a position bias is not implemented",
     "cache": "an attention-level cache is not implemented",
 }
@@ -40,8 +39,14 @@ def _delegate_reason(module: nn.Module, query: Tensor, key: Tensor, value: Tenso
     for name, why in _DELEGATED_KWARGS.items():
         if kwargs.get(name) is not None:
             return why
-    if value.shape[-1] != query.shape[-1]:
-        return "MLA Ev!=E needs kernel flags"
+    sinks = kwargs.get("s_aux")  # attention sinks (gpt-oss, granite_swa): the kernels' SINK flag
+    if sinks is not None:
+        if not isinstance(sinks, Tensor) or sinks.shape != (query.shape[1],):
+            return "attention sinks of a shape other than (heads,)"
+        if kwargs.get("softcap"):
+            return "attention sinks together with a logit softcap"
+        if kwargs.get("output_attentions"):
+            return "attention weights with sinks (the model's own eager attention defines them)"
     mask = kwargs.get("_mask")
     if isinstance(mask, Tensor) and mask.requires_grad:
         return "a learned attention mask (its gradient)"
@@ -101,6 +106,9 @@ def fasttx_attention_forward(
         mask transformers builds for a sliding layer already holds the window (it builds none only
         when the window cuts nothing); without a mask and with S >= window it is built here.
     output_attentions=True (in kwargs): computed explicitly so the probabilities can be returned.
+    s_aux (in kwargs, gpt-oss / granite_swa): (Hq,) attention-sink logits, one more softmax-denominator
+        logit per head without a value row (the kernels' SINK flag; differentiable).
+    value's head dim Ev may differ from E (DeepSeek's MLA): the kernels take it as it is.
 
     Returns (attn_output (B, L, Hq, Ev) contiguous, attn_weights (B, Hq, L, S) or None).
     """
@@ -122,6 +130,7 @@ def fasttx_attention_forward(
             kwargs["head_mask"] = head_mask
         mask = _additive_mask(module, attention_mask, query, key, is_causal, kwargs.get("sliding_window"))
         return eager(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    sinks = kwargs.pop("s_aux", None)
     softcap = kwargs.get("softcap")
     softcap = float(softcap) if softcap else 0.0
     L, S = query.shape[-2], key.shape[-2]
@@ -129,7 +138,7 @@ def fasttx_attention_forward(
     attn_mask = attention_mask
     window = kwargs.get("sliding_window")
     if head_mask is None and not kwargs.get("output_attentions", False):
-        out = _flash_path(query, key, value, attn_mask, dropout, scaling, causal, window, kwargs, softcap)
+        out = _flash_path(query, key, value, attn_mask, dropout, scaling, causal, window, kwargs, softcap, sinks)
         if out is not None:
             return out, None
     if window is not None and attn_mask is None and S >= window:
@@ -144,7 +153,13 @@ def fasttx_attention_forward(
     use_is_causal = attn_mask is None and causal and L > 1
     enable_gqa = key.shape[1] != query.shape[1]
 
-    if kwargs.get("output_attentions", False) or softcap:
+    if sinks is not None:  # (softcap and output_attentions with sinks were delegated above)
+        from fasttx.ops.attention import sdpa_with_sinks
+
+        out = sdpa_with_sinks(query, key, value, attn_mask=attn_mask, dropout_p=dropout, is_causal=use_is_causal,
+                              scale=scaling, enable_gqa=enable_gqa, sinks=sinks)  # (B, Hq, L, Ev)
+        weights = None
+    elif kwargs.get("output_attentions", False) or softcap:
         out, weights = _explicit_attention(
             query, key, value, attn_mask, dropout, scaling, use_is_causal, enable_gqa, softcap
         )
@@ -192,14 +207,15 @@ def _packed_cu_seqlens(query: Tensor, kwargs) -> Optional[Tuple[Tensor, Tensor, 
 
 
 def _flash_path(query, key, value, attn_mask, dropout, scaling, causal, window, kwargs,
-                softcap=0.0) -> Optional[Tensor]:
+                softcap=0.0, sinks=None) -> Optional[Tensor]:
     """fasttx.flash where it fits, else None: a packed batch (B == 1) runs as varlen attention, each
     sequence attending only within itself, no padding; a sliding window without a mask runs in the
     kernel (window_size=(window - 1, 0), bottom-right aligned like transformers' overlay) instead of
     a materialised (L, S) mask; a logit softcap (Gemma 2/3) without a mask runs in the kernel too
-    (softcap * tanh(s / softcap), the window per layer as the layer passes it).
-    Returns (B, L, Hq, E) like fasttx_attention_forward."""
-    if key.shape != value.shape or query.shape[-1] != key.shape[-1] or query.shape[1] % key.shape[1]:
+    (softcap * tanh(s / softcap), the window per layer as the layer passes it). sinks: (Hq,)
+    attention sinks (flash's learnable_sink), on every one of these paths.
+    Returns (B, L, Hq, Ev) like fasttx_attention_forward."""
+    if key.shape[:3] != value.shape[:3] or query.shape[-1] != key.shape[-1] or query.shape[1] % key.shape[1]:
         return None
     from fasttx import flash
 
@@ -211,8 +227,8 @@ def _flash_path(query, key, value, attn_mask, dropout, scaling, causal, window, 
         q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, H, E)
         out = flash.flash_attn_varlen_func(q, k, v, cu_q.to(q.device), cu_k.to(q.device), max_q, max_k,
                                            dropout_p=dropout, softmax_scale=scaling, causal=causal, window_size=win,
-                                           softcap=softcap)
-        return out[None]  # (1, L, Hq, E)
+                                           softcap=softcap, learnable_sink=sinks)
+        return out[None]  # (1, L, Hq, Ev)
     if attn_mask is None and ((window is not None and causal and S >= window) or softcap):
         if not causal and query.shape[-2] != S:
             return None
@@ -222,7 +238,7 @@ def _flash_path(query, key, value, attn_mask, dropout, scaling, causal, window, 
         if causal and query.shape[-2] > S:
             return None
         return flash.flash_attn_func(q, k, v, dropout_p=dropout, softmax_scale=scaling, causal=causal,
-                                     window_size=win, softcap=softcap)
+                                     window_size=win, softcap=softcap, learnable_sink=sinks)
     return None
 
 
