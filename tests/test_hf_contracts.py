@@ -244,3 +244,18 @@ def test_leaf_probes_run_once_per_class(monkeypatch):
         monkeypatch.setattr(R, "_randomized", real)
         counts.append(sorted(calls))
     assert counts[0] == counts[1] and "LlamaRMSNorm" in counts[0] and "LlamaMLP" in counts[0]
+
+
+def test_deepseek_interleaved_rotary_recognised_at_its_function():
+    # MLA's module-level rotary form does not apply (its head dim is not the rotary dim), so the
+    # modeling file's apply_rotary_pos_emb_interleave is probed and swapped for fasttx's rotary on
+    # the de-interleaved pairs; every other form raised or differed there.
+    import hf_tiny as H
+
+    ref, ours = H.build_pair("deepseek_v3", "causal-lm", "DeepseekV3ForCausalLM")
+    expected = H.measure(ref, "causal-lm")
+    apply_fasttx(ours)
+    report = fasttx_report(ours)
+    assert "DeepseekV3Attention (rotary(deinterleaved) in apply_rotary_pos_emb_interleave)" in report["swapped"]
+    assert not any(k.endswith(" rotary") for k in report["left"]), report["left"]
+    assert H.compare(expected, H.measure(ours, "causal-lm")) == []

@@ -29,10 +29,6 @@ FLOOR = ["llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_mo
 # What a floor family may still leave (the attention-kernel features of issue 24's item 3, sinks
 # and Ev != E, are in the kernels now and no longer excused).
 ALLOWED_LEFT = ()
-# DeepSeek's MLA applies its rotary through apply_rotary_pos_emb_interleave (rope_interleave), a
-# form the rotary recognition does not swap yet; until the attention ran on fasttx this was covered
-# by the attention's own fallback.
-ROTARY_NOT_SWAPPED = {"deepseek_v3": "its apply_rotary_pos_emb was not reached by the probe forward"}
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "deepseek_v3")  # experts through moe_experts
 TRITON_SUBSET = ["llama", "gemma2", "gpt2", "bert", "gpt_neox"]
 
@@ -67,7 +63,6 @@ def _check_floor(rows):
         allowed = {k for k, v in r["left"].items() if any(a in v for a in ALLOWED_LEFT)}
         # the rotary of an attention module left for those reasons goes with it (MLA's own rotary)
         allowed |= {k.replace(" attention", " rotary") for k in allowed}
-        allowed |= {k for k, v in r["left"].items() if k.endswith(" rotary") and ROTARY_NOT_SWAPPED.get(mt) == v}
         extra = {k: v for k, v in r["left"].items() if k not in allowed}
         assert not extra, (mt, extra)
         assert r["swapped"], mt

@@ -126,7 +126,8 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
         return
     candidates = R.rotary_candidates(model)
     alibi_mods = [m for m in model.modules() if A.layout(m) is not None]
-    fn_candidates = R.rotary_fn_candidates(model, set(candidates) | set(alibi_mods))
+    # a rotary candidate whose module-level form fails is tried at its rotary function too (MLA)
+    fn_candidates = R.rotary_fn_candidates(model, set(alibi_mods))
     fn_captured = {}
     delegated, matched, captured, failed = R.model_probe(model, use_fasttx, candidates + alibi_mods, fn_candidates,
                                                          fn_captured)
@@ -138,12 +139,16 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
             continue
         form, why = R.probe_rotary(m, captured[m])
         if form is None:
-            left[f"{cls} rotary"] = why
+            if m not in fn_captured:
+                left[f"{cls} rotary"] = why
         else:
             M.set_forward(m, rotary_attention_forward)
             swapped.add(f"{cls} ({form})")
+            fn_captured.pop(m, None)
     for m in fn_candidates:
         cls = type(m).__name__
+        if m in candidates and m not in fn_captured:
+            continue  # swapped above, or left with the module-level reason
         if m not in fn_captured:
             if R.takes_rotary_tables(m):
                 left[f"{cls} rotary"] = failed or "its apply_rotary_pos_emb was not reached by the probe forward"
@@ -153,9 +158,10 @@ def _swap_attention(model: nn.Module, attention, dtype, swapped: set, left: dict
             left[f"{cls} rotary"] = why
         else:
             single = R.rotary_fn_params(fn_captured[m][0])[:1] == ["tensor"]
-            m.__dict__["_fasttx_rotary_fn"] = rotary_fn(form, single)
+            name = fn_captured[m][3]
+            m.__dict__["_fasttx_rotary_fn"] = (name, rotary_fn(form, single))
             M.set_forward(m, rotary_fn_forward)
-            swapped.add(f"{cls} (rotary({form}) in apply_rotary_pos_emb)")
+            swapped.add(f"{cls} (rotary({form}) in {name})")
     done = set(candidates) | set(fn_captured)
     for m in model.modules():
         if m not in done and type(m).__name__.endswith("Attention") and R.takes_rotary_tables(m):

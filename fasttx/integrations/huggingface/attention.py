@@ -461,7 +461,10 @@ ROTARY_FORMS = {"rotary(halves)": "halves", "rotary(interleaved pairs)": "interl
 # the modeling file's own `apply_rotary_pos_emb` is swapped for a fasttx one while the module's
 # forward runs (and only then), after the probe showed the two compute the same.
 # ----------------------------------------------------------------------------------------------
-ROTARY_FN = "apply_rotary_pos_emb"
+# The modeling files' rotary functions: apply_rotary_pos_emb, and DeepSeek's for weights laid out in
+# interleaved pairs (rope_interleave), whose output is the pairs de-interleaved ([evens; odds]) and
+# rotated as halves.
+ROTARY_FNS = ("apply_rotary_pos_emb", "apply_rotary_pos_emb_interleave")
 
 
 def _tables(cos: Tensor, sin: Tensor, tables: str):
@@ -472,7 +475,11 @@ def _tables(cos: Tensor, sin: Tensor, tables: str):
         return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
     if tables == "pairs":  # one entry per pair (GPT-J's sincos): each entry twice, in order
         return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
-    return cos, sin
+    return cos, sin  # "halves", "deinterleaved"
+
+
+def _deinterleave(x: Tensor) -> Tensor:
+    return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
 
 
 def rotary_fn(tables: str, single: bool = False) -> Callable:
@@ -488,17 +495,20 @@ def rotary_fn(tables: str, single: bool = False) -> Callable:
 
     def apply(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
         cos, sin = _tables(cos, sin, tables)
+        if tables == "deinterleaved":
+            q, k = _deinterleave(q), _deinterleave(k)
         return FF.apply_rotary_emb(q, k, cos, sin, interleaved=interleaved, seq_dim=-2 if unsqueeze_dim == 1 else -3)
     return apply
 
 
 def rotary_fn_forward(self, *args, **kwargs):
-    """The module's own forward with its modeling file's apply_rotary_pos_emb pointing at the
-    fasttx form the probe chose, for the duration of this call."""
+    """The module's own forward with its modeling file's rotary function (one of ROTARY_FNS)
+    pointing at the fasttx form the probe chose, for the duration of this call."""
     mod = sys.modules[type(self).__module__]
-    previous = getattr(mod, ROTARY_FN)
-    setattr(mod, ROTARY_FN, self.__dict__["_fasttx_rotary_fn"])
+    name, fn = self.__dict__["_fasttx_rotary_fn"]
+    previous = getattr(mod, name)
+    setattr(mod, name, fn)
     try:
         return type(self).forward(self, *args, **kwargs)
     finally:
-        setattr(mod, ROTARY_FN, previous)
+        setattr(mod, name, previous)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import modules as M
-from .attention import (ATTN_IMPLEMENTATION, ROTARY_FN, ROTARY_FORMS, attention_layout, fasttx_attention_forward,
+from .attention import (ATTN_IMPLEMENTATION, ROTARY_FNS, ROTARY_FORMS, attention_layout, fasttx_attention_forward,
                         rotary_attention_forward, rotary_fn)
 from .attention import _delegate_reason as delegate_reason
 
@@ -295,12 +295,13 @@ def model_probe(model: nn.Module, want_attention_fn: bool, rotary_candidates: Li
         hooks.append(m.register_forward_pre_hook(enter))
         hooks.append(m.register_forward_hook(leave))
     files = {sys.modules[type(m).__module__] for m in fn_candidates}
-    originals = {f: getattr(f, ROTARY_FN) for f in files}
+    originals = {(f, name): getattr(f, name) for f in files for name in ROTARY_FNS
+                 if callable(getattr(f, name, None))}
 
-    def recorder(original):
+    def recorder(name, original):
         def record(*args, **kwargs):
             if stack:
-                fn_captured.setdefault(stack[-1], (original, args, dict(kwargs)))
+                fn_captured.setdefault(stack[-1], (original, args, dict(kwargs), name))
             return original(*args, **kwargs)
         return record
     states = {m: m.training for m in model.modules()}
@@ -310,12 +311,12 @@ def model_probe(model: nn.Module, want_attention_fn: bool, rotary_candidates: Li
         # a second apply_fasttx: the class forwards run (an instance forward would swap the recorder out)
         own = {m: m.__dict__.pop("forward") for m in fn_candidates if "forward" in m.__dict__}
         try:
-            for f, fn in originals.items():
-                setattr(f, ROTARY_FN, recorder(fn))
+            for (f, name), fn in originals.items():
+                setattr(f, name, recorder(name, fn))
             ref = _run(model, inputs)
         finally:
-            for f, fn in originals.items():
-                setattr(f, ROTARY_FN, fn)
+            for (f, name), fn in originals.items():
+                setattr(f, name, fn)
             for m, fwd in own.items():
                 m.forward = fwd
             for h in hooks:
@@ -348,18 +349,27 @@ def probe_rotary(m: nn.Module, captured: tuple) -> Tuple[Optional[str], str]:
     per_head = not (isinstance(w, Tensor) and w.numel() != m.head_dim)
     m.__dict__["_fasttx_qk_norm_per_head"] = per_head
     key = (type(m), "rotary")
+    failure = None
+
+    def matches(module, ref):  # a form that raises (tables it cannot take) does not match
+        nonlocal failure
+        try:
+            return _close(rotary_attention_forward(module, *args, **dict(kwargs))[0], ref, dtype, scaled=True)
+        except Exception as exc:
+            failure = failure or f"probe failed ({type(exc).__name__}: {str(exc)[:60]})"
+            return False
+
     try:
         with torch.no_grad():
             ref = _original(m, *args, **kwargs)[0]
             dtype = ref.dtype
             for name, tables in ROTARY_FORMS.items():
                 m.__dict__["_fasttx_rotary"] = tables
-                if not _close(rotary_attention_forward(m, *args, **dict(kwargs))[0], ref, dtype, scaled=True):
+                if not matches(m, ref):
                     continue
                 if key not in _VERDICTS:  # once per class: also with random parameters
                     c = _randomized(m)
-                    ok = _close(rotary_attention_forward(c, *args, **dict(kwargs))[0],
-                                _original(c, *args, **kwargs)[0], dtype, scaled=True)
+                    ok = matches(c, _original(c, *args, **kwargs)[0])
                     _VERDICTS[key] = (name, "") if ok else (None, "its forward computes more than the rotary layout")
                     del c
                 if _VERDICTS[key][0] == name:
@@ -367,20 +377,22 @@ def probe_rotary(m: nn.Module, captured: tuple) -> Tuple[Optional[str], str]:
                 return _VERDICTS[key][0] and None, _VERDICTS[key][1] or "forms differ between instances"
     except Exception as exc:
         return None, f"probe failed ({type(exc).__name__}: {str(exc)[:60]})"
-    return None, "no rotary form matches its forward"
+    return None, failure or "no rotary form matches its forward"
 
 
 def rotary_fn_candidates(model: nn.Module, exclude) -> List[nn.Module]:
-    """Modules whose class forward calls their modeling file's apply_rotary_pos_emb."""
+    """Modules whose class forward calls one of their modeling file's rotary functions (ROTARY_FNS)."""
     out = []
     for m in model.modules():
-        if m in exclude or not callable(getattr(sys.modules.get(type(m).__module__), ROTARY_FN, None)):
+        mod = sys.modules.get(type(m).__module__)
+        names = [n for n in ROTARY_FNS if callable(getattr(mod, n, None))]
+        if m in exclude or not names:
             continue
         try:
             source = inspect.getsource(type(m).forward)
         except (OSError, TypeError):
             continue
-        if ROTARY_FN + "(" in source:
+        if any(n + "(" in source for n in names):
             out.append(m)
     return out
 
@@ -403,7 +415,7 @@ def _tuple(x) -> tuple:
 def probe_rotary_fn(captured: tuple) -> Tuple[Optional[str], str]:
     """(form, why not): the fasttx apply_rotary_pos_emb form that reproduces the recorded call,
     on the recorded tables with the recorded and with random queries/keys."""
-    original, args, kwargs = captured
+    original, args, kwargs = captured[:3]
     try:
         params = rotary_fn_params(original)
     except (TypeError, ValueError):
@@ -413,21 +425,22 @@ def probe_rotary_fn(captured: tuple) -> Tuple[Optional[str], str]:
         return None, f"its apply_rotary_pos_emb takes ({', '.join(params)})"
     n = 1 if single else 2  # the leading tensors to rotate
     trials = [args, tuple(_randn_like(a, i) for i, a in enumerate(args[:n])) + tuple(args[n:])]
-    forms = ("pairs",) if single else ("halves", "interleaved", "half tables")
-    try:
-        with torch.no_grad():
-            for form in forms:
-                fn = rotary_fn(form, single)
-                ok = True
+    forms = ("pairs",) if single else ("halves", "interleaved", "half tables", "deinterleaved")
+    failure = None
+    for form in forms:  # a form that raises (tables it cannot take) does not match; the next is tried
+        fn = rotary_fn(form, single)
+        ok = True
+        try:
+            with torch.no_grad():
                 for a in trials:
                     ref, ours = _tuple(original(*a, **kwargs)), _tuple(fn(*a, **kwargs))
                     ok = ok and len(ref) == len(ours) and all(
                         _close(o, r, r.dtype, scaled=True) for o, r in zip(ours, ref))
-                if ok:
-                    return form, ""
-    except Exception as exc:
-        return None, f"probe failed ({type(exc).__name__}: {str(exc)[:60]})"
-    return None, "no fasttx rotary form matches its apply_rotary_pos_emb"
+        except Exception as exc:
+            ok, failure = False, failure or f"probe failed ({type(exc).__name__}: {str(exc)[:60]})"
+        if ok:
+            return form, ""
+    return None, failure or "no fasttx rotary form matches its apply_rotary_pos_emb"
 
 
 def takes_rotary_tables(m: nn.Module) -> bool:
