@@ -172,10 +172,12 @@ def _dtype(args, kwargs) -> str:
     return "-"
 
 
-def collect(arch: int = 90, quick: bool = False, modules=None, pruned_too: bool = False, launches=None):
+def collect(arch: int = 90, quick: bool = False, modules=None, pruned_too: bool = False, launches=None,
+            max_configs=None):
     """Compile every variant for `arch` in this process and return (variants, errors): one Variant per
     distinct binary, errors as gpu_compile_check records them. `launches` (a callable) replaces the
-    kernel files' compile_variants (a subset). Call once per process (one target per process)."""
+    kernel files' compile_variants (a subset); max_configs as gpu_compile_check's (the largest tiles
+    of each autotuned launch only). Call once per process (one target per process)."""
     import triton
 
     with contextlib.suppress(AttributeError):
@@ -215,7 +217,7 @@ def collect(arch: int = 90, quick: bool = False, modules=None, pruned_too: bool 
             spill_loads=spill_ld, stack=stack, shared=md.shared, tmem=tmem,
             warps_per_sm=occupancy(arch, regs, md.shared, tmem, md.num_warps), mma=mma, copy=copy, hash=kernel.hash)
 
-    _, errors = gpu_compile_check.install_compile_only_driver(arch, on_compile=on_compile, pruned_too=pruned_too)
+    _, errors = gpu_compile_check.install_compile_only_driver(arch, max_configs, on_compile, pruned_too)
     if launches is not None:
         launches()
     else:
@@ -294,7 +296,7 @@ def _child(args):
     launches = None
     if args.attention_subset:
         launches = attention_subset(args.head_dims, args.dtypes, decode=True)
-    variants, errors = collect(args.arch[0], args.quick, args.modules, args.pruned, launches)
+    variants, errors = collect(args.arch[0], args.quick, args.modules, args.pruned, launches, args.configs)
     with open(args.child_out, "w") as f:
         json.dump(dict(variants=[asdict(v) for v in variants],
                        errors=[dict(kernel=n, meta={k: repr(x) for k, x in m.items()}, error=e)
@@ -307,6 +309,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="the kernel files' representative subset")
     parser.add_argument("--modules", nargs="+", default=None, help="fasttx.kernels modules (default: all)")
     parser.add_argument("--pruned", action="store_true", help="also compile the configs pruning drops")
+    parser.add_argument("--configs", type=int, default=None, metavar="N",
+                        help="per autotuned launch, only the N kept configs with the largest tiles")
     parser.add_argument("--json", default=None, help="write the variants and the summary as JSON here")
     parser.add_argument("--markdown", default=None, help="write the markdown tables here (default: stdout)")
     parser.add_argument("--summary", action="store_true", help="only the per-kernel summary table")
@@ -327,10 +331,14 @@ def main(argv=None):
         with tempfile.NamedTemporaryFile(suffix=".json") as tmp:
             cmd = [sys.executable, os.path.abspath(__file__), "--arch", str(arch), "--child-out", tmp.name]
             cmd += (["--quick"] if args.quick else []) + (["--pruned"] if args.pruned else [])
+            cmd += ["--configs", str(args.configs)] if args.configs else []
             cmd += ["--modules", *args.modules] if args.modules else []
             if args.attention_subset:
                 cmd += ["--attention-subset", "--head-dims", *map(str, args.head_dims), "--dtypes", *args.dtypes]
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if r.returncode == 2 and "UNSUPPORTED" in r.stdout:  # this triton cannot compile without a GPU
+                print(f"sm_{arch}: {r.stdout.strip()}")
+                return 2
             if r.returncode != 0:
                 print(f"sm_{arch}: the report failed:\n{r.stdout[-3000:]}{r.stderr[-3000:]}", file=sys.stderr)
                 status = 1
