@@ -93,15 +93,19 @@ def test_attention_pruning_keeps_configs_within_the_register_budget(dtype, monke
     for d in (16, 32, 64, 128, 256):
         for lb in (8, 1024):
             for mask in (False, True):
-                args = dict(Q=q, Mask=torch.empty(1, dtype=torch.float32), BLOCK_D=d, L_BUCKET=lb, HAS_MASK=mask)
+                args = dict(Q=q, Mask=torch.empty(1, dtype=torch.float32), BLOCK_D=d, L_BUCKET=lb, HAS_MASK=mask,
+                            WINDOW=mask)  # a window: a flag the backward budgets for
                 for kernel, prune, table, extra in (("fwd", K._prune, K._FWD_GPU, {}),
                                                     ("dkdv", K._prune_bwd, K._BWD_GPU, {}),
                                                     ("dq", K._prune_bwd, K._BWD_GPU, {"DQ": q})):
                     kept = _kept(prune, table, **args, **extra)
                     assert kept, (kernel, d, lb)
+                    budget = K.config._budget(kernel, {**args, **extra})
+                    assert budget == (48 if mask and kernel != "fwd" else K.config._REG_TILE_BUDGET[kernel])  # WINDOW
                     for bm, bn, w, _ in kept:
-                        assert K.config._tile_values(kernel, bm, bn, d, w) <= K.config._REG_TILE_BUDGET[kernel], \
-                            (kernel, d, dtype, bm, bn, w)
+                        # the fallback (nothing fits: d=256 with flags) may exceed it: 8 warps is all it can add
+                        if len(kept) > 1 or (bm, bn, w) != (16 if kernel != "fwd" or lb == 8 else 32, 32, 8):
+                            assert K.config._tile_values(kernel, bm, bn, d, w) <= budget, (kernel, d, dtype, bm, bn, w)
                     monkeypatch.setattr(K.config, "AUTOTUNE", False)
                     assert _kept(prune, table, **args, **extra) == kept[:1]
                     monkeypatch.setattr(K.config, "AUTOTUNE", True)
@@ -110,3 +114,6 @@ def test_attention_pruning_keeps_configs_within_the_register_budget(dtype, monke
     assert {(64, 64, 4, 3), (64, 64, 8, 2)}.isdisjoint(_kept(K._prune_bwd, K._BWD_GPU, **fp16))
     assert (64, 128, 8, 2) not in _kept(K._prune_bwd, K._BWD_GPU, **fp16, DQ=q)
     assert _kept(K._prune, K._FWD_GPU, **fp16)[0] == (128, 64, 8, 3)
+    window = dict(fp16, BLOCK_D=64, WINDOW=True, IS_CAUSAL=True)  # spilled 24 B on sm_90 at budget 80
+    assert (64, 64, 8, 2) not in _kept(K._prune_bwd, K._BWD_GPU, **window)
+    assert (64, 64, 8, 2) in _kept(K._prune_bwd, K._BWD_GPU, **dict(window, WINDOW=False))
