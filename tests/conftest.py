@@ -61,6 +61,19 @@ def backend(request):
         yield request.param
 
 
+@pytest.fixture
+def bounds_check():
+    """Every Triton load/store of the test checked against the tensors of its launch (tests/_bounds.py):
+    the test fails on an out-of-bounds access, or when it launched no kernel. Interpreter only: on a
+    GPU it yields None and checks nothing (compute-sanitizer does, in make gpu-check)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield None
+        return
+    import _bounds
+
+    yield from _bounds.bounds_check_fixture()
+
+
 @pytest.fixture(autouse=True)
 def _restore_backend():
     before = fasttx.get_backend()

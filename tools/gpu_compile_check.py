@@ -37,10 +37,15 @@ def _tile_size(config) -> int:
     return size
 
 
-def install_compile_only_driver(arch: int, max_configs=None):
+def install_compile_only_driver(arch: int, max_configs=None, on_compile=None, pruned_too=False):
     """Make every Triton launch in this process a compile for `arch`; returns (compiled, errors).
     Autotuned kernels compile every config their pruning keeps, or only the `max_configs` with the
-    largest tiles (block sizes x stages: the ones that risk the shared-memory limit)."""
+    largest tiles (block sizes x stages: the ones that risk the shared-memory limit).
+    on_compile(jit_fn, args, kwargs, kernel, role) is called after each successful compile (what
+    tools/kernel_report.py reads): role "fixed" for the first config an autotuned launch's pruning
+    keeps (the FASTTX_AUTOTUNE=0 choice), "autotune" for the others it keeps, "single" for a launch
+    without autotuning, and "pruned" for the configs pruning drops (compiled only with pruned_too;
+    their compile errors are not recorded: pruning exists to drop them)."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("run with TRITON_INTERPRET unset: the interpreter never compiles")
     try:
@@ -75,13 +80,19 @@ def install_compile_only_driver(arch: int, max_configs=None):
 
     driver.set_active(CompileOnlyDriver())
     run = JITFunction.run
+    role = ["single"]  # what the launch being compiled is, set by every_pruned_config
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         meta = {k: v for k, v in kwargs.items() if not hasattr(v, "data_ptr")}
         try:
             kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-            compiled.append((self.__name__, meta, kernel.metadata.shared))
+            if role[0] != "pruned":
+                compiled.append((self.__name__, meta, kernel.metadata.shared))
+            if on_compile is not None:
+                on_compile(self, args, kwargs, kernel, role[0])
         except Exception as e:  # a compile error: record where it surfaced and its root cause
+            if role[0] == "pruned":
+                return
             root = e
             while root.__cause__ is not None or root.__context__ is not None:
                 root = root.__cause__ or root.__context__
@@ -91,10 +102,19 @@ def install_compile_only_driver(arch: int, max_configs=None):
     def every_pruned_config(self, *args, **kwargs):
         self.nargs = dict(zip(self.arg_names, args))
         configs = self.prune_configs(kwargs)
+        roles = ["fixed"] + ["autotune"] * (len(configs) - 1) if len(self.configs) > 1 else ["single"]
         if max_configs is not None:
-            configs = sorted(configs, key=_tile_size, reverse=True)[:max_configs]
-        for config in configs:
-            self.fn.run(*args, **kwargs, **config.all_kwargs())
+            order = sorted(range(len(configs)), key=lambda i: _tile_size(configs[i]), reverse=True)[:max_configs]
+            configs, roles = [configs[i] for i in order], [roles[i] for i in order]
+        if pruned_too:
+            kept = {id(c) for c in self.prune_configs(kwargs)}
+            dropped = [c for c in self.configs if id(c) not in kept]
+            configs, roles = configs + dropped, roles + ["pruned"] * len(dropped)
+        try:
+            for config, role[0] in zip(configs, roles):
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+        finally:
+            role[0] = "single"
         self.nargs = None
 
     JITFunction.run = compile_only
@@ -102,10 +122,11 @@ def install_compile_only_driver(arch: int, max_configs=None):
     return compiled, errors
 
 
-def launch_all(quick: bool):
-    """Call `compile_variants(quick)` of every fasttx.kernels module that defines one: each kernel
-    file lists, next to its launchers, the launches that select different code (dtypes, flags,
-    paths), so a new kernel is covered by writing that function and nothing here."""
+def launch_all(quick: bool, modules=None):
+    """Call `compile_variants(quick)` of every fasttx.kernels module that defines one (or of those
+    named in `modules`): each kernel file lists, next to its launchers, the launches that select
+    different code (dtypes, flags, paths), so a new kernel is covered by writing that function and
+    nothing here."""
     import importlib
     import pkgutil
 
@@ -113,6 +134,8 @@ def launch_all(quick: bool):
     import fasttx.kernels
 
     for info in pkgutil.iter_modules(fasttx.kernels.__path__):
+        if modules is not None and info.name not in modules:
+            continue
         module = importlib.import_module(f"fasttx.kernels.{info.name}")
         if hasattr(module, "compile_variants"):
             module.compile_variants(quick)

@@ -15,15 +15,23 @@ from .._common import INTERPRETING
 # argument's dtype to the key). The first config of a table that survives pruning is the fixed
 # choice when autotuning is off. Every BLOCK_N divides _SPLIT_ALIGN, so a flash-decoding split of
 # a multiple of _SPLIT_ALIGN keys is a whole number of key blocks whatever config wins.
+# Register budget (_REG_TILE_BUDGET, below): the pruning drops every config whose fp32 tiles held in
+# registers exceed it, so that no config that can run spills (tools/kernel_report.py checks it on
+# sm_90 and sm_100; tests/test_kernel_report.py in CI). The tables are ordered so that the first
+# config left is a good fixed choice: 128x64 with 8 warps before 4 (4 warps spilled at head dim 128).
+# Two 16-row configs are gone though within the budget: they spilled a few bytes at under 100
+# registers on sm_90 (forward 16x32 4 stages at d=256: 4 B; the backward's 16x32 dK/dV at d=64:
+# 12 B); 16x64 takes their place. So is the forward's 16x64 with 3 stages (12 B at 128 registers,
+# causal, d=128, sm_100); 2 stages stayed clean on both.
 # ------------------------------------------------------------------------------------------------
 _FWD_GPU = [
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2),
-    (16, 64, 4, 3), (16, 128, 4, 3), (16, 32, 4, 4), (16, 64, 4, 2),
+    (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2), (64, 64, 8, 2),
+    (16, 64, 4, 2), (16, 128, 4, 3),
 ]
 _BWD_GPU = [  # dK/dV kernel: BLOCK_N key rows resident, BLOCK_M query rows streamed (dQ: swapped)
-    (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 3),
-    (64, 64, 8, 2), (32, 32, 4, 3), (16, 64, 4, 2), (16, 32, 4, 2),
+    (64, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2),
+    (32, 32, 4, 3), (16, 64, 4, 2), (32, 32, 8, 2),
 ]
 _SPLIT_ALIGN_GPU = 128
 
@@ -71,10 +79,58 @@ def _fixed(kept):
     return kept if AUTOTUNE else kept[:1]
 
 
+# fp32 values per thread of the tiles a program keeps in registers, at most, per kernel. Each thread
+# also holds operand fragments, pointers, offsets and the flags' state: measured with
+# tools/kernel_report.py (triton 3.9, fp16/bf16), forward configs estimated at 128 used 200-255
+# registers and some spilled (128x64 4 warps at d=128: 312 B on sm_90, 560 B on sm_100), those at 96
+# or below stayed at <= 220 registers, causal included; the backward kernels hold more beside their
+# tiles: at 96 the causal dK/dV (64x64 8 warps, d=128) spilled 24 B and dQ (64x128 8 warps) 4 B on
+# sm_90, so they get 80.
+_REG_TILE_BUDGET = {"fwd": 96, "dkdv": 80, "dkdv+dq": 80, "dq": 80}
+# The backward with dropout, a window or varlen sequences holds their state too: at 64-80 causal+window
+# dK/dV (64x64 8 warps at d=64, 32x64 8 warps at d=128 with varlen) spilled 8-24 B and dQ with
+# dropout (64x128 8 warps, d=64) 76 B on sm_90, so 48 there (masks, softcap, ALiBi: clean at 80).
+_REG_TILE_BUDGET_BWD_FLAGS = 48
+_BWD_FLAGS = ("HAS_DROPOUT", "WINDOW", "VARLEN_Q", "VARLEN_K")
+
+
+def _tile_values(kernel, bm, bn, d, warps) -> float:
+    """fp32 tile values per thread of one attention program: the forward holds its output
+    accumulator (BLOCK_M x d) and the scores (BLOCK_M x BLOCK_N); dK/dV holds both accumulators
+    (2 BLOCK_N x d) and the scores and their gradient (2 BLOCK_M x BLOCK_N); dQ its accumulator
+    (BLOCK_M x d) and the same two score tiles; dK/dV forming dQ parts adds a (BLOCK_M x d) tile."""
+    if kernel == "fwd":
+        values = bm * (d + bn)
+    elif kernel == "dkdv":
+        values = 2 * bn * d + 2 * bm * bn
+    elif kernel == "dkdv+dq":  # and the (BLOCK_M x d) dQ part of the ordered / atomic modes
+        values = 2 * bn * d + 2 * bm * bn + bm * d
+    else:
+        values = bm * d + 2 * bm * bn
+    return values / (32 * warps)
+
+
+def _budget(kernel, args) -> int:
+    flagged = kernel != "fwd" and any(args.get(f) for f in _BWD_FLAGS)
+    return _REG_TILE_BUDGET_BWD_FLAGS if flagged else _REG_TILE_BUDGET[kernel]
+
+
+def _fits_registers(kernel, c, d, budget) -> bool:
+    return _tile_values(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d, c.num_warps) <= budget
+
+
+def _fallback(kernel, bm, bn, d, budget):
+    """The config when nothing in the table fits: small tiles without pipelining, 8 warps if 4 would
+    exceed the register budget (head dim 256)."""
+    warps = 4 if _tile_values(kernel, bm, bn, d, 4) <= budget else 8
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=1)]
+
+
 def _prune(configs, named_args, **kwargs):
     """Drop configs that cannot fit or waste work: query blocks of 16 only for short L (decode-like)
     and not otherwise; smaller tiles and fewer stages as the head dim (and fp32 operands) grow
-    (shared memory ~ stages * (BLOCK_M + 2 BLOCK_N) * BLOCK_D * bytes)."""
+    (shared memory ~ stages * (BLOCK_M + 2 BLOCK_N) * BLOCK_D * bytes); tiles over the register
+    budget (_tile_values)."""
     if len(configs) == 1:
         return configs
     args = {**named_args, **kwargs}
@@ -90,9 +146,11 @@ def _prune(configs, named_args, **kwargs):
             continue
         if wide >= 512 and bm * bn > 64 * 64:  # d=256 fp16 or d>=128 fp32: register pressure
             continue
+        if not _fits_registers("fwd", c, d, _REG_TILE_BUDGET["fwd"]):
+            continue
         kept.append(c)
     # Nothing fits (e.g. fp32 with d=256): small tiles without pipelining always do.
-    return _fixed(kept) or [triton.Config({"BLOCK_M": 16 if short_l else 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    return _fixed(kept) or _fallback("fwd", 16 if short_l else 32, 32, d, _REG_TILE_BUDGET["fwd"])
 
 
 def _mask_bytes(args) -> int:
@@ -103,16 +161,28 @@ def _mask_bytes(args) -> int:
 
 
 def _prune_bwd(configs, named_args, **kwargs):
+    """Shared memory as the forward (two more BLOCK_M rows: dO beside Q), the register budget per
+    kernel (dK/dV, the one taking DK, with its dQ part unless DQ_MODE is DQ_KERNEL; or dQ) and per
+    flags (_budget)."""
     args = {**named_args, **kwargs}
     if len(configs) == 1:
         return configs
-    wide = args["Q"].element_size() * max(args["BLOCK_D"], args.get("BLOCK_DV", 0))  # the wider of q/k and v
+    d = max(args["BLOCK_D"], args.get("BLOCK_DV", 0))  # the wider of q/k and v
+    kernel = "dkdv" if "DK" in args else "dq"
+    if kernel == "dkdv" and args.get("DQ_MODE", DQ_KERNEL) != DQ_KERNEL:
+        kernel = "dkdv+dq"  # it also forms each query block's dQ part
+    budget = _budget(kernel, args)
+    wide = args["Q"].element_size() * d
     mask_bytes = _mask_bytes(args)
     kept = [c for c in configs
             if c.num_stages * ((2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * wide
                                + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * mask_bytes) <= 200 * 1024
-            and not (wide >= 512 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 64)]
-    return _fixed(kept) or [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+            and not (wide >= 512 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 64)
+            and _fits_registers(kernel, c, d, budget)
+            # 8 warps on a 32x32 tile only for d=256: ptxas held its dK/dV at 128 registers and
+            # spilled 40-56 B with softcap or ALiBi at d=128 (sm_90)
+            and not (c.num_warps == 8 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 and d < 256)]
+    return _fixed(kept) or _fallback(kernel, 16, 32, d, budget)
 
 
 _KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "WINDOW", "SOFTCAP", "ALIBI", "VARLEN_Q", "VARLEN_K",

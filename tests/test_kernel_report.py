@@ -1,0 +1,122 @@
+"""The static kernel report (tools/kernel_report.py) and what CI holds with it: no attention config that
+can run by default spills registers on sm_90 at head dims 64 and 128, fp16 and bf16.
+
+The report compiles for a real GPU target without one (TRITON_INTERPRET unset, in a subprocess: this
+test process runs the interpreter) and reads ptxas's register and spill counts. Compiles are cached
+by triton (~/.triton/cache), so a rerun reads them back in seconds; the resource counts are kept
+beside each cached kernel.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+import kernel_report  # noqa: E402
+
+
+def _run_report(tmp_path, *args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when unset; fusion is the GPU default
+    out = tmp_path / "report.json"
+    r = subprocess.run([sys.executable, str(TOOLS / "kernel_report.py"), "--json", str(out), "--summary", *args],
+                       capture_output=True, text=True, env=env, timeout=900)
+    if r.returncode == 2 and "UNSUPPORTED" in r.stdout + r.stderr:
+        pytest.skip("this triton cannot compile for sm_90 without a GPU: " + (r.stdout + r.stderr).strip()[-300:])
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_default_attention_configs_do_not_spill_on_sm90(tmp_path):
+    data, text = _run_report(tmp_path, "--arch", "90", "--attention-subset", "--head-dims", "64", "128",
+                             "--dtypes", "float16", "bfloat16")
+    variants = [kernel_report.Variant(**v) for v in data["variants"]]
+    kernels = {v.kernel for v in variants}
+    assert {"_attn_fwd", "_attn_bwd_dkdv", "_attn_bwd_dq"} <= kernels, text
+    assert {v.constexprs.get("BLOCK_D") for v in variants if v.kernel == "_attn_fwd"} == {64, 128}
+    assert any(v.role == "fixed" for v in variants) and all(v.default for v in variants)
+    spilling = [f"{v.kernel} {v.dtype} {v.constexprs} warps={v.num_warps} stages={v.num_stages} ({v.role}): "
+                f"{v.spill_stores} B spill stores, {v.regs} registers" for v in variants if v.spills]
+    assert spilling == [], "default attention configs that spill on sm_90:\n" + "\n".join(spilling)
+    assert all(v.regs > 0 and v.mma for v in variants if v.kernel == "_attn_fwd")  # tensor cores read
+
+
+def test_occupancy_arithmetic():
+    """Resident warps per SM from the per-SM limits (the CUDA occupancy calculator's figures)."""
+    occ = kernel_report.occupancy
+    assert occ(90, regs=32, shared=0, tmem=0, num_warps=4) == 64  # warp-limited: 16 programs of 4 warps
+    assert occ(90, regs=128, shared=0, tmem=0, num_warps=4) == 16  # 128 x 32 x 4 = 16K registers per program
+    assert occ(90, regs=255, shared=0, tmem=0, num_warps=8) == 8  # 256 x 32 x 8 = 64K: one program
+    assert occ(90, regs=64, shared=100 * 1024, tmem=0, num_warps=4) == 8  # two programs fit 228 KiB
+    assert occ(100, regs=64, shared=0, tmem=512, num_warps=4) == 4  # all 512 TMEM columns: one program
+    assert occ(90, regs=64, shared=0, tmem=512, num_warps=4) == 32  # no TMEM on sm_90
+
+
+def test_ptxas_log_parsing_and_instruction_scan():
+    log = ("ptxas info    : Compiling entry function '_k' for 'sm_90a'\n"
+           "ptxas info    : Function properties for _k\n"
+           "    312 bytes stack frame, 312 bytes spill stores, 340 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 312 bytes smem\n")
+    assert kernel_report.parse_ptxas_log(log, "_k") == (255, 312, 340, 312)
+    assert kernel_report.parse_ptxas_log(log, "_other") is None
+    ptx = "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 ...\ncp.async.cg.shared.global [r1], [r2], 16;\n"
+    assert kernel_report.instructions(ptx) == (["wgmma"], ["cp.async"])
+    ptx = "tcgen05.mma.cta_group::1.kind::f16 ...\ncp.async.bulk.tensor.2d.shared::cluster.global ...\n"
+    assert kernel_report.instructions(ptx) == (["tcgen05"], ["TMA"])
+
+
+def _kept(prune, table, **args):
+    import fasttx.kernels.attention as K
+
+    configs = prune(K._configs(table), args)
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_attention_pruning_keeps_configs_within_the_register_budget(dtype, monkeypatch):
+    """Every config the pruning can return (autotune lists, the fixed choice, the fallback) for every
+    head-dim block, dtype and shape class is within the register budget; the configs the report found
+    spilling (forward 128x64 4 warps and dK/dV 64x64 4 warps at d=128, fp16, sm_90 and sm_100) are
+    never returned; the fixed choice is the autotune list's first."""
+    import torch
+
+    import fasttx.kernels.attention as K
+
+    monkeypatch.setattr(K.config, "AUTOTUNE", True)
+    q = torch.empty(1, 1, 1, 1, dtype=getattr(torch, dtype))
+    for d in (16, 32, 64, 128, 256):
+        for lb in (8, 1024):
+            for mask in (False, True):
+                args = dict(Q=q, Mask=torch.empty(1, dtype=torch.float32), BLOCK_D=d, L_BUCKET=lb, HAS_MASK=mask,
+                            WINDOW=mask)  # a window: a flag the backward budgets for
+                dkdv = dict(DK=q, DQ_MODE=K.config.DQ_KERNEL)  # the kernel taking DK; its dQ part or not
+                for kernel, prune, table, extra in (("fwd", K._prune, K._FWD_GPU, {}),
+                                                    ("dkdv", K._prune_bwd, K._BWD_GPU, dkdv),
+                                                    ("dkdv+dq", K._prune_bwd, K._BWD_GPU,
+                                                     dict(dkdv, DQ_MODE=K.config.DQ_ORDERED)),
+                                                    ("dq", K._prune_bwd, K._BWD_GPU, {})):
+                    kept = _kept(prune, table, **args, **extra)
+                    assert kept, (kernel, d, lb)
+                    budget = K.config._budget(kernel, {**args, **extra})
+                    assert budget == (48 if mask and kernel != "fwd" else K.config._REG_TILE_BUDGET[kernel])  # WINDOW
+                    for bm, bn, w, _ in kept:
+                        # the fallback (nothing fits: d=256 with flags) may exceed it: 8 warps is all it can add
+                        if len(kept) > 1 or (bm, bn, w) != (16 if kernel != "fwd" or lb == 8 else 32, 32, 8):
+                            assert K.config._tile_values(kernel, bm, bn, d, w) <= budget, (kernel, d, dtype, bm, bn, w)
+                    monkeypatch.setattr(K.config, "AUTOTUNE", False)
+                    assert _kept(prune, table, **args, **extra) == kept[:1]
+                    monkeypatch.setattr(K.config, "AUTOTUNE", True)
+    fp16 = dict(Q=torch.empty(1, 1, 1, 1, dtype=torch.float16), Mask=q, BLOCK_D=128, L_BUCKET=1024, HAS_MASK=False)
+    assert (128, 64, 4, 3) not in _kept(K._prune, K._FWD_GPU, **fp16)
+    assert {(64, 64, 4, 3), (64, 64, 8, 2)}.isdisjoint(_kept(K._prune_bwd, K._BWD_GPU, **fp16, DK=q))
+    assert (64, 128, 8, 2) not in _kept(K._prune_bwd, K._BWD_GPU, **fp16)
+    assert _kept(K._prune, K._FWD_GPU, **fp16)[0] == (128, 64, 8, 3)
+    window = dict(fp16, BLOCK_D=64, WINDOW=True, IS_CAUSAL=True, DK=q)  # spilled 24 B on sm_90 at budget 80
+    assert (64, 64, 8, 2) not in _kept(K._prune_bwd, K._BWD_GPU, **window)
+    assert (64, 64, 8, 2) in _kept(K._prune_bwd, K._BWD_GPU, **dict(window, WINDOW=False))
