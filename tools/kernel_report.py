@@ -228,12 +228,14 @@ def collect(arch: int = 90, quick: bool = False, modules=None, pruned_too: bool 
 def attention_subset(head_dims=(64, 128), dtypes=("float16", "bfloat16"), causal=(False, True), decode=False):
     """A launches callable for `collect`: the attention forward and backward without masks, dropout or
     fasttx.flash's flags (the configs a plain model runs) at each head dim and dtype, non-causal and
-    causal; decode=True adds a 16-query forward (the BLOCK_M=16 configs pruning keeps for short L)."""
+    causal, the backward in the default dQ mode and with the separate dQ kernel; decode=True adds a
+    16-query forward (the BLOCK_M=16 configs pruning keeps for short L)."""
     def launches():
         import torch
 
         sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from fasttx.kernels.attention import attention_backward, attention_forward
+        from fasttx.kernels.attention.config import DQ_KERNEL, DQ_MODE
 
         for dt in (getattr(torch, d) for d in dtypes):
             for e in head_dims:
@@ -242,8 +244,9 @@ def attention_subset(head_dims=(64, 128), dtypes=("float16", "bfloat16"), causal
                     fp32_out = dt != torch.float32
                     out, lse, *o32 = attention_forward(q, k, v, None, scale=e ** -0.5, is_causal=c,
                                                        return_fp32_out=fp32_out)
-                    attention_backward(torch.randn_like(q), q, k, v, None, o32[0] if fp32_out else out, lse,
-                                       scale=e ** -0.5, is_causal=c)
+                    for dq_mode in (DQ_MODE, DQ_KERNEL):  # the default dQ mode, and FASTTX_ATTN_DQ=kernel's dQ kernel
+                        attention_backward(torch.randn_like(q), q, k, v, None, o32[0] if fp32_out else out, lse,
+                                           scale=e ** -0.5, is_causal=c, dq_mode=dq_mode)
                     if decode:
                         attention_forward(q[:, :, :16], k, v, None, scale=e ** -0.5, is_causal=c, decode=False)
     return launches
