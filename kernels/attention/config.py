@@ -60,8 +60,10 @@ _DECODE_MIN_S = 512
 # of a kv head's GROUPS query heads loads that kv head's K/V again. Packed, one program per (batch,
 # kv head[, key split]) takes the GROUPS x L (head, query) rows: K/V bytes drop by GROUPS and the
 # tile GEMM has GROUPS * L rows (16 run mma.sync, 64 reach wgmma on sm_90). It pays while the
-# unpacked blocks are mostly padding: L <= _DECODE_MAX_L (past it they are full and packing saves
-# nothing), GROUPS > 1. Dense queries only (the packed rows of a varlen batch would differ per sequence).
+# unpacked blocks are mostly padding: L <= _DECODE_MAX_L (the 16-row class; longer L fills 64- and
+# 128-row blocks and shares K/V tiles across its own rows already), GROUPS > 1, no dropout (training;
+# the packed kernel supports it, the rule leaves it out). Dense queries only (the packed rows of a
+# varlen batch would differ per sequence).
 _PACK_GQA_MAX_L = _DECODE_MAX_L
 
 
@@ -81,7 +83,7 @@ def _pack_gqa(groups, L, dropout_p, varlen_q, option=None) -> bool:
 
 
 # USE_TMA: the forward's K/V tiles through tensor descriptors (the copy engine: cp.async.bulk.tensor)
-# on sm_90 / sm_100. Needs tl.make_tensor_descriptor (triton >= 3.4; 3.6 and 3.9 have it), 16-byte
+# on sm_90 / sm_100. Needs tl.make_tensor_descriptor (triton 3.6 and 3.9 have it and compile it for sm_90), 16-byte
 # aligned base pointers and row/batch/head strides, and no paged cache (a key block may span pages).
 # Varlen keys are fine: each program's descriptor starts at its sequence and ends at its last key.
 # The descriptors are built on the device (a 128-byte global scratch per program, allocated at
