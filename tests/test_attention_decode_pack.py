@@ -335,3 +335,16 @@ def test_gpu_packed_and_tma_decode(device, dtype):
             out, lse = K.attention_forward(q[:, :, :L], k, v, None, pack_gqa=pack, tma=tma, **kw)
             torch.testing.assert_close(out, base, atol=2e-3 if dtype == fp16 else 1.6e-2, rtol=0)
             torch.testing.assert_close(lse, base_lse, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_dropout_draws_the_unpacked_mask(device):
+    # Forced on with dropout (the rule never does): each packed row draws its own (head, query) keep-mask.
+    K = _kernels()
+    g = torch.Generator().manual_seed(4)
+    q, k, v = _randn(2, 4, 3, 16, gen=g, device=device), _randn(2, 2, 40, 16, gen=g, device=device), \
+        _randn(2, 2, 40, 16, gen=g, device=device)
+    kw = dict(scale=0.3, dropout_p=0.3, seed=11, is_causal=True)
+    out, lse = K.attention_forward(q, k, v, None, pack_gqa=True, **kw)
+    out_u, lse_u = K.attention_forward(q, k, v, None, pack_gqa=False, **kw)
+    torch.testing.assert_close(out, out_u, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse, lse_u, atol=1e-6, rtol=1e-6)
