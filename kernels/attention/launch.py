@@ -359,18 +359,20 @@ def _compile_pack_tma_variants(r, dt, e, quick):
     """The forward-only PACK_GQA and USE_TMA flags, forced (the launches above take the rules:
     GQA 2 with L <= 16 packs; no TMA for CPU tensors): packed decode with 16-row tiles (GQA 2,
     L = 1: mma.sync) and 64-row ones (GQA 16, L = 4: wgmma on sm_90), unpacked decode, each with
-    and without TMA; TMA on the dense forward (plain, causal; window + softcap + ALiBi in full)
-    and the kv-cache (VARLEN_K) decode."""
+    and without TMA (quick: the 64-row and unpacked ones with one of the two); TMA on the dense
+    forward (plain; causal and window + softcap + ALiBi in full) and the kv-cache (VARLEN_K) decode."""
     kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
-    for L, hq, pack in ((1, 4, True), (4, 32, True), (1, 4, False)):
-        for tma in (False, True):
+    for L, hq, pack, tmas in ((1, 4, True, (False, True)), (4, 32, True, (True,) if quick else (False, True)),
+                              (1, 4, False, (False,) if quick else (False, True))):
+        for tma in tmas:
             attention_forward(r(1, hq, L, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True, is_causal=True,
                               causal_offset=4096 - L, pack_gqa=pack, tma=tma)
     q, k, v = r(1, 4, 128, e, dtype=dt), r(1, 2, 192, e, dtype=dt), r(1, 2, 192, e, dtype=dt)
-    variants = [dict(), dict(is_causal=True, causal_offset=64)]
+    variants = [dict()]
     if not quick:
-        variants.append(dict(is_causal=True, causal_offset=64, window_offset=-32, softcap=20.0,
-                             alibi_slopes=torch.rand(4), alibi_offset=64))
+        variants += [dict(is_causal=True, causal_offset=64),
+                     dict(is_causal=True, causal_offset=64, window_offset=-32, softcap=20.0,
+                          alibi_slopes=torch.rand(4), alibi_offset=64)]
     for kw in variants:
         attention_forward(q, k, v, None, scale=e ** -0.5, tma=True, pack_gqa=False, **kw)
     attention_forward(r(1, 32, 4, e, dtype=dt), k, v, None, scale=e ** -0.5, decode=False, pack_gqa=True, tma=True)
