@@ -70,6 +70,60 @@ def _upcast_dots(dtype) -> bool:
 _DECODE_MAX_L = 16
 _DECODE_MIN_S = 512
 
+# Forward-only kernel variants, each chosen here and nowhere else (the launcher calls these two rules;
+# AttnOptions.pack_gqa / .tma or FASTTX_ATTN_PACK_GQA / FASTTX_ATTN_TMA = 0 or 1, read at each
+# launch, force them off or on where the inputs allow).
+#
+# PACK_GQA: with few queries per head an unpacked program pads its L rows to a 16-row block and each
+# of a kv head's GROUPS query heads loads that kv head's K/V again. Packed, one program per (batch,
+# kv head[, key split]) takes the GROUPS x L (head, query) rows: K/V bytes drop by GROUPS and the
+# tile GEMM has GROUPS * L rows (16 run mma.sync, 64 reach wgmma on sm_90). It pays while the
+# unpacked blocks are mostly padding: L <= _DECODE_MAX_L (the 16-row class; longer L fills 64- and
+# 128-row blocks and shares K/V tiles across its own rows already), GROUPS > 1, no dropout (training;
+# the packed kernel supports it, the rule leaves it out). Dense queries only (the packed rows of a
+# varlen batch would differ per sequence).
+_PACK_GQA_MAX_L = _DECODE_MAX_L
+
+
+def _forced(env, option):
+    """The option if given, else the environment variable env ("0"/"1"), else None (the rule decides)."""
+    if option is not None:
+        return bool(option)
+    value = os.environ.get(env, "").strip()
+    return None if value == "" else value not in ("0", "false", "False")
+
+
+def _pack_gqa(groups, L, dropout_p, varlen_q, option=None) -> bool:
+    forced = _forced("FASTTX_ATTN_PACK_GQA", option)
+    if varlen_q or forced is False:
+        return False
+    return bool(forced) or (groups > 1 and L <= _PACK_GQA_MAX_L and dropout_p == 0.0)
+
+
+# USE_TMA: the forward's K/V tiles through tensor descriptors (the copy engine: cp.async.bulk.tensor)
+# on sm_90 / sm_100. Needs tl.make_tensor_descriptor (triton 3.6 and 3.9 have it and compile it for sm_90), 16-byte
+# aligned base pointers and row/batch/head strides, and no paged cache (a key block may span pages).
+# Varlen keys are fine: each program's descriptor starts at its sequence and ends at its last key.
+# The descriptors are built on the device (a 128-byte global scratch per program, allocated at
+# launch through triton.set_allocator): no host encoding per launch, and the autotuned BLOCK_N is
+# the descriptor's box without config hooks. Off under the interpreter unless forced (its
+# descriptors are what the tests exercise) and on older GPUs: the pointer path (cp.async pipelining).
+# No persistent grid: the forward's grids are one program per (query block, head) or, decoding, sized
+# to ~2 programs per SM by the key split; a persistent loop pays with warp-specialised producer /
+# consumer pipelines (FA3), which triton's attention gets only from its own autoWS, and no GPU
+# measurement backs it here.
+def _use_tma(q, k, v, paged, option=None) -> bool:
+    forced = _forced("FASTTX_ATTN_TMA", option)
+    if forced is False or paged or not hasattr(triton.language, "make_tensor_descriptor"):
+        return False
+    aligned = all(t.data_ptr() % 16 == 0 and t.stride(2) > 0
+                  and all(st * t.element_size() % 16 == 0 for st in t.stride()[:3]) for t in (k, v))
+    if not aligned:
+        return False
+    if forced:
+        return True
+    return q.is_cuda and not INTERPRETING and torch.cuda.get_device_capability(q.device)[0] in (9, 10)
+
 
 def _configs(table):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in table]

@@ -6,8 +6,8 @@ import triton.language as tl
 
 from .._math import dropout_keep
 from .config import _FWD_TABLE, _KEY, _configs, _prune
-from .tiles import (_alibi_slope, _block_and_head, _head_row0, _key_range, _kv_rows, _load_kv, _prologue,
-                    _scores)
+from .tiles import (_alibi_slope, _block_and_head, _head_row0, _key_range, _kv_descriptors, _kv_rows, _load_kv,
+                    _load_kv_desc, _packed_rows, _prologue, _scores)
 
 # ------------------------------------------------------------------------------------------------
 # Forward
@@ -17,7 +17,7 @@ def _fwd_block_loop(
     acc, l_i, m_i,                       # running (BLOCK_M, BLOCK_DV) output, row sum, row max (fp32)
     q, offs_m, offs_d, offs_dv,          # this block's query tile, its rows, the q/k and the v head-dim columns
     lo, hi, k_end,                       # key blocks [lo, hi) (lo a multiple of BLOCK_N); keys < k_end exist
-    k_base, v_base, stride_kn, stride_vn,
+    k_base, v_base, stride_kn, stride_vn,  # USE_TMA: K/V tensor descriptors (tiles._kv_descriptors)
     bt_base, page_size,                  # PAGED: this sequence's page-table row, keys per page
     mask_base, stride_mm, stride_mn,
     L, E, EV, scale, causal_off, left_off, alibi_off, slope, softcap,
@@ -26,6 +26,7 @@ def _fwd_block_loop(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, PAGED: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     # Online softmax: with m the running max and l = sum exp(s - m), a new block with max m' gives
     # l' = l exp(m - m') + sum exp(s_new - m'), acc' = acc exp(m - m') + exp(s_new - m') V_new.
@@ -33,9 +34,12 @@ def _fwd_block_loop(
     # rescale factor at exactly 0 (exp(-inf - -inf) would be NaN).
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = _kv_rows(offs_n, k_end, bt_base, page_size, PAGED)[:, None]
-        k, v = _load_kv(k_base, v_base, kv_off, (offs_n < k_end)[:, None], offs_d, offs_dv, E, EV, stride_kn,
-                        stride_vn, UPCAST)
+        if USE_TMA:
+            k, v = _load_kv_desc(k_base, v_base, start_n, UPCAST)
+        else:
+            kv_off = _kv_rows(offs_n, k_end, bt_base, page_size, PAGED)[:, None]
+            k, v = _load_kv(k_base, v_base, kv_off, (offs_n < k_end)[:, None], offs_d, offs_dv, E, EV, stride_kn,
+                            stride_vn, UPCAST)
         s, _t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
                         L, k_end, mask_base, stride_mm, stride_mn, scale, causal_off, left_off, alibi_off, slope,
                         softcap, HAS_MASK, MASK_BOOL, DIAG, WINDOW, SOFTCAP, ALIBI)
@@ -52,7 +56,7 @@ def _fwd_block_loop(
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_TABLE), key=_KEY + ["SPLIT", "SINK"],
+@triton.autotune(configs=_configs(_FWD_TABLE), key=_KEY + ["SPLIT", "SINK", "PACK_GQA", "USE_TMA"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_fwd(
@@ -83,24 +87,38 @@ def _attn_fwd(
     STORE_O32: tl.constexpr,             # also write the fp32 output (16-bit inputs, for the backward)
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,  # interpreter: fp32 dot operands; "ieee" for fp32
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PACK_GQA: tl.constexpr = False,      # rows = (query head, query) pairs of one kv head (tiles._packed_rows)
+    USE_TMA: tl.constexpr = False,       # K/V tiles through tensor descriptors (the copy engine on sm_90+)
 ):
-    pid_m, pid_bh = _block_and_head(L, BLOCK_M)
+    # Each row of the program's tile is query qi of head h; unpacked, h is the program's one head
+    # (a scalar, hq = h) and qi = offs_m; PACK_GQA: h, qi are per row and hq = h[:, None].
     pid_s = tl.program_id(2)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    hk = h // GROUPS  # the shared kv head (GQA/MQA)
+    if PACK_GQA:  # one program per (batch, kv head[, key split]): K/V tiles loaded once for GROUPS heads
+        pid_m, pid_bh = _block_and_head(GROUPS * L, BLOCK_M)
+        b = (pid_bh // (H // GROUPS)).to(tl.int64)
+        hk = (pid_bh % (H // GROUPS)).to(tl.int64)
+    else:
+        pid_m, pid_bh = _block_and_head(L, BLOCK_M)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        hk = h // GROUPS  # the shared kv head (GQA/MQA)
     seed, q0, Lb, k0, Sb, causal_off, left_off, alibi_off = _prologue(
         SEED, CuQ, KStart, KLen, b, L, S, causal_off, left_off, alibi_off, HAS_DROPOUT, VARLEN_Q, VARLEN_K)
-    slope = _alibi_slope(Alibi, b, stride_ab, h, ALIBI)
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    if PACK_GQA:  # dense queries only (Lb == L)
+        h, qi, row_ok = _packed_rows(offs_m, hk, GROUPS, L)
+        hq = h[:, None]
+    else:
+        qi, row_ok, hq = offs_m, offs_m < Lb, h
+    slope = _alibi_slope(Alibi, b, stride_ab, hq, ALIBI)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    ok = (offs_m < Lb)[:, None] & (offs_d < E)[None, :]
-    ok_v = (offs_m < Lb)[:, None] & (offs_dv < EV)[None, :]
+    ok = row_ok[:, None] & (offs_d < E)[None, :]
+    ok_v = row_ok[:, None] & (offs_dv < EV)[None, :]
     row0 = _head_row0(b, h, H, L_TOT, q0, VARLEN_Q)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (q0 + offs_m[:, None]).to(tl.int64) * stride_qm + offs_d[None, :],
+    q = tl.load(Q + b * stride_qb + hq * stride_qh + (q0 + qi[:, None]).to(tl.int64) * stride_qm + offs_d[None, :],
                 mask=ok, other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
@@ -111,7 +129,19 @@ def _attn_fwd(
         lo = pid_s * split_size
         hi = tl.minimum(Sb, lo + split_size)
     k_end = hi
-    lo, mid, hi = _key_range(m0, lo, hi, causal_off, left_off, IS_CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+    if PACK_GQA:
+        # The rows' queries are not m0, m0 + 1, ...: the range follows the smallest query (left
+        # bound, diagonal-free blocks) and the largest (right bound).
+        q_min = tl.min(qi, 0)
+        q_max = tl.max(tl.where(row_ok, qi, 0), 0)
+        lo, mid, hi_end = _key_range(q_min, lo, hi, causal_off, left_off, IS_CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
+        if IS_CAUSAL:
+            hi = tl.maximum(lo, tl.minimum(hi, q_max + 1 + causal_off))
+            mid = tl.minimum(mid, hi)
+        else:
+            hi = hi_end
+    else:
+        lo, mid, hi = _key_range(m0, lo, hi, causal_off, left_off, IS_CAUSAL, WINDOW, BLOCK_M, BLOCK_N)
     if VARLEN_Q:  # row blocks past this sequence's end visit no key
         hi = tl.where(m0 < Lb, hi, lo)
         mid = tl.minimum(mid, hi)
@@ -120,34 +150,38 @@ def _attn_fwd(
     if SINK:
         # The sink is one more score s_h per row with no value row: the online softmax starts from
         # it (m = s_h, l = exp(s_h - s_h) = 1, acc = 0). With SPLIT only split 0 counts it, so the
-        # combine sees it once.
+        # combine sees it once. PACK_GQA: each row's own head's sink.
         sink = tl.load(Sinks + h)
         first = pid_s == 0
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.where(first, sink, float("-inf"))
         l_i = l_i + tl.where(first, 1.0, 0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh + k0 * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + k0 * stride_vn
+    if USE_TMA:  # not PAGED: a key block may span pages, which one descriptor box cannot express
+        k_base, v_base = _kv_descriptors(k_base, v_base, k_end, E, EV, stride_kn, stride_vn, BLOCK_N, BLOCK_D,
+                                         BLOCK_DV)
     for diag in tl.static_range(2 if IS_CAUSAL else 1):
         acc, l_i, m_i = _fwd_block_loop(
-            acc, l_i, m_i, q, offs_m, offs_d, offs_dv,
+            acc, l_i, m_i, q, qi, offs_d, offs_dv,
             lo=lo if diag == 0 else mid, hi=mid if diag == 0 else hi, k_end=k_end,
-            k_base=K + b * stride_kb + hk * stride_kh + k0 * stride_kn,
-            v_base=V + b * stride_vb + hk * stride_vh + k0 * stride_vn,
+            k_base=k_base, v_base=v_base,
             stride_kn=stride_kn, stride_vn=stride_vn,
             bt_base=BlockTable + b * stride_btb, page_size=page_size,
-            mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
+            mask_base=Mask + b * stride_mb + hq * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
             L=Lb, E=E, EV=EV, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off, slope=slope,
             softcap=softcap,
-            drop_row=(row0 + offs_m.to(tl.int64)) * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
+            drop_row=(row0 + qi.to(tl.int64)) * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
             DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             WINDOW=WINDOW, SOFTCAP=SOFTCAP, ALIBI=ALIBI, PAGED=PAGED,
-            UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N)
+            UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA)
 
     if SPLIT:
         # Unnormalised partials; _attn_decode_combine merges the n_splits of each row.
-        part = (pid_bh.to(tl.int64) * n_splits + pid_s) * L + offs_m
+        part = ((b * H + h) * n_splits + pid_s) * L + qi  # (b * H + h) is pid_bh unpacked
         tl.store(PartAcc + part[:, None] * EV + offs_dv[None, :], acc, mask=ok_v)
-        tl.store(PartM + part, m_i, mask=offs_m < Lb)
-        tl.store(PartL + part, l_i, mask=offs_m < Lb)
+        tl.store(PartM + part, m_i, mask=row_ok)
+        tl.store(PartL + part, l_i, mask=row_ok)
     else:
         # A fully masked row has l = 0 and acc = 0: output 0, lse = log 0 = -inf (with a sink:
         # l = 1 relative to m = s_h, output 0, lse = s_h).
@@ -155,11 +189,11 @@ def _attn_fwd(
         l_safe = tl.where(empty, 1.0, l_i)
         out = acc / l_safe[:, None]
         lse = tl.where(empty, float("-inf"), m_i + tl.log(l_safe))
-        row = row0 + offs_m
+        row = row0 + qi
         tl.store(Out + row[:, None] * EV + offs_dv[None, :], out.to(Out.dtype.element_ty), mask=ok_v)
         if STORE_O32:
             tl.store(Out32 + row[:, None] * EV + offs_dv[None, :], out, mask=ok_v)
-        tl.store(Lse + row, lse, mask=offs_m < Lb)
+        tl.store(Lse + row, lse, mask=row_ok)
 
 
 @triton.jit

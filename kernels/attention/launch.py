@@ -9,7 +9,8 @@ import triton
 from .._common import num_sms, seed_tensor
 from .._dtypes import KERNEL_FLOATS
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
-from .config import _DECODE_MAX_L, _DECODE_MIN_S, _SPLIT_ALIGN, DQ_ATOMIC, DQ_KERNEL, DQ_MODE, DQ_ORDERED, _upcast_dots
+from .config import (_DECODE_MAX_L, _DECODE_MIN_S, _SPLIT_ALIGN, DQ_ATOMIC, DQ_KERNEL, DQ_MODE, DQ_ORDERED,
+                     _pack_gqa, _upcast_dots, _use_tma)
 from .forward import _attn_decode_combine, _attn_fwd, _dropout_mask_kernel
 
 MAX_HEAD_DIM = 256
@@ -61,7 +62,9 @@ class AttnOptions(NamedTuple):
     (B, H, L, S) bool that was applied.
     sinks: None, or fp32 (H,) attention-sink logits (gpt-oss): s_h joins every row's softmax
     denominator, P_ij = exp(S_ij) / (sum_j exp(S_ij) + exp(s_h)), with no value row; lse includes it
-    (a row that sees no key then gives 0 and lse = s_h). The backward also returns its gradient."""
+    (a row that sees no key then gives 0 and lse = s_h). The backward also returns its gradient.
+    pack_gqa, tma (forward only): None lets config._pack_gqa / config._use_tma choose the PACK_GQA /
+    USE_TMA kernel variants; True / False forces them on (where the inputs allow) or off."""
     scale: float
     is_causal: bool = False
     causal_offset: int = 0
@@ -79,6 +82,8 @@ class AttnOptions(NamedTuple):
     return_fp32_out: bool = False
     return_mask: bool = False
     sinks: Optional[torch.Tensor] = None
+    pack_gqa: Optional[bool] = None
+    tma: Optional[bool] = None
 
 
 def _launch_args(q, k, v, mask, o: AttnOptions):
@@ -198,17 +203,24 @@ def attention_forward(q, k, v, mask=None, opts: Optional[AttnOptions] = None, **
     assert not (decode and dropout_p > 0.0), "the decode (flash-decoding) path is for inference: dropout_p must be 0"
     assert not (decode and return_fp32_out), "the decode (flash-decoding) path does not write an fp32 output"
     assert not (decode and args["VARLEN_Q"]), "the decode (flash-decoding) path takes dense queries"
+    pack = _pack_gqa(H // Hkv, L, dropout_p, args["VARLEN_Q"], o.pack_gqa)
     launch = dict(args, STORE_O32=return_fp32_out, SINK=o.sinks is not None,
-                  Sinks=o.sinks if o.sinks is not None else lse)
+                  Sinks=o.sinks if o.sinks is not None else lse,
+                  PACK_GQA=pack, USE_TMA=_use_tma(q, k, v, args["PAGED"], o.tma))
+    rows, heads = (H // Hkv * L, Hkv) if pack else (L, H)  # a program's rows: (head, query) pairs when packed
+    if pack:
+        launch["L_BUCKET"] = triton.next_power_of_2(rows)  # the autotune class (16-row blocks or not) follows them
+    if launch["USE_TMA"] and q.is_cuda:
+        _set_descriptor_allocator()
     if not decode:
-        grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, 1)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * B * heads, 1, 1)  # noqa: E731
         _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=out32 if return_fp32_out else lse,
                         PartAcc=lse, PartM=lse, PartL=lse, split_size=0, n_splits=1, SPLIT=False, **launch)
         return res
     split_size = o.split_size
     if split_size is None:
         # Enough splits for ~2 programs per SM; each at least 256 keys so the combine stays cheap.
-        want = max(1, (2 * num_sms(q.device)) // (B * H * triton.cdiv(L, 16)))
+        want = max(1, (2 * num_sms(q.device)) // (B * heads * triton.cdiv(rows, 16)))
         split_size = max(256, triton.cdiv(triton.cdiv(S, want), _SPLIT_ALIGN) * _SPLIT_ALIGN)
     assert split_size > 0 and split_size % _SPLIT_ALIGN == 0, \
         f"split_size must be a positive multiple of {_SPLIT_ALIGN}, got {split_size}"
@@ -216,12 +228,26 @@ def attention_forward(q, k, v, mask=None, opts: Optional[AttnOptions] = None, **
     part_acc = torch.empty((B * H, n_splits, L, EV), dtype=torch.float32, device=q.device)
     part_m = torch.empty((B * H, n_splits, L), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
-    grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H, 1, n_splits)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * B * heads, 1, n_splits)  # noqa: E731
     _attn_fwd[grid](q, k, v, Out=out, Lse=lse, Out32=lse, PartAcc=part_acc, PartM=part_m, PartL=part_l,
                     split_size=split_size, n_splits=n_splits, SPLIT=True, **launch)
     _attn_decode_combine[(triton.cdiv(L, 16) * B * H,)](
         part_acc, part_m, part_l, out, lse, L, EV, n_splits, BLOCK_M=16, BLOCK_D=args["BLOCK_DV"])
     return res
+
+
+def _set_descriptor_allocator():
+    """USE_TMA builds its tensor descriptors on the device, in a small global scratch that triton
+    allocates at launch through the allocator of triton.set_allocator (a context variable). Unless
+    one is set already (the user's is kept), set one that takes the scratch from torch's caching
+    allocator on the current device (stream-ordered, CUDA-graph safe)."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is None or null is None or isinstance(current.get(), null):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(
+            size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device())))
 
 
 def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] = None, dq_mode=None, **options):
@@ -307,8 +333,9 @@ def dropout_mask(shape, seed, dropout_p, device):
 
 def compile_variants(quick: bool):
     """Call the launchers over every variant that selects different code (dtypes, head dims, causal,
-    masks, dropout, GQA, the fp32-output store, decode, the three dQ modes, fasttx.flash's window, softcap,
-    ALiBi, varlen and paged flags, v's own head dim BLOCK_DV and SINK); tools/gpu_compile_check.py compiles them."""
+    masks, dropout, GQA, the fp32-output store, decode, GQA packing, tensor descriptors, the three dQ
+    modes, fasttx.flash's window, softcap, ALiBi, varlen and paged flags, v's own head dim BLOCK_DV and
+    SINK); tools/gpu_compile_check.py compiles them."""
     dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
     head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
 
@@ -340,6 +367,7 @@ def compile_variants(quick: bool):
             kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
             attention_forward(r(1, 4, 1, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True)
             _compile_flash_variants(r, dt, e, quick)
+            _compile_pack_tma_variants(r, dt, e, quick)
         _compile_mla_sink_variants(r, dt, quick)
 
 
@@ -411,3 +439,31 @@ def _compile_flash_variants(r, dt, e, quick):
         paged = Seqlens(None, i32([0, 0]), i32([700, 1024]), 1, 1024)
         attention_forward(qd, kc, vc, None, scale=e ** -0.5, seqlens=paged, decode=decode, block_table=table,
                           page_size=1024)
+
+
+def _compile_pack_tma_variants(r, dt, e, quick):
+    """The forward-only PACK_GQA and USE_TMA flags, forced (the launches above take the rules:
+    GQA 2 with L <= 16 packs; no TMA for CPU tensors): packed decode with 16-row tiles (GQA 2,
+    L = 1: mma.sync) and 64-row ones (GQA 16, L = 4: wgmma on sm_90), unpacked decode, each with
+    and without TMA (quick: the 64-row and unpacked ones with one of the two); TMA on the dense
+    forward (plain; causal and window + softcap + ALiBi in full) and the kv-cache (VARLEN_K) decode."""
+    kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
+    for L, hq, pack, tmas in ((1, 4, True, (False, True)), (4, 32, True, (True,) if quick else (False, True)),
+                              (1, 4, False, (False,) if quick else (False, True))):
+        for tma in tmas:
+            attention_forward(r(1, hq, L, e, dtype=dt), kd, vd, None, scale=e ** -0.5, decode=True, is_causal=True,
+                              causal_offset=4096 - L, pack_gqa=pack, tma=tma)
+    q, k, v = r(1, 4, 128, e, dtype=dt), r(1, 2, 192, e, dtype=dt), r(1, 2, 192, e, dtype=dt)
+    variants = [dict()]
+    if not quick:
+        variants += [dict(is_causal=True, causal_offset=64),
+                     dict(is_causal=True, causal_offset=64, window_offset=-32, softcap=20.0,
+                          alibi_slopes=torch.rand(4), alibi_offset=64)]
+    for kw in variants:
+        attention_forward(q, k, v, None, scale=e ** -0.5, tma=True, pack_gqa=False, **kw)
+    attention_forward(r(1, 32, 4, e, dtype=dt), k, v, None, scale=e ** -0.5, decode=False, pack_gqa=True, tma=True)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    cache = Seqlens(None, i32([0, 2048]), i32([700, 1024]), 1, 1024)
+    kc, vc = r(1, 2, 4 * 1024, e, dtype=dt), r(1, 2, 4 * 1024, e, dtype=dt)
+    attention_forward(r(2, 4, 1, e, dtype=dt), kc, vc, None, scale=e ** -0.5, seqlens=cache, decode=True,
+                      is_causal=True, tma=True)

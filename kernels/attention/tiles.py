@@ -160,3 +160,45 @@ def _key_range(m0, lo, hi, causal_off, left_off, IS_CAUSAL: tl.constexpr, WINDOW
         hi = tl.maximum(lo, tl.minimum(hi, m0 + BLOCK_M + causal_off))
         mid = tl.maximum(lo, tl.minimum(hi, (tl.maximum(m0 + 1 + causal_off, 0) // BLOCK_N) * BLOCK_N))
     return lo, mid, hi
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward-only variants: GQA packing (PACK_GQA) and tensor-descriptor (TMA) K/V tiles
+# ------------------------------------------------------------------------------------------------
+@triton.jit
+def _packed_rows(rows, hk, GROUPS, L):
+    """PACK_GQA: the rows of one program are the GROUPS query heads x L queries of kv head hk, row
+    r -> head hk * GROUPS + r // L, query r % L. -> (head, query, ok), each (BLOCK_M,): rows past
+    GROUPS * L are not ok, keep a head inside the group (every pointer formed from it stays in
+    bounds) and get query index L, so _scores masks all their keys."""
+    ok = rows < GROUPS * L
+    head = hk * GROUPS + tl.minimum(rows // L, GROUPS - 1)
+    query = tl.where(ok, rows % L, L)
+    return head, query, ok
+
+
+@triton.jit
+def _kv_descriptors(k_base, v_base, k_end, E, EV, stride_kn, stride_vn, BLOCK_N: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """USE_TMA: tensor descriptors over the (k_end, E) K and (k_end, EV) V rows of this program
+    (base pointers 16-byte aligned, row strides multiples of 16 bytes: the launcher checks). The
+    copy engine fills rows >= k_end and columns past the head dim with zeros, as the pointer path's
+    masks do (at least one row: a descriptor of an empty cache is never read, but keeps a valid shape)."""
+    rows = tl.maximum(k_end, 1)
+    k_desc = tl.make_tensor_descriptor(k_base, shape=[rows, E], strides=[stride_kn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(v_base, shape=[rows, EV], strides=[stride_vn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_DV])
+    return k_desc, v_desc
+
+
+@triton.jit
+def _load_kv_desc(k_desc, v_desc, start_n, UPCAST: tl.constexpr):
+    """_load_kv through tensor descriptors: the (BLOCK_N, BLOCK_D) K and (BLOCK_N, BLOCK_DV) V tiles
+    at key start_n."""
+    k = k_desc.load([start_n, 0])
+    v = v_desc.load([start_n, 0])
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    return k, v
