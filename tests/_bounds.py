@@ -27,6 +27,8 @@ every kernel family under it.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
@@ -118,6 +120,9 @@ def _install():
     init_args, call = grid_executor._init_args_hst, grid_executor.__call__
     masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
 
+    # functools.wraps: the wrappers keep the originals' signatures (tools/traffic.py reads them to
+    # check the hooks' argument order, and may wrap these in turn)
+    @functools.wraps(init_args)
     def _init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
         bc = BoundsChecker._active
@@ -125,6 +130,7 @@ def _install():
             bc._set_args(getattr(self.fn, "__name__", "?"), self.arg_names, args_hst, kwargs_hst)
         return args_hst, kwargs_hst
 
+    @functools.wraps(call)
     def __call__(self, *args, **kwargs):
         try:
             return call(self, *args, **kwargs)
@@ -137,9 +143,11 @@ def _install():
         safe = bc._check(kind, ptrs, mask) if bc is not None else None
         return mask if safe is None else interpreter.TensorHandle(safe, mask.dtype)
 
+    @functools.wraps(masked_load)
     def create_masked_load(self, ptrs, mask, *rest, **kw):
         return masked_load(self, ptrs, checked_mask("load", ptrs, mask), *rest, **kw)
 
+    @functools.wraps(masked_store)
     def create_masked_store(self, ptrs, value, mask, *rest, **kw):
         return masked_store(self, ptrs, value, checked_mask("store", ptrs, mask), *rest, **kw)
 
@@ -149,6 +157,7 @@ def _install():
     if hasattr(builder, "create_atomic_rmw"):
         rmw = builder.create_atomic_rmw
 
+        @functools.wraps(rmw)
         def create_atomic_rmw(self, op, ptr, val, mask, *rest, **kw):
             return rmw(self, op, ptr, val, checked_mask("atomic", ptr, mask), *rest, **kw)
 
@@ -156,6 +165,7 @@ def _install():
     if hasattr(builder, "create_atomic_cas"):
         cas = builder.create_atomic_cas
 
+        @functools.wraps(cas)
         def create_atomic_cas(self, ptr, *rest, **kw):  # no mask to narrow: reported, then run as asked
             if BoundsChecker._active is not None:
                 BoundsChecker._active._check("atomic", ptr, None)

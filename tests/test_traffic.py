@@ -56,6 +56,18 @@ def test_counter_counts_masked_bytes_repeats_and_launches():
     assert T.count(lambda: None).all == 0  # and are removed on exit: nothing counted outside
 
 
+def test_counter_counts_through_the_bounds_checkers_hooks():
+    # tests/_bounds.py wraps the same interpreter methods once per process; the counter then wraps
+    # its wrappers (CI ran both in one worker: the counter's signature guard refused them)
+    import _bounds
+
+    _bounds._install()
+    x = torch.randn(300, dtype=torch.float16)
+    y = torch.empty(300, dtype=torch.float32)
+    t = T.count(lambda: _copy_twice_kernel[(2,)](x, y, 300, BLOCK=256))
+    assert (t.launches[0].load, t.launches[0].store) == (2 * 300 * 2, 300 * 4)
+
+
 def test_gpu_model_sets_and_restores_the_launch_configuration():
     from fasttx.kernels import _common
     from fasttx.kernels.layer_norm import launch
