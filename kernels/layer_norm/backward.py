@@ -52,11 +52,16 @@ def _tile_g(
 
 
 @triton.jit
-def _tile_store_dx(
-    DX, DH, DHO, rows, cols, mask, N, stride_dx, stride_dh, stride_dho, dh, seed, p, scale,
+def _tile_dx_and_partials(
+    dw, db, xhat, dy, g, c1, c2, rstd,   # partials (BLOCK_N,); the tile's xhat, dy, g; per-row c1, c2, rstd
+    DX, DH, DHO, rows, cols, mask, N, stride_dx, stride_dh, stride_dho, seed, p, scale,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_DH_OUT: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_DH: tl.constexpr,
 ):
-    """dh += dh_out; store dh (the residual's gradient) and dx = dh * keep * scale."""
+    """One tile of the backward's second step: dh = (g - (xhat c1 + c2)) rstd (+ dh_out); store dh
+    (the residual's gradient) and dx = dh * keep * scale; add the tile's columns to the fp32
+    dweight / dbias partials (returned)."""
+    dh = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
     if HAS_DH_OUT:
         dh += tl.load(DHO + rows[:, None] * stride_dho + cols[None, :], mask=mask,
                       other=0.0).to(dh.dtype)
@@ -68,6 +73,11 @@ def _tile_store_dx(
         keep = dropout_keep(seed, 0, rows[:, None] * N + cols[None, :], p)
         dx = dh * tl.where(keep, scale, 0.0).to(dh.dtype)
     tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_WEIGHT:
+        dw += tl.sum(dy * xhat, axis=0)
+    if HAS_BIAS:
+        db += tl.sum(dy, axis=0)
+    return dw, db
 
 
 @triton.jit
@@ -125,13 +135,9 @@ def _layer_norm_bwd_kernel(
                 c2 = tl.zeros([BLOCK_M], dtype=ACC)
             else:
                 c2 = tl.sum(g, axis=1) / N
-            dh = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-            _tile_store_dx(DX, DH, DHO, rows, cols, mask, N, stride_dx, stride_dh, stride_dho,
-                           dh, seed, p, scale, HAS_DH_OUT, HAS_DROPOUT, STORE_DH)
-            if HAS_WEIGHT:
-                dw += tl.sum(dy * xhat, axis=0)
-            if HAS_BIAS:
-                db += tl.sum(dy, axis=0)
+            dw, db = _tile_dx_and_partials(dw, db, xhat, dy, g, c1, c2, rstd, DX, DH, DHO, rows, cols, mask, N,
+                                           stride_dx, stride_dh, stride_dho, seed, p, scale, HAS_WEIGHT, HAS_BIAS,
+                                           HAS_DH_OUT, HAS_DROPOUT, STORE_DH)
         if HAS_WEIGHT:
             tl.store(DW + cols, dw, mask=cols < N)
         if HAS_BIAS:
@@ -178,13 +184,9 @@ def _layer_norm_bwd_kernel(
                     c2 = tl.load(C + M + rows, mask=row_ok, other=0.0)
                 xhat, dy, g = _tile_g(X, w, DY, rows, c, mask, stride_x, stride_dy, mean, rstd,
                                       HAS_WEIGHT, ACC)
-                dh = (g - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
-                _tile_store_dx(DX, DH, DHO, rows, c, mask, N, stride_dx, stride_dh, stride_dho,
-                               dh, seed, p, scale, HAS_DH_OUT, HAS_DROPOUT, STORE_DH)
-                if HAS_WEIGHT:
-                    dw += tl.sum(dy * xhat, axis=0)
-                if HAS_BIAS:
-                    db += tl.sum(dy, axis=0)
+                dw, db = _tile_dx_and_partials(dw, db, xhat, dy, g, c1, c2, rstd, DX, DH, DHO, rows, c, mask, N,
+                                               stride_dx, stride_dh, stride_dho, seed, p, scale, HAS_WEIGHT,
+                                               HAS_BIAS, HAS_DH_OUT, HAS_DROPOUT, STORE_DH)
             if HAS_WEIGHT:
                 tl.store(DW + c, dw, mask=c < N)
             if HAS_BIAS:
