@@ -78,6 +78,27 @@ def test_gpu_model_sets_and_restores_the_launch_configuration():
     assert (_common.TILE, _common.num_sms, launch.num_sms) == (tile, sms, sms)
 
 
+def test_gpu_model_restores_a_module_first_imported_inside_it():
+    # A kernel module imported for the first time inside a model binds the patched num_sms by name
+    # (the bench builds ops lazily): it must get the original back, or the next model skips it and
+    # it keeps the first model's SM count (the long-row traffic tests then counted 4 programs, not 1,
+    # when they ran after the "ci" ones in one process).
+    import types
+
+    from fasttx.kernels import _common
+
+    probe = types.ModuleType("fasttx.kernels._traffic_probe")
+    try:
+        with T.gpu_model(sms=7):
+            probe.num_sms = _common.num_sms  # what `from .._common import num_sms` binds now
+            sys.modules[probe.__name__] = probe
+        assert probe.num_sms is _common.num_sms
+        with T.gpu_model(sms=3):
+            assert probe.num_sms(torch.device("cpu")) == 3
+    finally:
+        sys.modules.pop(probe.__name__, None)
+
+
 def _ids(cases):
     return [f"{s.name}-{c.series}-{c.label}".replace(" ", "-").replace("--", "-") for s, c, _ in cases]
 
