@@ -229,8 +229,10 @@ def test_layer_norm_nan_propagates_to_its_row_only(backend, device):
 def test_long_rows_walk_several_tiles_per_program(device):
     # Rows past MAX_BLOCK_N are walked in (CHUNK_M, CHUNK_N) tiles, several per program: 37 rows
     # on the interpreter's 4 "SMs" give 12 rows (3 tiles) per program and 1 row to the last; the
-    # weight chunk and the fp32 dweight/dbias partials are held across the tiles. LayerNorm and
-    # RMSNorm against the fp64 reference, forward and every gradient.
+    # weight chunk and the fp32 dweight/dbias partials are held across the tiles (the forward's
+    # 2-row tiles: 10 rows per program, 7 to the last, whose last tile is half empty; the held
+    # first FWD_HOLD columns with them). LayerNorm and RMSNorm against the fp64 reference, forward
+    # and every gradient.
     import fasttx
 
     torch.manual_seed(3)
@@ -428,7 +430,8 @@ def test_fused_p0_matches_reference(backend, device, dtype, residual):
         (1151, 7, torch.float32, True, False),
         (3, 1000, torch.float16, True, True),
         (3, 1000, torch.bfloat16, True, True),
-        (2, 10000, torch.float32, True, True),  # chunked path: mask regenerated each pass
+        (2, 10000, torch.float32, True, True),  # chunked rows: h stored in fp32, read back
+        (2, 10000, torch.float16, True, True),  # chunked rows: x, residual and mask regenerated
     ],
 )
 def test_fused_dropout_replays_kernel_mask(device, K, rows, hidden, dtype, residual, affine):
@@ -446,6 +449,20 @@ def test_fused_dropout_replays_kernel_mask(device, K, rows, hidden, dtype, resid
     assert abs(keep.float().mean().item() - (1 - p)) < 5 * math.sqrt(p * (1 - p) / n) + 1e-6
     ref = _fused_ref(*args, p=p, keep=keep)
     _check_all(ours, ref, dtype, NAMES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_long_rows_y_does_not_depend_on_storing_h(device, K, dtype):
+    # Chunked rows: the second pass reads the stored h back where it holds exactly the h that is
+    # normalized (fp32 here), else it recomputes h from x and the residual with the same dropout
+    # mask (16-bit: h is stored rounded but normalized unrounded, so reading it back would change
+    # y). Either way y is bit-identical to the launch that does not store h.
+    torch.manual_seed(12)
+    x, res, w, b, _, _ = _inputs(5, 9000, dtype, device)
+    y, h, mean, rstd = K.layer_norm_forward(x, 9000, w, b, 1e-5, residual=res, p=0.2, seed=5, store_h=True)
+    y0, h0, mean0, rstd0 = K.layer_norm_forward(x, 9000, w, b, 1e-5, residual=res, p=0.2, seed=5)
+    assert h0 is None and h.dtype == dtype
+    assert torch.equal(y, y0) and torch.equal(mean, mean0) and torch.equal(rstd, rstd0)
 
 
 if triton is not None:

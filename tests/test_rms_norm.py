@@ -292,6 +292,23 @@ def test_casting_orders_match_the_models_formula_in_16bit(backend, device, cast,
         assert (other.float() - yr.float()).abs().max() > 0
 
 
+@pytest.mark.parametrize("cast", ["torch", "llama"])
+def test_add_rms_norm_long_rows_normalize_the_stored_h(device, cast):
+    # Chunked rows in 16 bits: h = x + residual is rounded to its dtype, stored, and normalized as
+    # rounded (ROUND_H), so the second pass reads the stored h back instead of x and the residual:
+    # y is bit-identical to RMSNorm of the returned h.
+    pytest.importorskip("triton")
+    from fasttx.kernels.layer_norm import rms_norm_forward
+
+    torch.manual_seed(13)
+    x, r = (torch.randn(5, 9000, device=device).to(torch.float16) for _ in range(2))
+    w = (1 + 0.5 * torch.randn(9000, device=device)).to(torch.float16)
+    y, h, rstd = rms_norm_forward(x, 9000, w, 1e-6, residual=r, cast=cast)
+    y1, _, rstd1 = rms_norm_forward(h, 9000, w, 1e-6, cast=cast)
+    assert torch.equal(h, (x.float() + r.float()).half())
+    assert torch.equal(y, y1) and torch.equal(rstd, rstd1)
+
+
 def test_add_rms_norm_gradient_through_h_alone(backend, device):
     # only the new residual stream is used: d_input = d_residual = dh, dweight = 0
     x, res, w = (torch.randn(3, 16, device=device, requires_grad=True) for _ in range(3))

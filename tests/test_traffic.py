@@ -78,6 +78,27 @@ def test_gpu_model_sets_and_restores_the_launch_configuration():
     assert (_common.TILE, _common.num_sms, launch.num_sms) == (tile, sms, sms)
 
 
+def test_gpu_model_restores_a_module_first_imported_inside_it():
+    # A kernel module imported for the first time inside a model binds the patched num_sms by name
+    # (the bench builds ops lazily): it must get the original back, or the next model skips it and
+    # it keeps the first model's SM count (the long-row traffic tests then counted 4 programs, not 1,
+    # when they ran after the "ci" ones in one process).
+    import types
+
+    from fasttx.kernels import _common
+
+    probe = types.ModuleType("fasttx.kernels._traffic_probe")
+    try:
+        with T.gpu_model(sms=7):
+            probe.num_sms = _common.num_sms  # what `from .._common import num_sms` binds now
+            sys.modules[probe.__name__] = probe
+        assert probe.num_sms is _common.num_sms
+        with T.gpu_model(sms=3):
+            assert probe.num_sms(torch.device("cpu")) == 3
+    finally:
+        sys.modules.pop(probe.__name__, None)
+
+
 def _ids(cases):
     return [f"{s.name}-{c.series}-{c.label}".replace(" ", "-").replace("--", "-") for s, c, _ in cases]
 
@@ -117,22 +138,52 @@ def test_memory_bound_op_moves_its_minimum(case, mode, request):
     assert row.all_ratio <= 1.2, T.table([row])
 
 
-# rms_norm and offset_rms_norm run add_rms_norm's long-row code without the residual (and with
-# Gemma's 1 + w): the fused ops and LayerNorm cover the paths, at a third of the interpreter's time.
-CHUNKED = [c for c in _collect("chunked") if c[0].name in ("layer_norm", "dropout_add_layer_norm", "add_rms_norm")]
+# offset_rms_norm runs rms_norm's long-row code with Gemma's 1 + w; rms_norm's backward is
+# add_rms_norm's without dh_out: the rest covers the paths, at a fraction of the interpreter's time.
+_CHUNKED = [c for c in _collect("chunked")
+            if c[0].name in ("layer_norm", "dropout_add_layer_norm", "rms_norm", "add_rms_norm")]
+CHUNKED_MODES = [(c, m) for c in _CHUNKED for m in ("fwd", "bwd") if (c[0].name, m) != ("rms_norm", "bwd")]
+# The H100 the counted case stands for: 4096 rows on 132 SMs, 32 rows per program as counted.
+H100_ROWS = 4096
+# Forward all / min where it is known to be lower than the plain bound, with the reason (a regression
+# test for it): the fused RMSNorm stores h rounded to its dtype and normalizes that, so the second
+# pass reads h back (1 read) instead of x and the residual (2).
+CHUNKED_FWD_BOUND = {"add_rms_norm": 1.25}
 
 
-@pytest.mark.parametrize("mode", ["fwd", "bwd"])
-@pytest.mark.parametrize("case", CHUNKED, ids=_ids(CHUNKED))
-def test_long_norm_rows_read_at_most_twice(case, mode):
+@pytest.mark.parametrize("case,mode", CHUNKED_MODES,
+                         ids=[f"{i}-{m}" for i, (_, m) in zip(_ids([c for c, _ in CHUNKED_MODES]), CHUNKED_MODES)])
+def test_long_norm_rows_read_at_most_twice(case, mode, monkeypatch):
     # Rows past MAX_BLOCK_N do not fit in registers: two passes over the input, the weight chunk
     # held across the program's rows, the weight-gradient partial summed in registers and written
     # once per program (before: the input read 3x forward, 5x the minimum backward).
-    # Forward: 1.5x is the input read twice and the output written once; the weight and bias read
-    # once per program (one program per SM) add at most programs / rows (LayerNorm: 2 N e each
-    # against the minimum's 2 M N e), 1 / 32 here as 132 / 4224 on an H100.
+    # Forward: the input read twice and the output written once would be 1.5x by itself, and the
+    # weight and bias (2 N e per program, LayerNorm) come on top; so each 2-row tile keeps its first
+    # FWD_HOLD = 4096 columns in registers from the statistics to the output, and the second pass
+    # re-reads only N - 4096. Per program of R rows (in N e units, LayerNorm): (3 - 4096 / N) R + 2
+    # against the minimum's 2 R (+ 2 once in all), plus the statistics (8 B per row, re-read once
+    # per 1024 columns). An H100 at 4096 rows runs 128 programs of R = 32: at N = 16384,
+    # (3 - 0.25) 4096 + 2 * 128 = 11520 against 1.5 (2 * 4096 + 2) = 12291 (counted: 1.407x); at
+    # 32768, 12032 (1.470x); at 65536, 12288 and the statistics: 1.501x, over (RMSNorm, 1 N e per
+    # program: 1.485x). Counted here: one program of those 32 rows at N = 9000 (held fraction 0.455,
+    # 1.265x), and the same program's bytes times the H100's 128 programs against the H100 case's
+    # minimum, which reads the weight once for 4096 rows, not 32: the stricter ratio (1.304x).
+    # The fused RMSNorm reads its stored h back in the second pass (CHUNKED_FWD_BOUND).
+    # Backward: <= 2x both ways (1.81x at H100 scale, LayerNorm).
+    from fasttx.kernels.layer_norm import launch
+
     suite, c, prov = case
+    M, N = c.params["M"], c.params["N"]
+    programs = H100_ROWS // M
+    block_m = launch.FWD_CHUNK_M if mode == "fwd" else launch.CHUNK_M
+    assert launch._rows_per_program(H100_ROWS, block_m, T.H100_SMS) == M and programs * M == H100_ROWS
+    assert launch._rows_per_program(M, block_m, T.CHUNKED_SMS) == M  # one program counted
     row = T.measure_case(suite, c, prov, mode, sms=T.CHUNKED_SMS)
-    bound = 1.5 + T.CHUNKED_SMS / c.params["M"] if mode == "fwd" else 2.0
+    op = "layer_norm" if "layer_norm" in suite.name else "rms_norm"
+    monkeypatch.setitem(T.SIZES[op], "h100", (H100_ROWS, [N]))
+    h100_min = next(hc for s, hc, _ in T.cases(op, "h100") if s.name == suite.name).bytes[mode]
+    h100_ratio = row.traffic.all * programs / h100_min
+    bound = CHUNKED_FWD_BOUND.get(suite.name, 1.5) if mode == "fwd" else 2.0
     assert row.distinct_ratio <= 1.05, T.table([row])
     assert row.all_ratio <= bound, T.table([row])
+    assert h100_ratio <= bound, f"{h100_ratio:.3f}x at {H100_ROWS} rows on {T.H100_SMS} SMs\n{T.table([row])}"

@@ -253,6 +253,12 @@ def gpu_model(sms: int = H100_SMS, tile: int = GPU_TILE):
     finally:
         for mod, name, value in patched:
             setattr(mod, name, value)
+        # a kernel module first imported inside the model bound its patched num_sms by name: restored
+        # too, or every later model would skip it (it is not the original) and it kept these SMs
+        for mod in list(sys.modules.values()):
+            name = getattr(mod, "__name__", "")
+            if name.startswith("fasttx.kernels") and getattr(mod, "num_sms", None) is gpu_num_sms:
+                mod.num_sms = orig_sms
 
 
 # ----------------------------------------------------------------------------------------------

@@ -111,20 +111,30 @@ def _welford_lanes(n, mean, m2, s, h, ok):
 
 
 @triton.jit
-def _welford_rows(n, mean, m2, s, N, eps):
-    """(mean, rstd) per row from the lanes' Welford states (BLOCK_M, BLOCK_N), merged as Chan et al.:
-    mean = sum(n_l mean_l) / N, corrected by sum(n_l (mean_l - mean)) / N (the single-block path's
-    correction step), M2 = sum(m2_l) + sum(n_l (mean_l - mean)^2), all squares scaled by the row's S."""
-    mean_r = tl.sum(n * mean, axis=1) / N
+def _welford_rows(n, mean, m2, s):
+    """Per row, (count, mean, M2 / S^2, S) of the lanes' Welford states (BLOCK_M, BLOCK_N), merged
+    as Chan et al.: mean = sum(n_l mean_l) / count, corrected by sum(n_l (mean_l - mean)) / count
+    (the single-block path's correction step), M2 = sum(m2_l) + sum(n_l (mean_l - mean)^2), all
+    squares scaled by the row's S."""
+    cnt = tl.sum(n, axis=1)
+    inv = 1.0 / tl.maximum(cnt, 1.0)
+    mean_r = tl.sum(n * mean, axis=1) * inv
     dl = tl.where(n > 0, mean - mean_r[:, None], 0.0)
-    mean_r += tl.sum(n * dl, axis=1) / N
+    mean_r += tl.sum(n * dl, axis=1) * inv
     dl = tl.where(n > 0, mean - mean_r[:, None], 0.0)
     a = tl.abs(dl)
     S = tl.maximum(tl.max(s, axis=1), tl.max(tl.where(a > _SQ_SAFE, a, 1.0), axis=1))
     r = s / S[:, None]
     ds = dl / S[:, None]
-    ms = (tl.sum(m2 * r * r, axis=1) + tl.sum(n * ds * ds, axis=1)) / N  # var / S^2
-    return mean_r, 1.0 / (S * tl.sqrt(ms + eps / (S * S)))
+    return cnt, mean_r, tl.sum(m2 * r * r, axis=1) + tl.sum(n * ds * ds, axis=1), S
+
+
+@triton.jit
+def _squares_row(acc, s):
+    """Per row, (sum of squares / S^2, S) of the lanes' (acc, s) from _add_squares."""
+    S = tl.max(s, axis=1)
+    r = s / S[:, None]
+    return tl.sum(acc * r * r, axis=1), S
 
 
 @triton.jit
@@ -146,6 +156,7 @@ def _layer_norm_fwd_kernel(
     WEIGHT_PLUS_ONE: tl.constexpr,  # Gemma: * (1 + w)
     SINGLE_BLOCK: tl.constexpr,  # the whole row fits in one BLOCK_N (else loop over chunks)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HOLD: tl.constexpr,           # long rows: the first HOLD columns held in registers (HOLD < N)
 ):
     # Each program owns a contiguous group of rows and walks it BLOCK_M rows at a time; the weight
     # and bias are loaded once per program (per chunk, for long rows) and held across its rows.
@@ -194,11 +205,20 @@ def _layer_norm_fwd_kernel(
             tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     else:
         # Long rows, two passes over the program's rows. 1) per BLOCK_M rows, the statistics in one
-        # sweep over the row's chunks (LayerNorm: per-lane Welford merged as Chan et al.; RMSNorm:
-        # mean(h^2)), and the h / mask stores; mean and rstd are stored. 2) chunk by chunk, the
-        # chunk's weight and bias loaded once and every row of the program normalized (h recomputed
-        # and the same dropout mask regenerated; mean and rstd read back). Traffic: the input read
-        # twice, the output written once, weight and bias once per program.
+        # sweep over the row's chunks past the first HOLD columns (LayerNorm: per-lane Welford;
+        # RMSNorm: mean(h^2)), then the first HOLD columns as one (BLOCK_M, HOLD) tile, merged with
+        # the lanes (Chan et al.) and, still in registers, normalized and stored (their weight and
+        # bias loaded once per program); the h / mask stores; mean and rstd stored. 2) chunk by
+        # chunk over the columns past HOLD, the chunk's weight and bias loaded once and every row of
+        # the program normalized: h read back where it was stored exactly as normalized (READ_H),
+        # else recomputed (the same dropout mask regenerated); mean and rstd read back. Traffic:
+        # the input read 2 - HOLD / N times (h written and read back instead of x and the residual
+        # read again, under READ_H), the output written once, weight and bias once per program.
+        # READ_H: the stored h is bit-identical to the ACC h normalized: rounded to H's dtype first
+        # (ROUND_H), or H's dtype is ACC.
+        READ_H: tl.constexpr = STORE_H and (ROUND_H or H_DTYPE == ACC)
+        hcols = tl.arange(0, HOLD)
+        wh, bh = _load_wb(W, B, hcols, N, ACC, HAS_WEIGHT, HAS_BIAS, WEIGHT_PLUS_ONE)
         for tile in range(row_start, row_end, BLOCK_M):
             rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile  # int64 whatever the loop var is
             row_ok = rows < row_end
@@ -206,7 +226,7 @@ def _layer_norm_fwd_kernel(
             mu = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             sc = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
-            for start in range(0, N, BLOCK_N):
+            for start in range(HOLD, N, BLOCK_N):
                 c = start + cols
                 ok = row_ok[:, None] & (c < N)[None, :]
                 h = _load_h(X, R, KEEP, rows, c, row_end, N, stride_x, stride_r, seed, p, scale,
@@ -217,15 +237,51 @@ def _layer_norm_fwd_kernel(
                     acc, sc = _add_squares(acc, sc, h)
                 else:
                     n, mu, acc, sc = _welford_lanes(n, mu, acc, sc, h, ok)
+            # the lanes reduced to per-row values before the held tile is loaded (fewer live registers)
             if IS_RMS_NORM:
-                rstd = _rstd(acc, sc, N, eps, 0.0)
+                q_a, s_a = _squares_row(acc, sc)
             else:
-                mean, rstd = _welford_rows(n, mu, acc, sc, N, eps)
+                n_a, mean_a, q_a, s_a = _welford_rows(n, mu, acc, sc)
+            hok = row_ok[:, None] & (hcols < N)[None, :]
+            hh = _load_h(X, R, KEEP, rows, hcols, row_end, N, stride_x, stride_r, seed, p, scale,
+                         HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)  # (BLOCK_M, HOLD)
+            if STORE_H:
+                tl.store(H + rows[:, None] * stride_h + hcols[None, :], hh.to(H_DTYPE), mask=hok)
+            ones = tl.full([BLOCK_M, HOLD], 1.0, ACC)
+            zeros = tl.zeros([BLOCK_M, HOLD], dtype=ACC)
+            if IS_RMS_NORM:
+                acc2, sc2 = _add_squares(zeros, ones, hh)
+                q_h, s_h = _squares_row(acc2, sc2)
+                S = tl.maximum(s_a, s_h)
+                ra = s_a / S
+                rh = s_h / S
+                rstd = 1.0 / (S * tl.sqrt((q_a * ra * ra + q_h * rh * rh) / N + eps / (S * S)))
+                y = hh * rstd[:, None]
+            else:
+                # the held tile's mean and centred squares as the single-block path takes them,
+                # merged with the lanes' (count n_a): mean = mean_a + d HOLD / N,
+                # M2 = M2_a + M2_h + d^2 n_a HOLD / N with d = mean_h - mean_a (Chan et al.)
+                mean_h = tl.sum(hh, axis=1) / HOLD
+                mean_h += tl.sum(hh - mean_h[:, None], axis=1) / HOLD
+                acc2, sc2 = _add_squares(zeros, ones, hh - mean_h[:, None])
+                q_h, s_h = _squares_row(acc2, sc2)
+                d = mean_h - mean_a
+                mean = mean_a + d * (HOLD / N)
+                ad = tl.abs(d)
+                S = tl.maximum(tl.maximum(s_a, s_h), tl.where(ad > _SQ_SAFE, ad, 1.0))
+                ra = s_a / S
+                rh = s_h / S
+                ds = d / S
+                ms = (q_a * ra * ra + q_h * rh * rh + ds * ds * (n_a * HOLD / N)) / N
+                rstd = 1.0 / (S * tl.sqrt(ms + eps / (S * S)))
+                y = (hh - mean[:, None]) * rstd[:, None]
                 tl.store(Mean + rows, mean, mask=row_ok)
             tl.store(Rstd + rows, rstd, mask=row_ok)
-        # pass 2 reads the statistics this program stored in pass 1 (from other threads)
+            y = _affine(y, wh, bh, HAS_WEIGHT, HAS_BIAS, CAST_XHAT, XHAT_DTYPE)
+            tl.store(Y + rows[:, None] * stride_y + hcols[None, :], y.to(Y.dtype.element_ty), mask=hok)
+        # pass 2 reads the statistics (and h) this program stored in pass 1 (from other threads)
         tl.debug_barrier()
-        for start in range(0, N, BLOCK_N):
+        for start in range(HOLD, N, BLOCK_N):
             c = start + cols
             w, b = _load_wb(W, B, c, N, ACC, HAS_WEIGHT, HAS_BIAS, WEIGHT_PLUS_ONE)
             for tile in range(row_start, row_end, BLOCK_M):
@@ -233,8 +289,11 @@ def _layer_norm_fwd_kernel(
                 row_ok = rows < row_end
                 m = row_ok[:, None] & (c < N)[None, :]
                 rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-                h = _load_h(X, R, KEEP, rows, c, row_end, N, stride_x, stride_r, seed, p, scale,
-                            HAS_RESIDUAL, HAS_DROPOUT, False, ACC, ROUND_H, H_DTYPE)
+                if READ_H:
+                    h = tl.load(H + rows[:, None] * stride_h + c[None, :], mask=m, other=0.0).to(ACC)
+                else:
+                    h = _load_h(X, R, KEEP, rows, c, row_end, N, stride_x, stride_r, seed, p, scale,
+                                HAS_RESIDUAL, HAS_DROPOUT, False, ACC, ROUND_H, H_DTYPE)
                 if IS_RMS_NORM:
                     y = h * rstd[:, None]
                 else:

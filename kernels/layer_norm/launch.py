@@ -21,8 +21,9 @@ MAX_HIDDEN = 65536
 # most 255 32-bit registers each; the backward keeps ~6 fp32 values per column live (x, dy, w,
 # dx, and the dweight/dbias partial sums), so 8192 columns is ~16 values per thread per array,
 # already near the limit without spilling. Rows longer than this loop over (CHUNK_M, CHUNK_N) tiles
-# instead (SINGLE_BLOCK=False): two passes over the program's rows (the input read twice, the
-# output written once), but no register spills and no size ceiling from the register file.
+# instead (SINGLE_BLOCK=False): two passes over the program's rows (the input read twice, less
+# the forward's held columns, the output written once), but no register spills and no size
+# ceiling from the register file.
 MAX_BLOCK_N = 8192
 
 
@@ -32,6 +33,18 @@ MAX_BLOCK_N = 8192
 # bits). Larger tiles spilled in the fused dropout variants on sm_90, at the 128 registers a
 # 16-warp program may hold: (4, 2048) forward 104 B and backward 336 B, (4, 1024) backward 16 B.
 CHUNK_M, CHUNK_N = 4, 512
+# The forward walks long rows in (FWD_CHUNK_M, FWD_CHUNK_N) tiles (the same 2048 elements, half the
+# rows: a second-pass tile re-reads its rows' mean and rstd once per 1024 columns, not 512) and
+# holds the first FWD_HOLD columns of each tile's rows in registers from the statistics sweep to
+# their output, so the second pass re-reads only the other N - FWD_HOLD. Per program of R rows, in
+# units of N elements (LayerNorm; RMSNorm reads no bias): the input (2 - FWD_HOLD / N) R, the output
+# R, weight and bias 2, against the minimum's 2 R (+ 2 once in all): <= 1.5x while R >= 2 N / FWD_HOLD,
+# less the statistics' re-reads. On an H100 at 4096 rows (R = 32, 128 programs) that is N <= 32768
+# for LayerNorm (counted: 1.41x at 16384, 1.47x at 32768, 1.501x at 65536) and every N <= MAX_HIDDEN
+# for RMSNorm and the fused ops (<= 1.49x); fewer rows per program cost more (R >= 8 at N = 16384, 16 at 32768).
+# The (2, 4096) held tile has the registers per thread of a (4, 2048) one and compiles without
+# spills in every variant on sm_90 and sm_100 (<= 127 registers, 16 warps per SM).
+FWD_CHUNK_M, FWD_CHUNK_N, FWD_HOLD = 2, 1024, 4096
 # Programs per SM of the forward (the backward runs one per SM: each writes an fp32 partial row of
 # dweight/dbias). Each program loads the weight and bias once and holds them across its rows, so
 # fewer programs read them fewer times; two per SM keep 2 x 16 warps of loads in flight.
@@ -67,6 +80,8 @@ def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtyp
              rms=False, cast="torch"):
     """Allocate y (out_dtype), h (h_dtype, if store_h) and the statistics, and launch."""
     block_m, block_n, num_warps, single = calc_settings(N)
+    if not single:
+        block_m, block_n = FWD_CHUNK_M, FWD_CHUNK_N
     weight = weight.contiguous() if weight is not None else None  # kernels index W + col
     bias = bias.contiguous() if bias is not None else None
     sdt = stat_dtype(h_dtype)
@@ -96,7 +111,8 @@ def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtyp
             ROUND_H=rms and residual is not None and low,
             CAST_XHAT=cast == "llama" and low, XHAT_DTYPE=_TL_DTYPE[h_dtype],
             WEIGHT_PLUS_ONE=cast == "gemma",
-            SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+            SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n, HOLD=0 if single else FWD_HOLD,
+            num_warps=num_warps,
         )
     return y, h, mean, rstd
 
