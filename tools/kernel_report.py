@@ -259,6 +259,20 @@ def attention_subset(head_dims=(64, 128), dtypes=("float16", "bfloat16"), causal
     return launches
 
 
+def attention_flags(head_dims, dtypes):
+    """A launches callable for `collect`: the attention kernel file's full compile_variants (every
+    flag, mask, dropout, varlen, paged, packing, TMA and dQ-mode variant) at these head dims and dtypes
+    only (the MLA / sinks launches, which fix their own head dims, come with each dtype)."""
+    def launches():
+        import torch
+
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from fasttx.kernels.attention import compile_variants
+
+        compile_variants(False, dtypes=[getattr(torch, d) for d in dtypes], head_dims=list(head_dims))
+    return launches
+
+
 def summarize(variants):
     """Per (kernel, arch): variants, default variants, default variants that spill (and their largest
     spill), pruned variants that spill, largest registers, fewest resident warps per SM of a default one."""
@@ -306,6 +320,8 @@ def _child(args):
     launches = None
     if args.attention_subset:
         launches = attention_subset(args.head_dims, args.dtypes, decode=True)
+    elif args.attention_flags:
+        launches = attention_flags(args.head_dims, args.dtypes)
     variants, errors = collect(args.arch[0], args.quick, args.modules, args.pruned, launches, args.configs)
     with open(args.child_out, "w") as f:
         json.dump(dict(variants=[asdict(v) for v in variants],
@@ -327,6 +343,9 @@ def main(argv=None):
     parser.add_argument("--attention-subset", action="store_true",
                         help="instead of compile_variants: attention fwd/bwd without flags (plain and causal, "
                              "and a 16-query forward) at --head-dims and --dtypes")
+    parser.add_argument("--attention-flags", action="store_true",
+                        help="instead of compile_variants: the attention file's every flag variant at --head-dims "
+                             "and --dtypes")
     parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--dtypes", nargs="+", default=["float16", "bfloat16"])
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
@@ -343,8 +362,9 @@ def main(argv=None):
             cmd += (["--quick"] if args.quick else []) + (["--pruned"] if args.pruned else [])
             cmd += ["--configs", str(args.configs)] if args.configs else []
             cmd += ["--modules", *args.modules] if args.modules else []
-            if args.attention_subset:
-                cmd += ["--attention-subset", "--head-dims", *map(str, args.head_dims), "--dtypes", *args.dtypes]
+            if args.attention_subset or args.attention_flags:
+                which = "--attention-subset" if args.attention_subset else "--attention-flags"
+                cmd += [which, "--head-dims", *map(str, args.head_dims), "--dtypes", *args.dtypes]
             r = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if r.returncode == 2 and "UNSUPPORTED" in r.stdout:  # this triton cannot compile without a GPU
                 print(f"sm_{arch}: {r.stdout.strip()}")

@@ -25,7 +25,8 @@ gives a NaN row. All three kernels (forward, dK/dV, dQ) compute a tile's scores 
 
 Numerics: scores, softmax statistics and accumulators in fp32; the output is cast at the store.
 tl.dot precision: fp16/bf16 operands on GPU (fp32 accumulate); fp32 inputs use
-input_precision="ieee" (exact fp32, no TF32), matching torch's default for fp32 SDPA. For 16-bit
+input_precision="tf32x3" (three TF32 tensor-core products, near fp32's accuracy), as torch's own
+fp32 SDPA does on sm_80+ (config._dot_precision says why not "ieee"). For 16-bit
 inputs the forward can also write the fp32 output (`return_fp32_out`): the backward's
 delta = rowsum(dO * O) then comes from it, not from the rounded output (see the backward's notes).
 

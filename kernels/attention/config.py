@@ -22,7 +22,9 @@ from .._common import INTERPRETING
 # Two 16-row configs are gone though within the budget: they spilled a few bytes at under 100
 # registers on sm_90 (forward 16x32 4 stages at d=256: 4 B; the backward's 16x32 dK/dV at d=64:
 # 12 B); 16x64 takes their place. So is the forward's 16x64 with 3 stages (12 B at 128 registers,
-# causal, d=128, sm_100); 2 stages stayed clean on both.
+# causal, d=128, sm_100); 2 stages stayed clean on both. The backward's 32x64 8-warp tile has 3 stages:
+# with 2, ptxas held the causal dK/dV (d = 64) at 64 registers and the causal dQ (d = 256) at 128 on
+# sm_100 and spilled 4 B each (triton 3.9 passes --regAllocOptLevel=2; without it, none); with 3, 69.
 # ------------------------------------------------------------------------------------------------
 _FWD_GPU = [
     (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
@@ -30,7 +32,7 @@ _FWD_GPU = [
     (16, 64, 4, 2), (16, 128, 4, 3),
 ]
 _BWD_GPU = [  # dK/dV kernel: BLOCK_N key rows resident, BLOCK_M query rows streamed (dQ: swapped)
-    (64, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 8, 2),
+    (64, 64, 8, 2), (64, 64, 4, 3), (64, 128, 8, 2), (32, 128, 4, 2), (32, 64, 4, 3), (32, 64, 8, 3),
     (32, 32, 4, 3), (16, 64, 4, 2), (32, 32, 8, 2),
 ]
 _SPLIT_ALIGN_GPU = 128
@@ -63,6 +65,17 @@ DQ_MODE = _DQ_MODES[_dq_env]
 
 def _upcast_dots(dtype) -> bool:
     return INTERPRETING and dtype != torch.float32
+
+
+# tl.dot's input precision. fp32 inputs: "tf32x3", three TF32 tensor-core products per tile GEMM
+# (each operand split into its TF32 part and the TF32 rounding of the rest; only the small x small
+# term, ~2^-22 relative, is dropped): what torch's own fp32 SDPA runs on sm_80+ (its memory-
+# efficient kernel, the fp32 backend, uses CUTLASS's 3xTF32 operator), near fp32's accuracy. The
+# exact "ieee" dot has no tensor-core form: triton emits it as scalar FMAs with each thread holding
+# whole head-dim rows of both operands, and every fp32 config spilled 0.3-36 KB on sm_90 (d = 64,
+# 8 warps: 32 registers, 11-36 KB of spills). 16-bit operands ignore the setting.
+def _dot_precision(dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 # Flash-decoding (split the keys across programs, combine partials) is used when the queries are
@@ -165,18 +178,33 @@ def _tile_values(kernel, bm, bn, d, warps) -> float:
 
 
 def _budget(kernel, args) -> int:
+    """The register budget of `kernel` for this launch: per flags (_BWD_FLAGS), halved for fp32 inputs
+    (their tf32x3 dots hold each operand fragment as fp32 and split it in two: at d = 64 on sm_90 the
+    16-bit budgets' fp32 configs spilled 12-1732 B, those at half of them none)."""
     flagged = kernel != "fwd" and any(args.get(f) for f in _BWD_FLAGS)
-    return _REG_TILE_BUDGET_BWD_FLAGS if flagged else _REG_TILE_BUDGET[kernel]
+    budget = _REG_TILE_BUDGET_BWD_FLAGS if flagged else _REG_TILE_BUDGET[kernel]
+    return budget // 2 if args["Q"].element_size() == 4 else budget
 
 
-def _fits_registers(kernel, c, d, budget) -> bool:
-    return _tile_values(kernel, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], d, c.num_warps) <= budget
+def _fits_registers(kernel, c, d, budget, fp32) -> bool:
+    """The config's tiles fit the budget, and it has 8 warps only where the same tile with 4 would not
+    fit (fp32: never), and on a 32x32 tile only at d = 256. Two warp groups on a tile one could hold
+    split its rows or columns for nothing: ptxas then held 64x64 forward tiles (d = 64) at 64
+    registers on sm_100 and spilled 4 B, and the backward's 32x32 ones at 128 on sm_90 and spilled
+    40-56 B (d = 128: softcap, ALiBi; d = 64: varlen); fp32's 8-warp tiles spilled 4-1732 B on sm_90
+    whatever their size."""
+    bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+    if _tile_values(kernel, bm, bn, d, c.num_warps) > budget:
+        return False
+    if c.num_warps == 4:
+        return True
+    return not fp32 and _tile_values(kernel, bm, bn, d, 4) > budget and (bm * bn > 32 * 32 or d >= 256)
 
 
-def _fallback(kernel, bm, bn, d, budget):
+def _fallback(kernel, bm, bn, d, budget, fp32):
     """The config when nothing in the table fits: small tiles without pipelining, 8 warps if 4 would
-    exceed the register budget (head dim 256)."""
-    warps = 4 if _tile_values(kernel, bm, bn, d, 4) <= budget else 8
+    exceed the register budget (head dim 256; fp32: always 4)."""
+    warps = 4 if fp32 or _tile_values(kernel, bm, bn, d, 4) <= budget else 8
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=1)]
 
 
@@ -190,6 +218,7 @@ def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     d, short_l = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)), args["L_BUCKET"] <= 16  # the wider of q/k and v
     wide = args["Q"].element_size() * d  # bytes per row of a tile
+    fp32, budget = args["Q"].element_size() == 4, _budget("fwd", args)
     mask_bytes = _mask_bytes(args)
     kept = []
     for c in configs:
@@ -200,11 +229,11 @@ def _prune(configs, named_args, **kwargs):
             continue
         if wide >= 512 and bm * bn > 64 * 64:  # d=256 fp16 or d>=128 fp32: register pressure
             continue
-        if not _fits_registers("fwd", c, d, _REG_TILE_BUDGET["fwd"]):
+        if not _fits_registers("fwd", c, d, budget, fp32):
             continue
         kept.append(c)
     # Nothing fits (e.g. fp32 with d=256): small tiles without pipelining always do.
-    return _fixed(kept) or _fallback("fwd", 16 if short_l else 32, 32, d, _REG_TILE_BUDGET["fwd"])
+    return _fixed(kept) or _fallback("fwd", 16 if short_l else 32, 32, d, budget, fp32)
 
 
 def _mask_bytes(args) -> int:
@@ -227,16 +256,14 @@ def _prune_bwd(configs, named_args, **kwargs):
         kernel = "dkdv+dq"  # it also forms each query block's dQ part
     budget = _budget(kernel, args)
     wide = args["Q"].element_size() * d
+    fp32 = args["Q"].element_size() == 4
     mask_bytes = _mask_bytes(args)
     kept = [c for c in configs
             if c.num_stages * ((2 * c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"]) * wide
                                + c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * mask_bytes) <= 200 * 1024
             and not (wide >= 512 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] > 32 * 64)
-            and _fits_registers(kernel, c, d, budget)
-            # 8 warps on a 32x32 tile only for d=256: ptxas held its dK/dV at 128 registers and
-            # spilled 40-56 B with softcap or ALiBi at d=128 (sm_90)
-            and not (c.num_warps == 8 and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 32 * 32 and d < 256)]
-    return _fixed(kept) or _fallback(kernel, 16, 32, d, budget)
+            and _fits_registers(kernel, c, d, budget, fp32)]
+    return _fixed(kept) or _fallback(kernel, 16, 32, d, budget, fp32)
 
 
 _KEY = ["BLOCK_D", "IS_CAUSAL", "HAS_MASK", "HAS_DROPOUT", "WINDOW", "SOFTCAP", "ALIBI", "VARLEN_Q", "VARLEN_K",

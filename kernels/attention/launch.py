@@ -10,7 +10,7 @@ from .._common import num_sms, seed_tensor
 from .._dtypes import KERNEL_FLOATS
 from .backward import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .config import (_DECODE_MAX_L, _DECODE_MIN_S, _SPLIT_ALIGN, DQ_ATOMIC, DQ_KERNEL, DQ_MODE, DQ_ORDERED,
-                     _pack_gqa, _upcast_dots, _use_tma)
+                     _dot_precision, _pack_gqa, _upcast_dots, _use_tma)
 from .forward import _attn_decode_combine, _attn_fwd, _dropout_mask_kernel
 
 MAX_HEAD_DIM = 256
@@ -153,7 +153,7 @@ def _launch_args(q, k, v, mask, o: AttnOptions):
         VARLEN_Q=seqlens is not None and seqlens.cu_q is not None, VARLEN_K=seqlens is not None,
         PAGED=block_table is not None,
         UPCAST=_upcast_dots(q.dtype),
-        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",  # tf32 is ignored for 16-bit operands
+        DOT_PREC=_dot_precision(q.dtype),
     )
     if args["VARLEN_Q"]:  # one packed row space: sequences are found through CuQ, not a batch stride
         args["stride_qb"] = 0
@@ -331,13 +331,16 @@ def dropout_mask(shape, seed, dropout_p, device):
     return keep.bool()
 
 
-def compile_variants(quick: bool):
+def compile_variants(quick: bool, dtypes=None, head_dims=None):
     """Call the launchers over every variant that selects different code (dtypes, head dims, causal,
     masks, dropout, GQA, the fp32-output store, decode, GQA packing, tensor descriptors, the three dQ
     modes, fasttx.flash's window, softcap, ALiBi, varlen and paged flags, v's own head dim BLOCK_DV and
-    SINK); tools/gpu_compile_check.py compiles them."""
-    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
-    head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
+    SINK); tools/gpu_compile_check.py compiles them. dtypes / head_dims narrow the sweep (every flag at
+    those only: tools/kernel_report.py --attention-flags)."""
+    if dtypes is None:
+        dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    if head_dims is None:
+        head_dims = [64, 128] if quick else [16, 40, 64, 80, 96, 128, 160, 256]
 
     def r(*shape, dtype):
         return torch.randn(*shape, dtype=dtype)
