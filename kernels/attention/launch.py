@@ -63,8 +63,9 @@ class AttnOptions(NamedTuple):
     sinks: None, or fp32 (H,) attention-sink logits (gpt-oss): s_h joins every row's softmax
     denominator, P_ij = exp(S_ij) / (sum_j exp(S_ij) + exp(s_h)), with no value row; lse includes it
     (a row that sees no key then gives 0 and lse = s_h). The backward also returns its gradient.
-    pack_gqa, tma (forward only): None lets config._pack_gqa / config._use_tma choose the PACK_GQA /
-    USE_TMA kernel variants; True / False forces them on (where the inputs allow) or off."""
+    pack_gqa (forward only), tma (forward and backward): None lets config._pack_gqa / config._use_tma
+    choose the PACK_GQA / USE_TMA kernel variants; True / False forces them on (where the inputs
+    allow) or off."""
     scale: float
     is_causal: bool = False
     causal_offset: int = 0
@@ -293,6 +294,12 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
     if args["VARLEN_Q"]:
         do_strides["stride_dob"] = 0
     launch = dict(args, **do_strides, HKV=Hkv, S_TOT=k.shape[2])
+    # USE_TMA on the tiles each kernel streams (the rule checks its 2nd and 3rd tensors' alignment): Q and dO
+    # past dK/dV's resident K/V, K and V past the dQ kernel's resident Q/dO.
+    tma_dkdv = _use_tma(q, q, do, False, o.tma)
+    tma_dq = dq_mode == DQ_KERNEL and _use_tma(q, k, v, False, o.tma)
+    if (tma_dkdv or tma_dq) and q.is_cuda:
+        _set_descriptor_allocator()
     if dq_mode == DQ_KERNEL:
         dq32 = locks = torch.zeros(1, dtype=torch.float32, device=q.device)  # never read
         lock_stride = 0
@@ -304,10 +311,10 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
     if dk.numel():
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DK=dk, DV=dv, DQ=dq32, Locks=locks,
-                             lock_stride=lock_stride, DQ_MODE=dq_mode, **launch)
+                             lock_stride=lock_stride, DQ_MODE=dq_mode, USE_TMA=tma_dkdv, **launch)
     if dq_mode == DQ_KERNEL:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-        _attn_bwd_dq[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DQ=dq, **launch)
+        _attn_bwd_dq[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DQ=dq, USE_TMA=tma_dq, **launch)
     else:
         dq.copy_(dq32)
     if sinks is not None:
