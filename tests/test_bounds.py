@@ -78,8 +78,22 @@ def test_attention_ragged(checked):
         _grads(F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw), q, k, v)
 
 
-def test_attention_varlen_and_window(checked):
-    """Packed sequences of ragged lengths (1, 23, 40 queries; 5, 30, 51 keys), head dim 24, a window."""
+@pytest.mark.parametrize("tma, dq_kernel", [("0", False), ("1", False), ("1", True)])
+def test_attention_varlen_and_window(checked, monkeypatch, tma, dq_kernel):
+    """Packed sequences of ragged lengths (1, 23, 40 queries; 5, 30, 51 keys), head dim 24, a window;
+    with tma "1" the streamed tiles of the forward and the backward kernels (dK/dV, and the dQ kernel
+    with dq_kernel) through tensor descriptors, each over its sequence's rows."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    from fasttx.kernels.attention import config, launch
+
+    monkeypatch.setenv("FASTTX_ATTN_TMA", tma)
+    if dq_kernel:
+        monkeypatch.setattr(launch, "DQ_MODE", config.DQ_KERNEL)
+    descriptor_loads = []
+    desc_load = InterpreterBuilder.create_descriptor_load
+    monkeypatch.setattr(InterpreterBuilder, "create_descriptor_load",
+                        lambda *a, **kw: descriptor_loads.append(1) or desc_load(*a, **kw))
     cu_q = torch.tensor([0, 1, 24, 64], dtype=torch.int32)
     cu_k = torch.tensor([0, 5, 35, 86], dtype=torch.int32)
     q = torch.randn(64, 2, 24, requires_grad=True)
@@ -87,6 +101,7 @@ def test_attention_varlen_and_window(checked):
     v = torch.randn(86, 1, 24, requires_grad=True)
     out = flash.flash_attn_varlen_func(q, k, v, cu_q, cu_k, 40, 51, causal=True, window_size=(17, 3))
     _grads(out, q, k, v)
+    assert bool(descriptor_loads) == (tma == "1")
 
 
 def test_attention_decode_splits_and_paged_cache(checked):

@@ -228,10 +228,10 @@ def collect(arch: int = 90, quick: bool = False, modules=None, pruned_too: bool 
 def attention_subset(head_dims=(64, 128), dtypes=("float16", "bfloat16"), causal=(False, True), decode=False):
     """A launches callable for `collect`: the attention forward and backward without masks, dropout or
     fasttx.flash's flags (the configs a plain model runs) at each head dim and dtype, non-causal and
-    causal, the forward also through tensor descriptors (USE_TMA: the default on sm_90 / sm_100, which
-    CPU tensors do not select by themselves), the backward in the default dQ mode and with the
-    separate dQ kernel; decode=True adds 16-query forwards (the BLOCK_M=16 configs pruning keeps for
-    short L) and a GQA decode step (4 query heads per kv head: PACK_GQA's packed rows)."""
+    causal, the forward and the backward also through tensor descriptors (USE_TMA: the default on
+    sm_90 / sm_100, which CPU tensors do not select by themselves), the backward in the default dQ
+    mode and with the separate dQ kernel; decode=True adds 16-query forwards (the BLOCK_M=16 configs
+    pruning keeps for short L) and a GQA decode step (4 query heads per kv head: PACK_GQA's packed rows)."""
     def launches():
         import torch
 
@@ -248,8 +248,9 @@ def attention_subset(head_dims=(64, 128), dtypes=("float16", "bfloat16"), causal
                                                        return_fp32_out=fp32_out)
                     attention_forward(q, k, v, None, scale=e ** -0.5, is_causal=c, return_fp32_out=fp32_out, tma=True)
                     for dq_mode in (DQ_MODE, DQ_KERNEL):  # the default dQ mode, and FASTTX_ATTN_DQ=kernel's dQ kernel
-                        attention_backward(torch.randn_like(q), q, k, v, None, o32[0] if fp32_out else out, lse,
-                                           scale=e ** -0.5, is_causal=c, dq_mode=dq_mode)
+                        for tma in (False, True):  # the streamed tiles by pointers, and through tensor descriptors
+                            attention_backward(torch.randn_like(q), q, k, v, None, o32[0] if fp32_out else out, lse,
+                                               scale=e ** -0.5, is_causal=c, dq_mode=dq_mode, tma=tma)
                     if decode:
                         for tma in (False, True):
                             attention_forward(q[:, :, :16], k, v, None, scale=e ** -0.5, is_causal=c, decode=False,

@@ -1,12 +1,16 @@
 """Attention backward kernels: the delta preprocess, dK/dV (one program per key block and kv head,
 which also accumulates dQ unless DQ_MODE is DQ_KERNEL) and dQ (one program per query block and
-head; DQ_KERNEL mode only). Launched by launch.attention_backward."""
+head; DQ_KERNEL mode only). Launched by launch.attention_backward. With USE_TMA (config._use_tma)
+the tiles a kernel streams (Q and dO past dK/dV's resident K/V, K and V past dQ's resident Q/dO)
+come through tensor descriptors (tiles._row_descriptors); the resident tiles, lse, delta and the dQ
+adds stay pointer accesses."""
 import triton
 import triton.language as tl
 
 from .._math import dropout_keep
 from .config import _BWD_TABLE, _KEY, DQ_ATOMIC, DQ_KERNEL, _configs, _prune_bwd
-from .tiles import _alibi_slope, _block_and_head, _head_row0, _key_range, _load_kv, _prologue, _scores
+from .tiles import (_alibi_slope, _block_and_head, _head_row0, _key_range, _load_kv, _load_rows_desc, _prologue,
+                    _row_descriptors, _scores)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -72,7 +76,7 @@ def _dkdv_block_loop(
     dk, dv,                              # (BLOCK_N, BLOCK_D), (BLOCK_N, BLOCK_DV) fp32 accumulators
     k, v, offs_n, offs_d, offs_dv,       # this block's key and value tiles, its keys, the q/k and v head-dim columns
     lo, hi,                              # query blocks [lo, hi), lo a multiple of BLOCK_M
-    q_base, do_base, stride_qm, stride_dom,
+    q_base, do_base, stride_qm, stride_dom,  # this head's first query row; USE_TMA: Q/dO tensor descriptors
     lse_ptr, delta_ptr,                  # this (batch, head)'s rows of lse and delta
     mask_base, stride_mm, stride_mn,
     L, S, E, EV, scale, causal_off, left_off, alibi_off, slope, softcap,
@@ -82,7 +86,7 @@ def _dkdv_block_loop(
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # Works on transposed tiles (keys x queries) so dK and dV accumulate without transposes.
     d_ok = offs_d < E
@@ -91,12 +95,16 @@ def _dkdv_block_loop(
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < L
         row_off = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_base + row_off * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        do = tl.load(do_base + row_off * stride_dom + offs_dv[None, :], mask=m_ok[:, None] & dv_ok[None, :],
-                     other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
+        if USE_TMA:
+            q, do = _load_rows_desc(q_base, do_base, start_m, UPCAST)
+        else:
+            q = tl.load(q_base + row_off * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :],
+                        other=0.0)
+            do = tl.load(do_base + row_off * stride_dom + offs_dv[None, :], mask=m_ok[:, None] & dv_ok[None, :],
+                         other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
         lse = tl.load(lse_ptr + offs_m, mask=m_ok, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         delta = tl.load(delta_ptr + offs_m, mask=m_ok, other=0.0)
@@ -143,7 +151,7 @@ def _ordered_add(ptrs, val, ok, lock, rank):
     tl.atomic_xchg(lock, rank + 1, sem="release")
 
 
-@triton.autotune(configs=_configs(_BWD_TABLE), key=[*_KEY, "DQ_MODE"],
+@triton.autotune(configs=_configs(_BWD_TABLE), key=[*_KEY, "DQ_MODE", "USE_TMA"],
                  prune_configs_by={"early_config_prune": _prune_bwd},
                  reset_to_zero=["DQ", "Locks"])  # each benchmark run accumulates dQ from zero
 @triton.jit
@@ -167,6 +175,7 @@ def _attn_bwd_dkdv(
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,       # the streamed Q/dO tiles through tensor descriptors (the copy engine)
 ):
     pid_n, pid_bk = _block_and_head(S, BLOCK_N)
     b = (pid_bk // HKV).to(tl.int64)
@@ -202,12 +211,16 @@ def _attn_bwd_dkdv(
         h = hk * GROUPS + g
         row0 = _head_row0(b, h, H, L_TOT, q0, VARLEN_Q)
         slope = _alibi_slope(Alibi, b, stride_ab, h, ALIBI)
+        q_base = Q + b * stride_qb + h * stride_qh + q0 * stride_qm
+        do_base = DO + b * stride_dob + h * stride_doh + q0 * stride_dom
+        if USE_TMA:  # over head h's Lb query rows of sequence b
+            q_base, do_base = _row_descriptors(q_base, do_base, Lb, E, EV, stride_qm, stride_dom, BLOCK_M, BLOCK_D,
+                                               BLOCK_DV)
         for diag in tl.static_range(2 if IS_CAUSAL else 1):  # the full blocks first, then the diagonal
             dk, dv = _dkdv_block_loop(
                 dk, dv, k, v, offs_n, offs_d, offs_dv,
                 lo=mid if diag == 0 else lo, hi=hi if diag == 0 else mid,
-                q_base=Q + b * stride_qb + h * stride_qh + q0 * stride_qm,
-                do_base=DO + b * stride_dob + h * stride_doh + q0 * stride_dom,
+                q_base=q_base, do_base=do_base,
                 stride_qm=stride_qm, stride_dom=stride_dom,
                 lse_ptr=Lse + row0, delta_ptr=Delta + row0,
                 mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
@@ -217,7 +230,8 @@ def _attn_bwd_dkdv(
                 dq_base=DQ + row0 * E, lock_base=Locks + (b * H + h) * lock_stride, pid_n=pid_n,
                 DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
                 WINDOW=WINDOW, SOFTCAP=SOFTCAP, ALIBI=ALIBI,
-                UPCAST=UPCAST, DOT_PREC=DOT_PREC, DQ_MODE=DQ_MODE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+                UPCAST=UPCAST, DOT_PREC=DOT_PREC, DQ_MODE=DQ_MODE, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                USE_TMA=USE_TMA)
     if VARLEN_K:
         out_row = hk * S_TOT + k0 + offs_n
     else:
@@ -233,20 +247,23 @@ def _dq_block_loop(
     dq,                                  # (BLOCK_M, BLOCK_D) fp32 accumulator
     q, do, lse, delta, offs_m, offs_d, offs_dv,  # this block's tiles and statistics, its rows, the columns
     lo, hi,                              # key blocks [lo, hi), lo a multiple of BLOCK_N
-    k_base, v_base, stride_kn, stride_vn,
+    k_base, v_base, stride_kn, stride_vn,  # this sequence's first key row; USE_TMA: K/V tensor descriptors
     mask_base, stride_mm, stride_mn,
     L, S, E, EV, scale, causal_off, left_off, alibi_off, slope, softcap,
     drop_row, drop_p, drop_scale, seed,
     DIAG: tl.constexpr,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_off = offs_n[:, None].to(tl.int64)
-        k, v = _load_kv(k_base, v_base, kv_off, (offs_n < S)[:, None], offs_d, offs_dv, E, EV, stride_kn, stride_vn,
-                        UPCAST)
+        if USE_TMA:
+            k, v = _load_rows_desc(k_base, v_base, start_n, UPCAST)
+        else:
+            kv_off = offs_n[:, None].to(tl.int64)
+            k, v = _load_kv(k_base, v_base, kv_off, (offs_n < S)[:, None], offs_d, offs_dv, E, EV, stride_kn,
+                            stride_vn, UPCAST)
         s, t = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PREC), offs_m[:, None], offs_n[None, :],
                        L, S, mask_base, stride_mm, stride_mn, scale, causal_off, left_off, alibi_off, slope,
                        softcap, HAS_MASK, MASK_BOOL, DIAG, WINDOW, SOFTCAP, ALIBI)
@@ -262,7 +279,8 @@ def _dq_block_loop(
     return dq
 
 
-@triton.autotune(configs=_configs(_BWD_TABLE), key=_KEY, prune_configs_by={"early_config_prune": _prune_bwd})
+@triton.autotune(configs=_configs(_BWD_TABLE), key=[*_KEY, "USE_TMA"],
+                 prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _attn_bwd_dq(
     Q, K, V, Mask, DO, Lse, Delta,
@@ -283,6 +301,7 @@ def _attn_bwd_dq(
     VARLEN_Q: tl.constexpr, VARLEN_K: tl.constexpr, PAGED: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,       # the streamed K/V tiles through tensor descriptors (the copy engine)
 ):
     # BLOCK_N here plays the role of the streamed key block; the tables are shared with dK/dV.
     pid_m, pid_bh = _block_and_head(L, BLOCK_M)
@@ -315,12 +334,15 @@ def _attn_bwd_dq(
         hi = tl.where(m0 < Lb, hi, lo)
         mid = tl.minimum(mid, hi)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + hk * stride_kh + k0 * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + k0 * stride_vn
+    if USE_TMA:  # over sequence b's Sb keys, as the forward's
+        k_base, v_base = _row_descriptors(k_base, v_base, Sb, E, EV, stride_kn, stride_vn, BLOCK_N, BLOCK_D, BLOCK_DV)
     for diag in tl.static_range(2 if IS_CAUSAL else 1):
         dq = _dq_block_loop(
             dq, q, do, lse, delta, offs_m, offs_d, offs_dv,
             lo=lo if diag == 0 else mid, hi=mid if diag == 0 else hi,
-            k_base=K + b * stride_kb + hk * stride_kh + k0 * stride_kn,
-            v_base=V + b * stride_vb + hk * stride_vh + k0 * stride_vn,
+            k_base=k_base, v_base=v_base,
             stride_kn=stride_kn, stride_vn=stride_vn,
             mask_base=Mask + b * stride_mb + h * stride_mh, stride_mm=stride_mm, stride_mn=stride_mn,
             L=Lb, S=Sb, E=E, EV=EV, scale=scale, causal_off=causal_off, left_off=left_off, alibi_off=alibi_off,
@@ -328,5 +350,5 @@ def _attn_bwd_dq(
             drop_row=row * S, drop_p=drop_p, drop_scale=drop_scale, seed=seed,
             DIAG=diag == 1, HAS_MASK=HAS_MASK, MASK_BOOL=MASK_BOOL, HAS_DROPOUT=HAS_DROPOUT,
             WINDOW=WINDOW, SOFTCAP=SOFTCAP, ALIBI=ALIBI,
-            UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N)
+            UPCAST=UPCAST, DOT_PREC=DOT_PREC, BLOCK_N=BLOCK_N, USE_TMA=USE_TMA)
     tl.store(DQ + row[:, None] * E + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=ok)

@@ -83,7 +83,7 @@ def _dot_precision(dtype) -> str:
 _DECODE_MAX_L = 16
 _DECODE_MIN_S = 512
 
-# Forward-only kernel variants, each chosen here and nowhere else (the launcher calls these two rules;
+# Kernel variants (PACK_GQA forward only), each chosen here and nowhere else (the launchers call these rules;
 # AttnOptions.pack_gqa / .tma or FASTTX_ATTN_PACK_GQA / FASTTX_ATTN_TMA = 0 or 1, read at each
 # launch, force them off or on where the inputs allow).
 #
@@ -113,8 +113,9 @@ def _pack_gqa(groups, L, dropout_p, varlen_q, option=None) -> bool:
     return bool(forced) or (groups > 1 and L <= _PACK_GQA_MAX_L and dropout_p == 0.0)
 
 
-# USE_TMA: the forward's K/V tiles through tensor descriptors (the copy engine: cp.async.bulk.tensor)
-# on sm_90 / sm_100. Needs tl.make_tensor_descriptor (triton 3.6 and 3.9 have it and compile it for sm_90), 16-byte
+# USE_TMA: the streamed tiles through tensor descriptors (the copy engine: cp.async.bulk.tensor) on sm_90 /
+# sm_100: K/V in the forward and the dQ kernel, Q/dO in dK/dV (the backward passes those as k, v here).
+# Needs tl.make_tensor_descriptor (triton 3.6 and 3.9 have it and compile it for sm_90), 16-byte
 # aligned base pointers and row/batch/head strides, and no paged cache (a key block may span pages).
 # Varlen keys are fine: each program's descriptor starts at its sequence and ends at its last key.
 # The descriptors are built on the device (a 128-byte global scratch per program, allocated at

@@ -6,8 +6,8 @@ import triton.language as tl
 
 from .._math import dropout_keep
 from .config import _FWD_TABLE, _KEY, _configs, _prune
-from .tiles import (_alibi_slope, _block_and_head, _head_row0, _key_range, _kv_descriptors, _kv_rows, _load_kv,
-                    _load_kv_desc, _packed_rows, _prologue, _scores)
+from .tiles import (_alibi_slope, _block_and_head, _head_row0, _key_range, _kv_rows, _load_kv, _load_rows_desc,
+                    _packed_rows, _prologue, _row_descriptors, _scores)
 
 # ------------------------------------------------------------------------------------------------
 # Forward
@@ -17,7 +17,7 @@ def _fwd_block_loop(
     acc, l_i, m_i,                       # running (BLOCK_M, BLOCK_DV) output, row sum, row max (fp32)
     q, offs_m, offs_d, offs_dv,          # this block's query tile, its rows, the q/k and the v head-dim columns
     lo, hi, k_end,                       # key blocks [lo, hi) (lo a multiple of BLOCK_N); keys < k_end exist
-    k_base, v_base, stride_kn, stride_vn,  # USE_TMA: K/V tensor descriptors (tiles._kv_descriptors)
+    k_base, v_base, stride_kn, stride_vn,  # USE_TMA: K/V tensor descriptors (tiles._row_descriptors)
     bt_base, page_size,                  # PAGED: this sequence's page-table row, keys per page
     mask_base, stride_mm, stride_mn,
     L, E, EV, scale, causal_off, left_off, alibi_off, slope, softcap,
@@ -35,7 +35,7 @@ def _fwd_block_loop(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         if USE_TMA:
-            k, v = _load_kv_desc(k_base, v_base, start_n, UPCAST)
+            k, v = _load_rows_desc(k_base, v_base, start_n, UPCAST)
         else:
             kv_off = _kv_rows(offs_n, k_end, bt_base, page_size, PAGED)[:, None]
             k, v = _load_kv(k_base, v_base, kv_off, (offs_n < k_end)[:, None], offs_d, offs_dv, E, EV, stride_kn,
@@ -159,8 +159,8 @@ def _attn_fwd(
     k_base = K + b * stride_kb + hk * stride_kh + k0 * stride_kn
     v_base = V + b * stride_vb + hk * stride_vh + k0 * stride_vn
     if USE_TMA:  # not PAGED: a key block may span pages, which one descriptor box cannot express
-        k_base, v_base = _kv_descriptors(k_base, v_base, k_end, E, EV, stride_kn, stride_vn, BLOCK_N, BLOCK_D,
-                                         BLOCK_DV)
+        k_base, v_base = _row_descriptors(k_base, v_base, k_end, E, EV, stride_kn, stride_vn, BLOCK_N, BLOCK_D,
+                                          BLOCK_DV)
     for diag in tl.static_range(2 if IS_CAUSAL else 1):
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, qi, offs_d, offs_dv,

@@ -63,8 +63,9 @@ class AttnOptions(NamedTuple):
     sinks: None, or fp32 (H,) attention-sink logits (gpt-oss): s_h joins every row's softmax
     denominator, P_ij = exp(S_ij) / (sum_j exp(S_ij) + exp(s_h)), with no value row; lse includes it
     (a row that sees no key then gives 0 and lse = s_h). The backward also returns its gradient.
-    pack_gqa, tma (forward only): None lets config._pack_gqa / config._use_tma choose the PACK_GQA /
-    USE_TMA kernel variants; True / False forces them on (where the inputs allow) or off."""
+    pack_gqa (forward only), tma (forward and backward): None lets config._pack_gqa / config._use_tma
+    choose the PACK_GQA / USE_TMA kernel variants; True / False forces them on (where the inputs
+    allow) or off."""
     scale: float
     is_causal: bool = False
     causal_offset: int = 0
@@ -293,6 +294,12 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
     if args["VARLEN_Q"]:
         do_strides["stride_dob"] = 0
     launch = dict(args, **do_strides, HKV=Hkv, S_TOT=k.shape[2])
+    # USE_TMA on the tiles each kernel streams (the rule checks its 2nd and 3rd tensors' alignment): Q and dO
+    # past dK/dV's resident K/V, K and V past the dQ kernel's resident Q/dO.
+    tma_dkdv = _use_tma(q, q, do, False, o.tma)
+    tma_dq = dq_mode == DQ_KERNEL and _use_tma(q, k, v, False, o.tma)
+    if (tma_dkdv or tma_dq) and q.is_cuda:
+        _set_descriptor_allocator()
     if dq_mode == DQ_KERNEL:
         dq32 = locks = torch.zeros(1, dtype=torch.float32, device=q.device)  # never read
         lock_stride = 0
@@ -304,10 +311,10 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
     if dk.numel():
         grid = lambda meta: (triton.cdiv(S, meta["BLOCK_N"]) * B * Hkv,)  # noqa: E731
         _attn_bwd_dkdv[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DK=dk, DV=dv, DQ=dq32, Locks=locks,
-                             lock_stride=lock_stride, DQ_MODE=dq_mode, **launch)
+                             lock_stride=lock_stride, DQ_MODE=dq_mode, USE_TMA=tma_dkdv, **launch)
     if dq_mode == DQ_KERNEL:
         grid = lambda meta: (triton.cdiv(L, meta["BLOCK_M"]) * B * H,)  # noqa: E731
-        _attn_bwd_dq[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DQ=dq, **launch)
+        _attn_bwd_dq[grid](q, k, v, DO=do, Lse=lse, Delta=delta, DQ=dq, USE_TMA=tma_dq, **launch)
     else:
         dq.copy_(dq32)
     if sinks is not None:
@@ -445,11 +452,12 @@ def _compile_flash_variants(r, dt, e, quick):
 
 
 def _compile_pack_tma_variants(r, dt, e, quick):
-    """The forward-only PACK_GQA and USE_TMA flags, forced (the launches above take the rules:
-    GQA 2 with L <= 16 packs; no TMA for CPU tensors): packed decode with 16-row tiles (GQA 2,
-    L = 1: mma.sync) and 64-row ones (GQA 16, L = 4: wgmma on sm_90), unpacked decode, each with
-    and without TMA (quick: the 64-row and unpacked ones with one of the two); TMA on the dense
-    forward (plain; causal and window + softcap + ALiBi in full) and the kv-cache (VARLEN_K) decode."""
+    """The PACK_GQA (forward) and USE_TMA (forward and backward) flags, forced (the launches above
+    take the rules: GQA 2 with L <= 16 packs; no TMA for CPU tensors): packed decode with 16-row
+    tiles (GQA 2, L = 1: mma.sync) and 64-row ones (GQA 16, L = 4: wgmma on sm_90), unpacked
+    decode, each with and without TMA (quick: the 64-row and unpacked ones with one of the two);
+    TMA on the dense forward (plain; causal and window + softcap + ALiBi in full) and the kv-cache
+    (VARLEN_K) decode; TMA in the backward (_compile_bwd_tma_variants)."""
     kd, vd = r(1, 2, 4096, e, dtype=dt), r(1, 2, 4096, e, dtype=dt)
     for L, hq, pack, tmas in ((1, 4, True, (False, True)), (4, 32, True, (True,) if quick else (False, True)),
                               (1, 4, False, (False,) if quick else (False, True))):
@@ -470,3 +478,31 @@ def _compile_pack_tma_variants(r, dt, e, quick):
     kc, vc = r(1, 2, 4 * 1024, e, dtype=dt), r(1, 2, 4 * 1024, e, dtype=dt)
     attention_forward(r(2, 4, 1, e, dtype=dt), kc, vc, None, scale=e ** -0.5, seqlens=cache, decode=True,
                       is_causal=True, tma=True)
+    _compile_bwd_tma_variants(r, dt, e, quick, variants)
+
+
+def _compile_bwd_tma_variants(r, dt, e, quick, variants):
+    """USE_TMA in the backward (dK/dV streaming Q/dO, the dQ kernel streaming K/V), forced: the dense
+    variants of the forward's TMA launches in the default dQ mode and with the dQ kernel (full: all
+    three modes, plus dropout, varlen with a window, and v's own head dim); quick: at e = 64 only."""
+    if quick and e != 64:
+        return
+    out32 = lambda *shape: torch.randn(*shape)  # noqa: E731  (compile only: any fp32 out / lse of the shape)
+    modes = (DQ_ORDERED, DQ_KERNEL) if quick else (DQ_ORDERED, DQ_ATOMIC, DQ_KERNEL)
+    q, k, v = r(1, 4, 128, e, dtype=dt), r(1, 2, 192, e, dtype=dt), r(1, 2, 192, e, dtype=dt)
+    if not quick:
+        variants = variants + [dict(dropout_p=0.1, seed=3)]
+    for kw in variants:
+        for mode in modes:
+            attention_backward(r(1, 4, 128, e, dtype=dt), q, k, v, None, out32(1, 4, 128, e), out32(1, 4, 128),
+                               scale=e ** -0.5, tma=True, dq_mode=mode, **kw)
+    if quick:
+        return
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    seq = Seqlens(i32([0, 1, 200]), i32([0, 30]), i32([30, 200]), 199, 200)
+    for ev in (e, 128 if e != 128 else 64):
+        qp, kp, vp = r(1, 4, 200, e, dtype=dt), r(1, 2, 230, e, dtype=dt), r(1, 2, 230, ev, dtype=dt)
+        for mode in modes:
+            attention_backward(r(1, 4, 200, ev, dtype=dt), qp, kp, vp, None, out32(1, 4, 200, ev), out32(1, 4, 200),
+                               scale=e ** -0.5, seqlens=seq, is_causal=True, window_offset=-64, tma=True,
+                               dq_mode=mode)

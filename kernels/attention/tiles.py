@@ -163,7 +163,7 @@ def _key_range(m0, lo, hi, causal_off, left_off, IS_CAUSAL: tl.constexpr, WINDOW
 
 
 # ------------------------------------------------------------------------------------------------
-# Forward-only variants: GQA packing (PACK_GQA) and tensor-descriptor (TMA) K/V tiles
+# GQA packing (PACK_GQA, forward only) and tensor-descriptor (TMA) tiles (forward and backward)
 # ------------------------------------------------------------------------------------------------
 @triton.jit
 def _packed_rows(rows, hk, GROUPS, L):
@@ -178,27 +178,30 @@ def _packed_rows(rows, hk, GROUPS, L):
 
 
 @triton.jit
-def _kv_descriptors(k_base, v_base, k_end, E, EV, stride_kn, stride_vn, BLOCK_N: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """USE_TMA: tensor descriptors over the (k_end, E) K and (k_end, EV) V rows of this program
-    (base pointers 16-byte aligned, row strides multiples of 16 bytes: the launcher checks). The
-    copy engine fills rows >= k_end and columns past the head dim with zeros, as the pointer path's
-    masks do (at least one row: a descriptor of an empty cache is never read, but keeps a valid shape)."""
-    rows = tl.maximum(k_end, 1)
-    k_desc = tl.make_tensor_descriptor(k_base, shape=[rows, E], strides=[stride_kn, 1],
-                                       block_shape=[BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(v_base, shape=[rows, EV], strides=[stride_vn, 1],
-                                       block_shape=[BLOCK_N, BLOCK_DV])
-    return k_desc, v_desc
+def _row_descriptors(a_base, b_base, n_rows, E, EV, stride_a, stride_b, BLOCK_R: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """USE_TMA: tensor descriptors over the (n_rows, E) rows of a and the (n_rows, EV) rows of b
+    that this program streams, in (BLOCK_R, BLOCK_D) and (BLOCK_R, BLOCK_DV) boxes: K and V in the
+    forward and the dQ kernel (n_rows the keys, box BLOCK_N), Q and dO in the dK/dV kernel (the
+    queries of one head, box BLOCK_M). Base pointers 16-byte aligned and row strides multiples of
+    16 bytes (config._use_tma checks). The copy engine fills rows >= n_rows and columns past the
+    head dim with zeros, as the pointer path's masks do (at least one row: a descriptor over no rows
+    is never read, but keeps a valid shape)."""
+    rows = tl.maximum(n_rows, 1)
+    a_desc = tl.make_tensor_descriptor(a_base, shape=[rows, E], strides=[stride_a, 1],
+                                       block_shape=[BLOCK_R, BLOCK_D])
+    b_desc = tl.make_tensor_descriptor(b_base, shape=[rows, EV], strides=[stride_b, 1],
+                                       block_shape=[BLOCK_R, BLOCK_DV])
+    return a_desc, b_desc
 
 
 @triton.jit
-def _load_kv_desc(k_desc, v_desc, start_n, UPCAST: tl.constexpr):
-    """_load_kv through tensor descriptors: the (BLOCK_N, BLOCK_D) K and (BLOCK_N, BLOCK_DV) V tiles
-    at key start_n."""
-    k = k_desc.load([start_n, 0])
-    v = v_desc.load([start_n, 0])
+def _load_rows_desc(a_desc, b_desc, start, UPCAST: tl.constexpr):
+    """_load_kv (or the dK/dV kernel's Q/dO loads) through tensor descriptors: the boxes of a and b
+    at row start; in fp32 when UPCAST (bf16 under the interpreter)."""
+    a = a_desc.load([start, 0])
+    b = b_desc.load([start, 0])
     if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    return k, v
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
