@@ -59,6 +59,19 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache
 _MAX_HEAD_DIM = 256
 
 
+def _kernel_path(name, q, k, v, *others) -> bool:
+    """Whether this call runs the attention kernels: the backend says so (use_triton) and no kernel
+    limit (fasttx.kernels.attention.gpu_limit) applies; a limit runs the torch path, said once."""
+    if not use_triton(q, k, v, *others):
+        return False
+    from .ops.attention import _kernels
+
+    why = _kernels().gpu_limit(q, v)
+    if why is not None:
+        warn_fallback(name, why)
+    return why is None
+
+
 def _check(q, k, v, dropout_p, window_size, softcap, alibi_slopes, name="flash_attn_func", batch=None,
            sinks=None) -> None:
     rank, dims = (3, "(total, heads, headdim)") if batch is not None else (4, "(batch, seqlen, heads, headdim)")
@@ -228,7 +241,7 @@ def flash_attn_func(
     left, right = _window(causal, window_size, k.shape[1])
     probs = return_attn_probs and dropout_p > 0.0  # flash-attn fills S_dmask only with dropout
     sinks = learnable_sink
-    if use_triton(q, k, v, alibi_slopes, sinks):
+    if _kernel_path("flash_attn_func", q, k, v, alibi_slopes, sinks):
         from .ops import attention as op
 
         out, lse, seed = op.flash_attention(  # (B, Lq, H, Dv), (B, H, Lq)
@@ -326,7 +339,7 @@ def flash_attn_varlen_func(
     probs = return_attn_probs and dropout_p > 0.0  # flash-attn fills S_dmask only with dropout
     paged = block_table is not None
     sinks = learnable_sink
-    triton = use_triton(q, k, v, alibi_slopes, sinks)
+    triton = _kernel_path(name, q, k, v, alibi_slopes, sinks)
     if triton and paged and dropout_p > 0.0:
         warn_fallback(name, "dropout with a paged cache (block_table): the paged kernel has no dropout")
         triton = False
@@ -567,7 +580,7 @@ def flash_attn_with_kvcache(
                 v_cache[rows.long()[:, None], pos] = v
         scale = 1.0 / math.sqrt(D) if softmax_scale is None else float(softmax_scale)
         k_len = (total - leftpad.long()).to(torch.int32)
-        if use_triton(q, k_cache, v_cache, alibi_slopes, learnable_sink):
+        if _kernel_path("flash_attn_with_kvcache", q, k_cache, v_cache, alibi_slopes, learnable_sink):
             from .ops import attention as op
 
             k_start = (torch.zeros_like(rows) if paged else rows * S_c + leftpad).to(torch.int32)

@@ -502,6 +502,41 @@ def test_value_head_dim_above_kernel_limit_falls_back_once(device):
     torch.testing.assert_close(o1, R.scaled_dot_product_attention(q, k, v, upcast=torch.float64).float())
 
 
+def test_fp32_above_head_dim_64_is_a_gpu_limit():
+    # fp32 tiles above d = 64 spill in every config on sm_90 / sm_100 (kernels/attention/config.py)
+    from types import SimpleNamespace
+
+    K = _kernels()
+    t = lambda d, dtype=fp32, cuda=True: SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(1, 2, 3, d))  # noqa: E731
+    assert "head dim 128 > 64" in K.gpu_limit(t(128), t(128))
+    assert "head dim 96 > 64" in K.gpu_limit(t(64), t(96))  # Ev counts too
+    assert K.gpu_limit(t(64), t(64)) is None and K.gpu_limit(t(128, fp16), t(128, fp16)) is None
+    assert K.gpu_limit(t(128, cuda=False), t(128, cuda=False)) is None  # the interpreter has no registers
+
+
+@pytest.mark.parametrize("entry", ["sdpa", "flash", "flash_varlen", "flash_kvcache"])
+def test_gpu_limit_runs_the_torch_path_once(entry, monkeypatch):
+    # every entry point asks the kernels' gpu_limit and runs torch's attention where it says so
+    import fasttx.flash as flash
+
+    monkeypatch.setattr(_kernels(), "gpu_limit", lambda q, v: "a limit of this test")
+    _forget_fallback_warnings()
+    q, k, v = _qkv(1, 2, 2, 5, 7, 16, fp32, "cpu")
+    qf, kf, vf = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # flash layout (B, L, H, D)
+    i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
+    call = {"sdpa": lambda: FF.scaled_dot_product_attention(q, k, v),
+            "flash": lambda: flash.flash_attn_func(qf, kf, vf),
+            "flash_varlen": lambda: flash.flash_attn_varlen_func(qf[0], kf[0], vf[0], i32([0, 5]), i32([0, 7]), 5, 7),
+            "flash_kvcache": lambda: flash.flash_attn_with_kvcache(qf, kf, vf)}[entry]
+    with fasttx.use_backend("triton"), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = call()
+        call()
+    assert len([x for x in w if "a limit of this test" in str(x.message)]) == 1
+    with fasttx.use_backend("torch"):
+        torch.testing.assert_close(out, call())
+
+
 def test_mask_requiring_grad_gets_its_gradient(device):
     q, k, v = _qkv(1, 2, 2, 5, 7, 16, fp32, device)
     m = _randn(5, 7, dtype=fp32, device=device).requires_grad_()

@@ -137,6 +137,9 @@ def unsupported(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=Fals
         return f"dtype {query.dtype} is not supported by the kernel (float16, bfloat16, float32)"
     if max(query.size(-1), value.size(-1)) > _kernels().MAX_HEAD_DIM:
         return f"head dim (E or Ev) above {_kernels().MAX_HEAD_DIM}"
+    limit = _kernels().gpu_limit(query, value)
+    if limit is not None:
+        return limit
     if isinstance(attn_mask, Tensor) and attn_mask.requires_grad and torch.is_grad_enabled():
         return "attn_mask requires grad (the fused kernel does not differentiate the mask)"
     return None

@@ -25,10 +25,13 @@ from .._common import INTERPRETING
 # causal, d=128, sm_100); 2 stages stayed clean on both. The backward's 32x64 8-warp tile has 3 stages:
 # with 2, ptxas held the causal dK/dV (d = 64) at 64 registers and the causal dQ (d = 256) at 128 on
 # sm_100 and spilled 4 B each (triton 3.9 passes --regAllocOptLevel=2; without it, none); with 3, 69.
+# The forward's 64x128 4-warp tile is gone (96 values at d = 64: 16 B with sinks + varlen on sm_90);
+# 64x32 8 warps is d = 256's (16-bit) tile: its 64x64 sat at 251-255 registers and spilled 8-180 B
+# with the fp32 output store, dropout, a window, softcap, ALiBi or packed GQA, 64x32 at 183-198.
 # ------------------------------------------------------------------------------------------------
 _FWD_GPU = [
     (128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-    (64, 64, 4, 3), (64, 128, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2), (64, 64, 8, 2),
+    (64, 64, 4, 3), (64, 32, 4, 4), (64, 64, 4, 2), (64, 64, 8, 2), (64, 32, 8, 2),
     (16, 64, 4, 2), (16, 128, 4, 3),
 ]
 _BWD_GPU = [  # dK/dV kernel: BLOCK_N key rows resident, BLOCK_M query rows streamed (dQ: swapped)
@@ -155,6 +158,25 @@ def _fixed(kept):
 # tiles: at 96 the causal dK/dV (64x64 8 warps, d=128) spilled 24 B and dQ (64x128 8 warps) 4 B on
 # sm_90, so they get 80.
 _REG_TILE_BUDGET = {"fwd": 96, "dkdv": 80, "dkdv+dq": 80, "dq": 80}
+# fp32 inputs: their tf32x3 dots hold each operand fragment as fp32 and split it in two (the TF32 part
+# and the rest), so fewer tile values fit: at d = 64 the forward's 64x32 4-warp tile (48 values)
+# spilled 8-28 B on sm_100 and the dQ kernel's 32x64 (48) 220 B on sm_90; at 32 (forward) and 40
+# none did. With flags the backward falls back to its smallest tile (16x32, 4 warps).
+_REG_TILE_BUDGET_FP32 = {"fwd": 32, "dkdv": 40, "dkdv+dq": 40, "dq": 40}
+# Above head dim 64 no fp32 config compiled without spilling on sm_90 or sm_100 (every tile from 16x32
+# to 128x32, 4 and 8 warps, forward and backward: 8 B - 41 KB at d = 128 and 256), so the kernels do
+# not take those calls on a GPU (gpu_limit): torch's attention runs them, its fp32 kernel a 3xTF32
+# one too. The interpreter has no registers and runs them.
+FP32_MAX_HEAD_DIM = 64
+
+
+def gpu_limit(q, v) -> "str | None":
+    """Why the attention kernels do not take a call with query q and value v on a GPU (the callers run
+    torch's attention instead and say so once), or None."""
+    if q.is_cuda and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > FP32_MAX_HEAD_DIM:
+        return (f"float32 with head dim {max(q.shape[-1], v.shape[-1])} > {FP32_MAX_HEAD_DIM}: no kernel config "
+                "holds its fp32 tiles in registers (they spill on sm_90 and sm_100)")
+    return None
 # The backward with dropout, a window or varlen sequences holds their state too: at 64-80 causal+window
 # dK/dV (64x64 8 warps at d=64, 32x64 8 warps at d=128 with varlen) spilled 8-24 B and dQ with
 # dropout (64x128 8 warps, d=64) 76 B on sm_90, so 48 there (masks, softcap, ALiBi: clean at 80).
@@ -179,27 +201,30 @@ def _tile_values(kernel, bm, bn, d, warps) -> float:
 
 
 def _budget(kernel, args) -> int:
-    """The register budget of `kernel` for this launch: per flags (_BWD_FLAGS), halved for fp32 inputs
-    (their tf32x3 dots hold each operand fragment as fp32 and split it in two: at d = 64 on sm_90 the
-    16-bit budgets' fp32 configs spilled 12-1732 B, those at half of them none)."""
-    flagged = kernel != "fwd" and any(args.get(f) for f in _BWD_FLAGS)
-    budget = _REG_TILE_BUDGET_BWD_FLAGS if flagged else _REG_TILE_BUDGET[kernel]
-    return budget // 2 if args["Q"].element_size() == 4 else budget
+    """The register budget of `kernel` for this launch: per input dtype (_REG_TILE_BUDGET_FP32) and
+    flags (_BWD_FLAGS; fp32: half of it)."""
+    fp32 = args["Q"].element_size() == 4
+    if kernel != "fwd" and any(args.get(f) for f in _BWD_FLAGS):
+        return _REG_TILE_BUDGET_BWD_FLAGS // 2 if fp32 else _REG_TILE_BUDGET_BWD_FLAGS
+    return (_REG_TILE_BUDGET_FP32 if fp32 else _REG_TILE_BUDGET)[kernel]
 
 
 def _fits_registers(kernel, c, d, budget, fp32) -> bool:
     """The config's tiles fit the budget, and it has 8 warps only where the same tile with 4 would not
-    fit (fp32: never), and on a 32x32 tile only at d = 256. Two warp groups on a tile one could hold
-    split its rows or columns for nothing: ptxas then held 64x64 forward tiles (d = 64) at 64
-    registers on sm_100 and spilled 4 B, and the backward's 32x32 ones at 128 on sm_90 and spilled
-    40-56 B (d = 128: softcap, ALiBi; d = 64: varlen); fp32's 8-warp tiles spilled 4-1732 B on sm_90
-    whatever their size."""
+    fit (fp32: never), and on a 32x32 tile only at d = 256 or in the dK/dV kernel that forms dQ parts
+    without flags. Two warp groups on a tile one could hold split its rows or columns for nothing:
+    ptxas then held 64x64 forward tiles (d = 64) at 64 registers on sm_100 and spilled 4 B, and
+    32x32 backward ones at 128 on sm_90 and spilled 40-56 B (dK/dV alone at d = 128 with softcap or
+    ALiBi; dK/dV + dQ parts at d = 64 with varlen); the latter at d = 128 unflagged held 170-178
+    (softcap and ALiBi too) on sm_90 and sm_100 without spilling. fp32's 8-warp tiles spilled
+    4-1732 B on sm_90 whatever their size."""
     bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
     if _tile_values(kernel, bm, bn, d, c.num_warps) > budget:
         return False
     if c.num_warps == 4:
         return True
-    return not fp32 and _tile_values(kernel, bm, bn, d, 4) > budget and (bm * bn > 32 * 32 or d >= 256)
+    small_ok = d >= 256 or (kernel == "dkdv+dq" and budget == _REG_TILE_BUDGET[kernel])
+    return not fp32 and _tile_values(kernel, bm, bn, d, 4) > budget and (bm * bn > 32 * 32 or small_ok)
 
 
 def _fallback(kernel, bm, bn, d, budget, fp32):
@@ -220,6 +245,8 @@ def _prune(configs, named_args, **kwargs):
     d, short_l = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)), args["L_BUCKET"] <= 16  # the wider of q/k and v
     wide = args["Q"].element_size() * d  # bytes per row of a tile
     fp32, budget = args["Q"].element_size() == 4, _budget("fwd", args)
+    # d = 256 with flags: even 64x32 spilled (4 B with dropout, window, softcap and ALiBi): the fallback
+    flagged = any(args.get(f) for f in _BWD_FLAGS + ("SOFTCAP", "ALIBI", "SINK"))
     mask_bytes = _mask_bytes(args)
     kept = []
     for c in configs:
@@ -228,7 +255,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         if st * ((bm + 2 * bn) * wide + bm * bn * mask_bytes) > 200 * 1024:  # H100: 227 KiB/block
             continue
-        if wide >= 512 and bm * bn > 64 * 64:  # d=256 fp16 or d>=128 fp32: register pressure
+        if wide >= 512 and (bm * bn > 64 * 32 or flagged):  # d=256 16-bit, d>=128 fp32: register pressure
             continue
         if not _fits_registers("fwd", c, d, budget, fp32):
             continue
