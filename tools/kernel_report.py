@@ -229,7 +229,7 @@ def attention_subset(head_dims=(64, 128), dtypes=("float16", "bfloat16"), causal
     """A launches callable for `collect`: the attention forward and backward without masks, dropout or
     fasttx.flash's flags (the configs a plain model runs) at each head dim and dtype, non-causal and
     causal, the forward and the backward also through tensor descriptors (USE_TMA: the default on
-    sm_90 / sm_100, which CPU tensors do not select by themselves), the backward in the default dQ
+    sm_90 / sm_100 for 16-bit inputs, which CPU tensors do not select by themselves), the backward in the default dQ
     mode and with the separate dQ kernel; decode=True adds 16-query forwards (the BLOCK_M=16 configs
     pruning keeps for short L) and a GQA decode step (4 query heads per kv head: PACK_GQA's packed rows)."""
     def launches():
@@ -242,17 +242,18 @@ def attention_subset(head_dims=(64, 128), dtypes=("float16", "bfloat16"), causal
         for dt in (getattr(torch, d) for d in dtypes):
             for e in head_dims:
                 q, k, v = (torch.randn(1, 2, 256, e, dtype=dt) for _ in range(3))
+                tmas = (False,) if dt == torch.float32 else (False, True)  # config._use_tma: fp32 by pointers
                 for c in causal:
                     fp32_out = dt != torch.float32
-                    out, lse, *o32 = attention_forward(q, k, v, None, scale=e ** -0.5, is_causal=c,
-                                                       return_fp32_out=fp32_out)
-                    attention_forward(q, k, v, None, scale=e ** -0.5, is_causal=c, return_fp32_out=fp32_out, tma=True)
+                    for tma in tmas:
+                        out, lse, *o32 = attention_forward(q, k, v, None, scale=e ** -0.5, is_causal=c,
+                                                           return_fp32_out=fp32_out, tma=tma)
                     for dq_mode in (DQ_MODE, DQ_KERNEL):  # the default dQ mode, and FASTTX_ATTN_DQ=kernel's dQ kernel
-                        for tma in (False, True):  # the streamed tiles by pointers, and through tensor descriptors
+                        for tma in tmas:  # the streamed tiles by pointers, and through tensor descriptors
                             attention_backward(torch.randn_like(q), q, k, v, None, o32[0] if fp32_out else out, lse,
                                                scale=e ** -0.5, is_causal=c, dq_mode=dq_mode, tma=tma)
                     if decode:
-                        for tma in (False, True):
+                        for tma in tmas:
                             attention_forward(q[:, :, :16], k, v, None, scale=e ** -0.5, is_causal=c, decode=False,
                                               tma=tma)
                             gqa = torch.randn(1, 8, 1, e, dtype=dt)

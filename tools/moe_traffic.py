@@ -38,7 +38,7 @@ def main(argv=None):
         p.add_argument(f"--{name}", type=int, default=default)
     a = p.parse_args(argv)
     T, H, NI, E, k = a.T, a.H, a.I, a.E, a.k
-    K.BLOCK_M, K.BLOCK_N, K.BLOCK_K = 64, 64, 64  # the GPU tiles
+    K.launch.BLOCK_M, K.launch.BLOCK_N, K.config.BLOCK_K = 64, 64, 64  # the GPU tiles, where the launchers read them
     dt = torch.bfloat16
     g = torch.Generator().manual_seed(0)
     x = torch.randn(T, H, generator=g).to(dt)

@@ -125,6 +125,8 @@ def _pack_gqa(groups, L, dropout_p, varlen_q, option=None) -> bool:
 # launch through triton.set_allocator): no host encoding per launch, and the autotuned BLOCK_N is
 # the descriptor's box without config hooks. Off under the interpreter unless forced (its
 # descriptors are what the tests exercise) and on older GPUs: the pointer path (cp.async pipelining).
+# fp32 inputs keep the pointer path unless forced: their TMA variants spilled 4-12 B where the pointer
+# ones did not (dQ 16x64 causal and forward 64x64 at d = 64, sm_90), and fp32 is not the fast path.
 # No persistent grid: the forward's grids are one program per (query block, head) or, decoding, sized
 # to ~2 programs per SM by the key split; a persistent loop pays with warp-specialised producer /
 # consumer pipelines (FA3), which triton's attention gets only from its own autoWS, and no GPU
@@ -139,7 +141,8 @@ def _use_tma(q, k, v, paged, option=None) -> bool:
         return False
     if forced:
         return True
-    return q.is_cuda and not INTERPRETING and torch.cuda.get_device_capability(q.device)[0] in (9, 10)
+    return (q.is_cuda and not INTERPRETING and q.dtype != torch.float32
+            and torch.cuda.get_device_capability(q.device)[0] in (9, 10))
 
 
 def _configs(table):
@@ -245,8 +248,12 @@ def _prune(configs, named_args, **kwargs):
     d, short_l = max(args["BLOCK_D"], args.get("BLOCK_DV", 0)), args["L_BUCKET"] <= 16  # the wider of q/k and v
     wide = args["Q"].element_size() * d  # bytes per row of a tile
     fp32, budget = args["Q"].element_size() == 4, _budget("fwd", args)
-    # d = 256 with flags: even 64x32 spilled (4 B with dropout, window, softcap and ALiBi): the fallback
-    flagged = any(args.get(f) for f in _BWD_FLAGS + ("SOFTCAP", "ALIBI", "SINK"))
+    # Flags that work on the score tile (masks, dropout, softcap, ALiBi, sinks, varlen and packed rows'
+    # indices) cost registers per score: with them 128x128 (8 warps, d = 64: 64 scores per thread)
+    # spilled 100-3892 B on sm_90 / sm_100, so at most 32 scores per thread; packed rows at most 64
+    # (128x64 with packed GQA and a kv cache spilled 20 B at d = 128). d = 256 with flags: even 64x32
+    # spilled (4 B with dropout, window, softcap and ALiBi; 16 B packed): 16-row tiles or the fallback.
+    flagged = any(args.get(f) for f in _BWD_FLAGS + ("SOFTCAP", "ALIBI", "SINK", "PACK_GQA"))
     mask_bytes = _mask_bytes(args)
     kept = []
     for c in configs:
@@ -255,7 +262,9 @@ def _prune(configs, named_args, **kwargs):
             continue
         if st * ((bm + 2 * bn) * wide + bm * bn * mask_bytes) > 200 * 1024:  # H100: 227 KiB/block
             continue
-        if wide >= 512 and (bm * bn > 64 * 32 or flagged):  # d=256 16-bit, d>=128 fp32: register pressure
+        if wide >= 512 and (bm * bn > 64 * 32 or (flagged and bm > 16)):  # d=256 16-bit, d>=128 fp32
+            continue
+        if flagged and (bm * bn > 32 * 32 * c.num_warps or (args.get("PACK_GQA") and bm > 64)):
             continue
         if not _fits_registers("fwd", c, d, budget, fp32):
             continue

@@ -19,6 +19,16 @@ else:
 _NUM_WARPS, _NUM_STAGES = 4, 3
 
 
+def _k_and_warps(dtype: torch.dtype) -> dict:
+    """BLOCK_K and num_warps of every MoE launch. fp32's "ieee" dots are scalar FMAs in which each
+    thread holds BLOCK_K-long slices of both operands: at 64 x 4 warps the backward's up kernel held
+    32 registers and spilled 25 KB on sm_90 (32 x 4: 1.5 KB; 32 x 8: 84 B); at 16 x 8 no kernel spills
+    (<= 186 registers). The interpreter runs fp32 with the same BLOCK_K, so the tests cover it."""
+    if dtype == torch.float32:
+        return dict(BLOCK_K=16, num_warps=8)
+    return dict(BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS)
+
+
 def _dot_flags(dtype: torch.dtype):
     """(UPCAST, DOT_PREC): under the interpreter 16-bit tl.dot operands are upcast to fp32 (it gives
     garbage otherwise); fp32 inputs use full-precision ("ieee") dots, as torch's matmul does."""

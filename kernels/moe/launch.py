@@ -4,7 +4,7 @@ import triton
 
 from .._common import INTERPRETING
 from .backward import _up_bwd_kernel, _wgrad_kernel
-from .config import _NUM_STAGES, _NUM_WARPS, ACTIVATIONS, BLOCK_K, BLOCK_M, BLOCK_N, _dot_flags
+from .config import _NUM_STAGES, ACTIVATIONS, BLOCK_M, BLOCK_N, _dot_flags, _k_and_warps
 from .forward import _combine_kernel, _down_kernel, _up_kernel
 from .routing import block_m_for, routing
 
@@ -47,7 +47,7 @@ def _grouped(a, w_strides, w, bias, scale, rt, nout, E, dtype):
         rt.sorted_pair, rt.tile_expert, rt.tile_row0, rt.offsets,
         E, nout, K, a.stride(0), *w_strides, bias.stride(0) if bias is not None else 0, y.stride(0),
         HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, UPCAST=upcast, DOT_PREC=prec,
-        BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, num_stages=_NUM_STAGES, **_k_and_warps(a.dtype))
     return y
 
 
@@ -72,7 +72,7 @@ def moe_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg, expert_ids=N
             E, NI, H, x.stride(0), se, sn, sk, b1.stride(0) if b1 is not None else 0, a.stride(0),
             up_off, float(alpha), float(limit), N_STEP=n_step, ACT=ACTIVATIONS[activation],
             HAS_BIAS=b1 is not None, UPCAST=upcast, DOT_PREC=prec,
-            BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, num_stages=_NUM_STAGES, **_k_and_warps(x.dtype))
     else:
         a.zero_()
     y = _grouped(a, _w2_view(w2, transposed), w2, b2, top_k_weights.reshape(N), rt, H, E, x.dtype)
@@ -107,7 +107,7 @@ def moe_backward(dout, x, top_k_index, top_k_weights, w1, w2, b1, b2, cfg, exper
             *s2, b2.stride(0) if b2 is not None else 0, a.stride(0), dgu.stride(0),
             up_off, float(alpha), float(limit), N_STEP=n_step, ACT=ACTIVATIONS[activation],
             HAS_B1=b1 is not None, HAS_B2=b2 is not None, UPCAST=upcast, DOT_PREC=prec,
-            BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+            BLOCK_M=rt.block_m, BLOCK_N=BLOCK_N, num_stages=_NUM_STAGES, **_k_and_warps(x.dtype))
     # d w (T, k): the column-block partials summed in a fixed order, back in pair order
     dw = dw_part.sum(0)[rt.inv.long()].reshape(T, k).to(top_k_weights.dtype)
     # d x: per pair d(gate|up) W1[e], then the fixed-order combine (weight 1)
@@ -134,14 +134,14 @@ def _wgrad_launch(aop, bop, scale, rt, E, nw, cw, dw, strides, db, gather_a, gat
             db.zero_()
         return
     upcast, prec = _dot_flags(aop.dtype)
-    grid = (E, triton.cdiv(nw, BLOCK_N), triton.cdiv(cw, BLOCK_K))
+    kw = _k_and_warps(aop.dtype)
+    grid = (E, triton.cdiv(nw, BLOCK_N), triton.cdiv(cw, kw["BLOCK_K"]))
     _wgrad_kernel[grid](
         aop, bop, scale if scale is not None else aop, dw, db if db is not None else dw,
         rt.sorted_tok, rt.sorted_pair, rt.offsets, nw, cw,
         aop.stride(0), bop.stride(0), *strides, db.stride(0) if db is not None else 0,
         GATHER_A=gather_a, GATHER_B=gather_b, HAS_SCALE=scale is not None, HAS_BIAS=db is not None,
-        UPCAST=upcast, DOT_PREC=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+        UPCAST=upcast, DOT_PREC=prec, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, num_stages=_NUM_STAGES, **kw)
 
 
 def compile_variants(quick: bool):
