@@ -131,7 +131,10 @@ def _pack_gqa(groups, L, dropout_p, varlen_q, option=None) -> bool:
 # to ~2 programs per SM by the key split; a persistent loop pays with warp-specialised producer /
 # consumer pipelines (FA3), which triton's attention gets only from its own autoWS, and no GPU
 # measurement backs it here.
-def _use_tma(q, k, v, paged, option=None) -> bool:
+def _use_tma(q, k, v, paged, option=None, args=None) -> bool:
+    """args: the backward's launch arguments. With dropout, a window or varlen it runs its smallest
+    tiles (_REG_TILE_BUDGET_BWD_FLAGS), where the descriptors' registers tipped the 16x32 fallback
+    into spilling (16-36 B, sm_90): the pointer path there unless forced."""
     forced = _forced("FASTTX_ATTN_TMA", option)
     if forced is False or paged or not hasattr(triton.language, "make_tensor_descriptor"):
         return False
@@ -141,6 +144,8 @@ def _use_tma(q, k, v, paged, option=None) -> bool:
         return False
     if forced:
         return True
+    if args is not None and any(args.get(f) for f in _BWD_FLAGS):
+        return False
     return (q.is_cuda and not INTERPRETING and q.dtype != torch.float32
             and torch.cuda.get_device_capability(q.device)[0] in (9, 10))
 
@@ -159,8 +164,10 @@ def _fixed(kept):
 # registers and some spilled (128x64 4 warps at d=128: 312 B on sm_90, 560 B on sm_100), those at 96
 # or below stayed at <= 220 registers, causal included; the backward kernels hold more beside their
 # tiles: at 96 the causal dK/dV (64x64 8 warps, d=128) spilled 24 B and dQ (64x128 8 warps) 4 B on
-# sm_90, so they get 80.
-_REG_TILE_BUDGET = {"fwd": 96, "dkdv": 80, "dkdv+dq": 80, "dq": 80}
+# sm_90, so they get 80; dK/dV alone (FASTTX_ATTN_DQ=kernel) 72: its causal 32x64 8 warps (80, d = 128)
+# spilled 84 B in one specialisation; dK/dV with atomic dQ parts 8 less than the ordered (64x64 8 warps,
+# d = 64: 16 B).
+_REG_TILE_BUDGET = {"fwd": 96, "dkdv": 72, "dkdv+dq": 80, "dq": 80}
 # fp32 inputs: their tf32x3 dots hold each operand fragment as fp32 and split it in two (the TF32 part
 # and the rest), so fewer tile values fit: at d = 64 the forward's 64x32 4-warp tile (48 values)
 # spilled 8-28 B on sm_100 and the dQ kernel's 32x64 (48) 220 B on sm_90; at 32 (forward) and 40
@@ -250,8 +257,8 @@ def _prune(configs, named_args, **kwargs):
     fp32, budget = args["Q"].element_size() == 4, _budget("fwd", args)
     # Flags that work on the score tile (masks, dropout, softcap, ALiBi, sinks, varlen and packed rows'
     # indices) cost registers per score: with them 128x128 (8 warps, d = 64: 64 scores per thread)
-    # spilled 100-3892 B on sm_90 / sm_100, so at most 32 scores per thread; packed rows at most 64
-    # (128x64 with packed GQA and a kv cache spilled 20 B at d = 128). d = 256 with flags: even 64x32
+    # spilled 100-3892 B on sm_90 / sm_100, so at most 32 scores per thread; packed rows 16 (128x64
+    # and 64x64 with packed GQA and a kv cache spilled 20-28 B at d = 128). d = 256 with flags: even 64x32
     # spilled (4 B with dropout, window, softcap and ALiBi; 16 B packed): 16-row tiles or the fallback.
     flagged = any(args.get(f) for f in _BWD_FLAGS + ("SOFTCAP", "ALIBI", "SINK", "PACK_GQA"))
     mask_bytes = _mask_bytes(args)
@@ -264,7 +271,7 @@ def _prune(configs, named_args, **kwargs):
             continue
         if wide >= 512 and (bm * bn > 64 * 32 or (flagged and bm > 16)):  # d=256 16-bit, d>=128 fp32
             continue
-        if flagged and (bm * bn > 32 * 32 * c.num_warps or (args.get("PACK_GQA") and bm > 64)):
+        if flagged and bm * bn > (16 if args.get("PACK_GQA") else 32) * 32 * c.num_warps:
             continue
         if not _fits_registers("fwd", c, d, budget, fp32):
             continue
@@ -291,7 +298,7 @@ def _prune_bwd(configs, named_args, **kwargs):
     kernel = "dkdv" if "DK" in args else "dq"
     if kernel == "dkdv" and args.get("DQ_MODE", DQ_KERNEL) != DQ_KERNEL:
         kernel = "dkdv+dq"  # it also forms each query block's dQ part
-    budget = _budget(kernel, args)
+    budget = _budget(kernel, args) - (8 if args.get("DQ_MODE") == DQ_ATOMIC else 0)
     wide = args["Q"].element_size() * d
     fp32 = args["Q"].element_size() == 4
     mask_bytes = _mask_bytes(args)

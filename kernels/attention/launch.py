@@ -296,8 +296,8 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
     launch = dict(args, **do_strides, HKV=Hkv, S_TOT=k.shape[2])
     # USE_TMA on the tiles each kernel streams (the rule checks its 2nd and 3rd tensors' alignment): Q and dO
     # past dK/dV's resident K/V, K and V past the dQ kernel's resident Q/dO.
-    tma_dkdv = _use_tma(q, q, do, False, o.tma)
-    tma_dq = dq_mode == DQ_KERNEL and _use_tma(q, k, v, False, o.tma)
+    tma_dkdv = _use_tma(q, q, do, False, o.tma, args)
+    tma_dq = dq_mode == DQ_KERNEL and _use_tma(q, k, v, False, o.tma, args)
     if (tma_dkdv or tma_dq) and q.is_cuda:
         _set_descriptor_allocator()
     if dq_mode == DQ_KERNEL:
