@@ -164,10 +164,11 @@ def _fixed(kept):
 # registers and some spilled (128x64 4 warps at d=128: 312 B on sm_90, 560 B on sm_100), those at 96
 # or below stayed at <= 220 registers, causal included; the backward kernels hold more beside their
 # tiles: at 96 the causal dK/dV (64x64 8 warps, d=128) spilled 24 B and dQ (64x128 8 warps) 4 B on
-# sm_90, so they get 80; dK/dV alone (FASTTX_ATTN_DQ=kernel) 72: its causal 32x64 8 warps (80, d = 128)
-# spilled 84 B in one specialisation; dK/dV with atomic dQ parts 8 less than the ordered (64x64 8 warps,
-# d = 64: 16 B).
-_REG_TILE_BUDGET = {"fwd": 96, "dkdv": 72, "dkdv+dq": 80, "dq": 80}
+# sm_90, so they get 80; the dK/dV kernel 72: alone (FASTTX_ATTN_DQ=kernel) its causal 32x64 8 warps
+# (80, d = 128) spilled 84 B in one specialisation on sm_90, and forming dQ parts its 64x64 8 warps
+# (80, d = 64) 16-36 B with softcap, ALiBi or causal TMA on sm_100 (clean in other shapes: the edge);
+# with atomic dQ parts 8 less again (64x64 at d = 64: 16 B on sm_90 at 80).
+_REG_TILE_BUDGET = {"fwd": 96, "dkdv": 72, "dkdv+dq": 72, "dq": 80}
 # fp32 inputs: their tf32x3 dots hold each operand fragment as fp32 and split it in two (the TF32 part
 # and the rest), so fewer tile values fit: at d = 64 the forward's 64x32 4-warp tile (48 values)
 # spilled 8-28 B on sm_100 and the dQ kernel's 32x64 (48) 220 B on sm_90; at 32 (forward) and 40
