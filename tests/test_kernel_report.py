@@ -133,3 +133,21 @@ def test_attention_pruning_keeps_configs_within_the_register_budget(dtype, monke
     window = dict(fp16, BLOCK_D=64, WINDOW=True, IS_CAUSAL=True, DK=q)  # spilled 24 B on sm_90 at budget 80
     assert (64, 64, 8, 2) not in _kept(K._prune_bwd, K._BWD_GPU, **window)
     assert (64, 64, 8, 2) in _kept(K._prune_bwd, K._BWD_GPU, **dict(window, WINDOW=False))
+
+
+def test_launch_choices_that_removed_spills():
+    """The choices outside the attention tables that the report's spills led to (each would spill
+    again if reverted: bench/NOTES.md's kernel-report section has the before counts)."""
+    import torch
+
+    import fasttx.kernels.attention.config as AC
+    from fasttx.kernels import gelu
+    from fasttx.kernels.cross_entropy import launch as ce
+    from fasttx.kernels.moe import config as moe
+
+    assert AC._dot_precision(torch.float32) == "tf32x3"  # "ieee": scalar FMA dots, 0.3-36 KB spilled
+    assert AC._dot_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit operands
+    assert moe._k_and_warps(torch.float32) == dict(BLOCK_K=16, num_warps=8)  # 64 x 4: 25 KB
+    assert moe._k_and_warps(torch.bfloat16) == dict(BLOCK_K=moe.BLOCK_K, num_warps=moe._NUM_WARPS)
+    assert gelu._num_warps(4, 1024) == 16  # 8: 4-12 B at 48-128 registers
+    assert ce._block_c(32000) == (4096, 32)  # 16: 4 B at 64 registers
