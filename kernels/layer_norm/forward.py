@@ -40,16 +40,18 @@ def _rstd(acc, s, N, eps, shift):
 
 @triton.jit
 def _load_h(
-    X, R, KEEP,                # input, residual, keep-mask output (test hook)
+    X, R, KEEP, H,             # input, residual, keep-mask output (test hook), h output
     rows, cols, M, N,          # (BLOCK_M,) int64 row and (BLOCK_N,) column indices; sizes
-    stride_x, stride_r,        # row strides
+    stride_x, stride_r, stride_h,  # row strides
     seed, p, scale,            # dropout: Philox seed, drop probability, 1/(1-p) (0 when p == 1)
     HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, STORE_MASK: tl.constexpr,
+    STORE_H: tl.constexpr,     # also store h (in H_DTYPE)
     ACC: tl.constexpr,         # accumulator dtype (fp32, or fp64 for fp64 inputs)
     ROUND_H: tl.constexpr,     # round h to H_DTYPE (the stored h's dtype) before returning it
     H_DTYPE: tl.constexpr,
 ):
-    """h = residual + dropout(x) for a (BLOCK_M, BLOCK_N) tile, in ACC; 0 outside the tensor."""
+    """h = residual + dropout(x) for a (BLOCK_M, BLOCK_N) tile, in ACC; 0 outside the tensor. Its
+    side outputs where asked: the keep mask (STORE_MASK) and h itself (STORE_H)."""
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     h = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(ACC)
     if HAS_DROPOUT:
@@ -65,6 +67,8 @@ def _load_h(
         h += tl.load(R + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(ACC)
     if ROUND_H:
         h = h.to(H_DTYPE).to(ACC)
+    if STORE_H:
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H_DTYPE), mask=mask)
     return h
 
 
@@ -179,10 +183,8 @@ def _layer_norm_fwd_kernel(
             rows = tl.arange(0, BLOCK_M).to(tl.int64) + tile  # int64 whatever the loop var is
             row_ok = rows < row_end
             mask = row_ok[:, None] & (cols < N)[None, :]
-            h = _load_h(X, R, KEEP, rows, cols, row_end, N, stride_x, stride_r, seed, p, scale,
-                        HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)  # (BLOCK_M, BLOCK_N)
-            if STORE_H:
-                tl.store(H + rows[:, None] * stride_h + cols[None, :], h.to(H_DTYPE), mask=mask)
+            h = _load_h(X, R, KEEP, H, rows, cols, row_end, N, stride_x, stride_r, stride_h, seed, p, scale,
+                        HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, STORE_H, ACC, ROUND_H, H_DTYPE)  # (BLOCK_M, BLOCK_N)
             ones = tl.full([BLOCK_M, BLOCK_N], 1.0, ACC)
             zeros = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
             if IS_RMS_NORM:
@@ -229,10 +231,8 @@ def _layer_norm_fwd_kernel(
             for start in range(HOLD, N, BLOCK_N):
                 c = start + cols
                 ok = row_ok[:, None] & (c < N)[None, :]
-                h = _load_h(X, R, KEEP, rows, c, row_end, N, stride_x, stride_r, seed, p, scale,
-                            HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)
-                if STORE_H:
-                    tl.store(H + rows[:, None] * stride_h + c[None, :], h.to(H_DTYPE), mask=ok)
+                h = _load_h(X, R, KEEP, H, rows, c, row_end, N, stride_x, stride_r, stride_h, seed, p, scale,
+                            HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, STORE_H, ACC, ROUND_H, H_DTYPE)
                 if IS_RMS_NORM:
                     acc, sc = _add_squares(acc, sc, h)
                 else:
@@ -243,10 +243,8 @@ def _layer_norm_fwd_kernel(
             else:
                 n_a, mean_a, q_a, s_a = _welford_rows(n, mu, acc, sc)
             hok = row_ok[:, None] & (hcols < N)[None, :]
-            hh = _load_h(X, R, KEEP, rows, hcols, row_end, N, stride_x, stride_r, seed, p, scale,
-                         HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, ACC, ROUND_H, H_DTYPE)  # (BLOCK_M, HOLD)
-            if STORE_H:
-                tl.store(H + rows[:, None] * stride_h + hcols[None, :], hh.to(H_DTYPE), mask=hok)
+            hh = _load_h(X, R, KEEP, H, rows, hcols, row_end, N, stride_x, stride_r, stride_h, seed, p, scale,
+                         HAS_RESIDUAL, HAS_DROPOUT, STORE_MASK, STORE_H, ACC, ROUND_H, H_DTYPE)  # (BLOCK_M, HOLD)
             ones = tl.full([BLOCK_M, HOLD], 1.0, ACC)
             zeros = tl.zeros([BLOCK_M, HOLD], dtype=ACC)
             if IS_RMS_NORM:
@@ -292,8 +290,8 @@ def _layer_norm_fwd_kernel(
                 if READ_H:
                     h = tl.load(H + rows[:, None] * stride_h + c[None, :], mask=m, other=0.0).to(ACC)
                 else:
-                    h = _load_h(X, R, KEEP, rows, c, row_end, N, stride_x, stride_r, seed, p, scale,
-                                HAS_RESIDUAL, HAS_DROPOUT, False, ACC, ROUND_H, H_DTYPE)
+                    h = _load_h(X, R, KEEP, H, rows, c, row_end, N, stride_x, stride_r, stride_h, seed, p, scale,
+                                HAS_RESIDUAL, HAS_DROPOUT, False, False, ACC, ROUND_H, H_DTYPE)
                 if IS_RMS_NORM:
                     y = h * rstd[:, None]
                 else:
