@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 
 from fasttx.integrations.huggingface import apply_fasttx, fasttx_report  # noqa: E402
 from fasttx.integrations.huggingface import modules as M  # noqa: E402
+from utils import assert_generate_attentions_match  # noqa: E402
 
 VOCAB = 61
 LOGGER = "fasttx.integrations.huggingface"
@@ -81,16 +82,7 @@ def test_output_attentions_equal_eager(kind):
 def test_generate_output_attentions(kind):
     ref, ours = _pair(kind)
     ref.set_attn_implementation("eager")
-    prompt = _ids(1, 5)
-    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True, return_dict_in_generate=True,
-              attention_mask=torch.ones_like(prompt))
-    g_ref, g = ref.generate(prompt, **kw), ours.generate(prompt, **kw)
-    assert torch.equal(g.sequences, g_ref.sequences)
-    assert len(g.attentions) == len(g_ref.attentions) == 3  # one tuple of layers per step
-    for step, step_ref in zip(g.attentions, g_ref.attentions):
-        assert len(step) == 2
-        for a, r in zip(step, step_ref):
-            torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
+    assert_generate_attentions_match(ref, ours, _ids(1, 5))
 
 
 def test_explicit_attention_choice_is_kept_and_attention_false_keeps_it_wholly(caplog):

@@ -12,6 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
 from fasttx.integrations.huggingface import apply_fasttx  # noqa: E402
+from utils import assert_generate_attentions_match  # noqa: E402
 
 VOCAB = 61
 
@@ -90,14 +91,7 @@ def test_config_flag_after_patching_under_generate(kind):
     ref, ours, _ = _pair(kind)
     ours.config.output_attentions = True
     ref.config.output_attentions = True
-    prompt = _inputs()["input_ids"][:1, :5]
-    kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_attentions=True, return_dict_in_generate=True,
-              attention_mask=torch.ones_like(prompt))
-    g_ref, g = ref.generate(prompt, **kw), ours.generate(prompt, **kw)
-    assert torch.equal(g.sequences, g_ref.sequences)
-    assert len(g.attentions) == len(g_ref.attentions) == 3  # one tuple of layers per step
-    for step, step_ref in zip(g.attentions, g_ref.attentions):
-        _same(step, step_ref)
+    assert_generate_attentions_match(ref, ours, _inputs()["input_ids"][:1, :5])
 
 
 def test_other_implementations_keep_transformers_rule():

@@ -72,3 +72,18 @@ class Case(NamedTuple):
     probe: str = ""
     oracle: object = ""  # a name in fasttx.reference, or a function composing them
     random: bool = False  # a dropout draws its mask: compare a call with the same seed, not the paths
+
+
+def assert_generate_attentions_match(ref, ours, prompt, steps=3, layers=2):
+    """Greedy `generate` with output_attentions on both (transformers) models: the same tokens, and
+    for each of the `steps` new tokens every one of the `layers` attention-weight tensors equal."""
+    kw = dict(max_new_tokens=steps, do_sample=False, pad_token_id=0, output_attentions=True,
+              return_dict_in_generate=True, attention_mask=torch.ones_like(prompt))
+    g_ref, g = ref.generate(prompt, **kw), ours.generate(prompt, **kw)
+    assert torch.equal(g.sequences, g_ref.sequences)
+    assert len(g.attentions) == len(g_ref.attentions) == steps  # one tuple of layers per step
+    for step, step_ref in zip(g.attentions, g_ref.attentions):
+        assert len(step) == len(step_ref) == layers
+        for a, r in zip(step, step_ref):
+            assert a is not None
+            torch.testing.assert_close(a, r, atol=1e-6, rtol=1e-5)
