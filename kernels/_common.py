@@ -1,5 +1,5 @@
 """Host-side helpers every kernel file shares: the interpreter flag, the accumulator dtype, the SM
-count, the (rows, N) view, and the tile/grid choosers for row-wise and elementwise kernels.
+count and register share, the (rows, N) view, and the tile/grid choosers for row-wise and elementwise kernels.
 
 `row_config` is the one block-size/warps chooser for kernels that reduce over a row (norms,
 softmax, cross-entropy): a row fits one block up to `block_n_cap` columns, longer rows loop over
@@ -22,6 +22,18 @@ INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 TILE = 65536 if INTERPRETING else 4096
 ELEMENTWISE_MAX_BLOCK_N = 1024
 MAX_ROW_PROGRAMS = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+# The register file of one SM (sm_80 to sm_100: 64K 32-bit registers) and one thread's ceiling.
+SM_REGISTERS, THREAD_MAX_REGISTERS = 65536, 255
+
+
+def register_share(num_warps: int) -> int:
+    """`maxnreg` for a program that may hold the whole register file of its SM: it split over the
+    program's threads (128 at 16 warps, 255 at 8 or fewer). Without it ptxas may hold a kernel at
+    the count that lets one more program reside (64 at 16 warps, 128 at 8, 168 at 4) and spill
+    there: triton 3.9 passes it --regAllocOptLevel=2 (tools/kernel_report.py showed 8-40 B)."""
+    return min(THREAD_MAX_REGISTERS, SM_REGISTERS // (32 * num_warps))
 
 
 def acc_dtype(dtype: torch.dtype):

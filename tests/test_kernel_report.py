@@ -151,3 +151,17 @@ def test_launch_choices_that_removed_spills():
     assert moe._k_and_warps(torch.bfloat16) == dict(BLOCK_K=moe.BLOCK_K, num_warps=moe._NUM_WARPS)
     assert gelu._num_warps(4, 1024) == 16  # 8: 4-12 B at 48-128 registers
     assert ce._block_c(32000) == (4096, 32)  # 16: 4 B at 64 registers
+
+
+def test_attention_fallback_takes_the_register_share():
+    """ptxas (triton 3.9) held the attention fallback tile at the count that lets one more program
+    reside and spilled there (12-40 B): the fallback passes maxnreg = the SM's whole share."""
+    import fasttx.kernels.attention.config as AC
+    from fasttx.kernels import _common
+
+    assert [_common.register_share(w) for w in (4, 8, 16, 32)] == [255, 255, 128, 64]
+    for kernel, d, budget in (("dkdv", 128, 48), ("dkdv+dq", 64, 24), ("fwd", 256, 96)):
+        (c,) = AC._fallback(kernel, 16, 32, d, budget, False)
+        assert c.num_stages == 1 and c.maxnreg == _common.register_share(c.num_warps)
+    (c,) = AC._configs([(64, 64, 4, 3)])  # the tables leave ptxas its choice
+    assert c.maxnreg is None

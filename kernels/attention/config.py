@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import INTERPRETING
+from .._common import INTERPRETING, register_share
 
 # ------------------------------------------------------------------------------------------------
 # Configuration. (BLOCK_M, BLOCK_N, num_warps, num_stages); autotuned per (head-dim block, causal,
@@ -240,9 +240,15 @@ def _fits_registers(kernel, c, d, budget, fp32) -> bool:
 
 def _fallback(kernel, bm, bn, d, budget, fp32):
     """The config when nothing in the table fits: small tiles without pipelining, 8 warps if 4 would
-    exceed the register budget (head dim 256; fp32: always 4)."""
+    exceed the register budget (head dim 256; fp32: always 4), and the whole register share of the
+    SM (register_share): with no smaller tile left, a second resident program is what gives way.
+    ptxas held the dK/dV fallback (d = 128, dropout + window + softcap + ALiBi, 8 warps) at 128
+    registers and spilled 12 B on sm_100, and with descriptors under window + varlen 16-40 B; with
+    the share the flag sweep's 41 fallback variants hold 144-205 and none spills (14 of them run
+    one program fewer per SM than before: 8-12 warps, not 12-16)."""
     warps = 4 if fp32 or _tile_values(kernel, bm, bn, d, 4) <= budget else 8
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=1)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=1,
+                          maxnreg=register_share(warps))]
 
 
 def _prune(configs, named_args, **kwargs):
