@@ -163,13 +163,14 @@ def test_layer_norm_fp32_params_with_16bit_input(backend, device, dtype):
     _check_all(ours, ref, dtype)
 
 
-def test_layer_norm_float64(backend, device):
+@pytest.mark.parametrize("hidden", [100, 9000])  # 9000: long rows (held columns merged in fp64)
+def test_layer_norm_float64(backend, device, hidden):
     # float64 input: statistics and accumulation in float64 too, so fp64 accuracy.
     torch.manual_seed(4)
-    x = torch.randn(7, 100, device=device, dtype=F64) + 3
-    w, b = torch.randn(100, device=device, dtype=F64), torch.randn(100, device=device, dtype=F64)
-    dy = torch.randn(7, 100, device=device, dtype=F64)
-    ours, ref = _ln_case(x, (100,), w, b, dy)
+    x = torch.randn(7, hidden, device=device, dtype=F64) + 3
+    w, b = torch.randn(hidden, device=device, dtype=F64), torch.randn(hidden, device=device, dtype=F64)
+    dy = torch.randn(7, hidden, device=device, dtype=F64)
+    ours, ref = _ln_case(x, (hidden,), w, b, dy)
     for name, o, r in zip(("y", "dx", "dw", "db"), ours, ref):
         assert o.dtype == F64
         torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-12, msg=name)

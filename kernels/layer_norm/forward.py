@@ -264,7 +264,7 @@ def _layer_norm_fwd_kernel(
                 acc2, sc2 = _add_squares(zeros, ones, hh - mean_h[:, None])
                 q_h, s_h = _squares_row(acc2, sc2)
                 d = mean_h - mean_a
-                mean = mean_a + d * (HOLD / N)
+                mean = mean_a + d * HOLD / N  # in ACC: HOLD / N alone is an fp32 quotient
                 ad = tl.abs(d)
                 S = tl.maximum(tl.maximum(s_a, s_h), tl.where(ad > _SQ_SAFE, ad, 1.0))
                 ra = s_a / S
