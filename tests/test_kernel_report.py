@@ -165,3 +165,26 @@ def test_attention_fallback_takes_the_register_share():
         assert c.num_stages == 1 and c.maxnreg == _common.register_share(c.num_warps)
     (c,) = AC._configs([(64, 64, 4, 3)])  # the tables leave ptxas its choice
     assert c.maxnreg is None
+
+
+def test_long_row_norm_forward_holds_and_takes_the_register_share(monkeypatch):
+    """The long-row forward holds the first _fwd_hold columns of each row in registers, fewer where
+    they spilled, and passes maxnreg = the SM's whole share (one program per SM: ptxas held three
+    variants at 64 of their 128 registers and spilled 8-12 B without it); one-block rows do not."""
+    import torch
+
+    from fasttx.kernels import _common
+    from fasttx.kernels.layer_norm import launch as ln
+
+    assert ln._fwd_hold(torch.float16, 0.1) == ln._fwd_hold(torch.float32, 0.0) == 8192
+    assert ln._fwd_hold(torch.float32, 0.1) == 4096  # 8192: 64-88 B at 128 registers
+    assert ln._fwd_hold(torch.float64, 0.0) == 2048  # 4096: 60-80 B with a bias or dropout
+    launched = []
+    monkeypatch.setattr(ln, "_layer_norm_fwd_kernel", type("K", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: launched.append(kw))})())
+    for n in (8192, 9000):
+        ln.layer_norm_forward(torch.randn(2, n), n, None, None, 1e-5)
+    single, chunked = launched
+    assert single["SINGLE_BLOCK"] and single["maxnreg"] is None
+    assert not chunked["SINGLE_BLOCK"] and chunked["HOLD"] == 8192
+    assert chunked["maxnreg"] == _common.register_share(chunked["num_warps"]) == 128

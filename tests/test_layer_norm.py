@@ -231,9 +231,9 @@ def test_long_rows_walk_several_tiles_per_program(device):
     # Rows past MAX_BLOCK_N are walked in (CHUNK_M, CHUNK_N) tiles, several per program: 37 rows
     # on the interpreter's 4 "SMs" give 12 rows (3 tiles) per program and 1 row to the last; the
     # weight chunk and the fp32 dweight/dbias partials are held across the tiles (the forward's
-    # 2-row tiles: 10 rows per program, 7 to the last, whose last tile is half empty; the held
-    # first FWD_HOLD columns with them). LayerNorm and RMSNorm against the fp64 reference, forward
-    # and every gradient.
+    # 1-row tiles: 10 rows per program, 7 to the last; the weight and bias of the held first
+    # 8192 columns with them). LayerNorm and RMSNorm against the fp64 reference, forward and every
+    # gradient.
     import fasttx
 
     torch.manual_seed(3)

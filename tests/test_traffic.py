@@ -143,6 +143,8 @@ def test_memory_bound_op_moves_its_minimum(case, mode, request):
 _CHUNKED = [c for c in _collect("chunked")
             if c[0].name in ("layer_norm", "dropout_add_layer_norm", "rms_norm", "add_rms_norm")]
 CHUNKED_MODES = [(c, m) for c in _CHUNKED for m in ("fwd", "bwd") if (c[0].name, m) != ("rms_norm", "bwd")]
+# and the forward's worst ratio: LayerNorm at its largest row, the least of it held (8 s)
+CHUNKED_MODES += [(c, "fwd") for c in _collect("longest") if c[0].name == "layer_norm"]
 # The H100 the counted case stands for: 4096 rows on 132 SMs, 32 rows per program as counted.
 H100_ROWS = 4096
 # Forward all / min where it is known to be lower than the plain bound, with the reason (a regression
@@ -158,16 +160,16 @@ def test_long_norm_rows_read_at_most_twice(case, mode, monkeypatch):
     # held across the program's rows, the weight-gradient partial summed in registers and written
     # once per program (before: the input read 3x forward, 5x the minimum backward).
     # Forward: the input read twice and the output written once would be 1.5x by itself, and the
-    # weight and bias (2 N e per program, LayerNorm) come on top; so each 2-row tile keeps its first
-    # FWD_HOLD = 4096 columns in registers from the statistics to the output, and the second pass
-    # re-reads only N - 4096. Per program of R rows (in N e units, LayerNorm): (3 - 4096 / N) R + 2
-    # against the minimum's 2 R (+ 2 once in all), plus the statistics (8 B per row, re-read once
-    # per 1024 columns). An H100 at 4096 rows runs 128 programs of R = 32: at N = 16384,
-    # (3 - 0.25) 4096 + 2 * 128 = 11520 against 1.5 (2 * 4096 + 2) = 12291 (counted: 1.407x); at
-    # 32768, 12032 (1.470x); at 65536, 12288 and the statistics: 1.501x, over (RMSNorm, 1 N e per
-    # program: 1.485x). Counted here: one program of those 32 rows at N = 9000 (held fraction 0.455,
-    # 1.265x), and the same program's bytes times the H100's 128 programs against the H100 case's
-    # minimum, which reads the weight once for 4096 rows, not 32: the stricter ratio (1.304x).
+    # weight and bias (2 N e per program, LayerNorm) come on top; so each row keeps its first
+    # 8192 columns in registers from the statistics to the output (kernels/layer_norm/launch.py's
+    # _fwd_hold), and the second pass re-reads only N - 8192. Per program of R rows (in N e units,
+    # LayerNorm): (3 - 8192 / N) R + 2 against the minimum's 2 R (+ 2 once in all), plus the
+    # statistics (8 B per row, re-read once per 2048 columns). An H100 at 4096 rows runs 128
+    # programs of R = 32: at N = 65536, (3 - 0.125) 4096 + 2 * 128 = 12032 against 1.5 (2 * 4096 + 2)
+    # = 12291 (counted: 1.469x; with 4096 columns held it was 1.501x). Counted here: one program of
+    # those 32 rows at N = 9000 (held fraction 0.91, 1.044x), and the same program's bytes times the
+    # H100's 128 programs against the H100 case's minimum, which reads the weight once for 4096
+    # rows, not 32: the stricter ratio (1.076x); and LayerNorm at N = 65536 (the "longest" case).
     # The fused RMSNorm reads its stored h back in the second pass (CHUNKED_FWD_BOUND).
     # Backward: <= 2x both ways (1.81x at H100 scale, LayerNorm).
     from fasttx.kernels.layer_norm import launch

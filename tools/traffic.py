@@ -270,9 +270,11 @@ def gpu_model(sms: int = H100_SMS, tile: int = GPU_TILE):
 # 132 SMs at 128 * 132 / 4 = 4224 rows, at 1/33 of the interpreter's time. "wide": the norms at
 # N = 4096 (one row per GPU tile), 256 rows on 8 SMs; "chunked": rows past MAX_BLOCK_N (9000: 17
 # full 512-column chunks and a ragged one), 32 rows on CHUNKED_SMS = 1 (again 4224 rows on 132);
+# "longest": the same at LayerNorm's largest row (MAX_HIDDEN: the forward's worst ratio);
 # "full": the 4096 x 4096 on 132 SMs (minutes).
 SIZES = {
-    "layer_norm": {"ci": (128, [1024]), "wide": (256, [4096]), "chunked": (32, [9000]), "full": (4096, [4096])},
+    "layer_norm": {"ci": (128, [1024]), "wide": (256, [4096]), "chunked": (32, [9000]), "longest": (32, [65536]),
+                   "full": (4096, [4096])},
     "rms_norm": {"ci": (128, [1024]), "wide": (256, [4096]), "chunked": (32, [9000]), "full": (4096, [4096])},
     "gelu": {"ci": (128, [1024]), "full": (4096, [4096])},
     "dropout": {"ci": [2**14], "full": [2**24]},
@@ -282,7 +284,8 @@ SIZES = {
 }
 CI_SMS = 4
 CHUNKED_SMS = 1
-SIZE_SMS = {"ci": CI_SMS, "wide": 8, "chunked": CHUNKED_SMS, "full": H100_SMS}  # the CLI's default --sms
+# the CLI's default --sms
+SIZE_SMS = {"ci": CI_SMS, "wide": 8, "chunked": CHUNKED_SMS, "longest": CHUNKED_SMS, "full": H100_SMS}
 MEMORY_BOUND = ("layer_norm", "rms_norm", "gelu", "dropout", "softmax", "rotary", "cross_entropy")
 
 

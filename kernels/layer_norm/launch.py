@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import as_rows, num_sms, row_config, seed_tensor, stat_dtype
+from .._common import as_rows, num_sms, register_share, row_config, seed_tensor, stat_dtype
 from .._dtypes import LOW, RMS_NORM_CASTS
 from .backward import _layer_norm_bwd_kernel
 from .forward import _layer_norm_fwd_kernel
@@ -33,18 +33,30 @@ MAX_BLOCK_N = 8192
 # bits). Larger tiles spilled in the fused dropout variants on sm_90, at the 128 registers a
 # 16-warp program may hold: (4, 2048) forward 104 B and backward 336 B, (4, 1024) backward 16 B.
 CHUNK_M, CHUNK_N = 4, 512
-# The forward walks long rows in (FWD_CHUNK_M, FWD_CHUNK_N) tiles (the same 2048 elements, half the
-# rows: a second-pass tile re-reads its rows' mean and rstd once per 1024 columns, not 512) and
-# holds the first FWD_HOLD columns of each tile's rows in registers from the statistics sweep to
-# their output, so the second pass re-reads only the other N - FWD_HOLD. Per program of R rows, in
-# units of N elements (LayerNorm; RMSNorm reads no bias): the input (2 - FWD_HOLD / N) R, the output
-# R, weight and bias 2, against the minimum's 2 R (+ 2 once in all): <= 1.5x while R >= 2 N / FWD_HOLD,
-# less the statistics' re-reads. On an H100 at 4096 rows (R = 32, 128 programs) that is N <= 32768
-# for LayerNorm (counted: 1.41x at 16384, 1.47x at 32768, 1.501x at 65536) and every N <= MAX_HIDDEN
-# for RMSNorm and the fused ops (<= 1.49x); fewer rows per program cost more (R >= 8 at N = 16384, 16 at 32768).
-# The (2, 4096) held tile has the registers per thread of a (4, 2048) one and compiles without
-# spills in every variant on sm_90 and sm_100 (<= 127 registers, 16 warps per SM).
-FWD_CHUNK_M, FWD_CHUNK_N, FWD_HOLD = 2, 1024, 4096
+# The forward walks long rows in (FWD_CHUNK_M, FWD_CHUNK_N) tiles (2048 elements as the backward's,
+# one row: a second-pass tile re-reads its row's mean and rstd once per 2048 columns) and holds the
+# first `hold` (_fwd_hold) columns of each row in registers from the statistics sweep to their
+# output, so the second pass re-reads only the other N - hold. Per program of R rows, in units of N
+# elements (LayerNorm; RMSNorm reads no bias): the input (2 - hold / N) R, the output R, weight and
+# bias 2, against the minimum's 2 R (+ 2 once in all): <= 1.5x while R >= 2 N / hold, less the
+# statistics' re-reads. On an H100 at 4096 rows (R = 32, 128 programs) with hold = 8192 that is every
+# N <= MAX_HIDDEN (counted: LayerNorm 1.47x at 65536; with 4096 it was 1.501x). The (1, 8192) held
+# row has the registers per thread of a (4, 2048) tile; at one program per SM the launch passes
+# maxnreg = the SM's whole share (register_share): ptxas held three variants at 64 of their 128 and
+# spilled 8-12 B on sm_100 without it. With it every 16-bit and fp32 variant compiles without spills
+# on sm_90 and sm_100 (<= 128 registers, 16 warps per SM), but fp32 with the fused dropout (held at
+# 8192: 64-88 B of spills) and fp64 (at 4096: 60-80 B with a bias or dropout) hold fewer columns.
+FWD_CHUNK_M, FWD_CHUNK_N, FWD_HOLD = 1, 2048, 8192
+
+
+def _fwd_hold(dtype: torch.dtype, p: float) -> int:
+    """Columns of each long row the forward holds in registers (HOLD): FWD_HOLD; half for fp32 with
+    dropout, a quarter for fp64 (the spills above)."""
+    if dtype == torch.float64:
+        return FWD_HOLD // 4
+    return FWD_HOLD // 2 if dtype == torch.float32 and p > 0.0 else FWD_HOLD
+
+
 # Programs per SM of the forward (the backward runs one per SM: each writes an fp32 partial row of
 # dweight/dbias). Each program loads the weight and bias once and holds them across its rows, so
 # fewer programs read them fewer times; two per SM keep 2 x 16 warps of loads in flight.
@@ -111,8 +123,8 @@ def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtyp
             ROUND_H=rms and residual is not None and low,
             CAST_XHAT=cast == "llama" and low, XHAT_DTYPE=_TL_DTYPE[h_dtype],
             WEIGHT_PLUS_ONE=cast == "gemma",
-            SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n, HOLD=0 if single else FWD_HOLD,
-            num_warps=num_warps,
+            SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n, HOLD=0 if single else _fwd_hold(x.dtype, p),
+            num_warps=num_warps, maxnreg=None if single else register_share(num_warps),
         )
     return y, h, mean, rstd
 
@@ -181,7 +193,10 @@ def _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if store_dh else None
     rows = h.numel() // N if N > 0 else 0
     # One program per SM, each owning rows_per_program rows and writing its whole row of the
-    # partial buffers (so they need no zeroing).
+    # partial buffers (so they need no zeroing). Rows under 32 elements have fewer warps per program
+    # (row_config's BLOCK_M is at most 128: N = 7 runs (128, 8) tiles on 4 warps), so fewer per SM;
+    # their fused one-block variants hold 134-147 registers (a thread's elements lie in different
+    # rows, each with its own offsets into six tensors): rows that short move few bytes.
     rows_per_program = _rows_per_program(rows, block_m, num_sms(h.device)) if rows else 0
     programs = triton.cdiv(rows, rows_per_program) if rows else 0
     dw_part = torch.empty(programs, N, dtype=rstd.dtype, device=h.device) if weight is not None else None
