@@ -67,8 +67,17 @@ def as_rows(t: torch.Tensor, N: int = None) -> torch.Tensor:
     return t2
 
 
-def row_config(N: int, *, max_n: int, block_n_cap: int, name: str, max_block_m: int = 128):
-    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for a kernel reducing rows of N elements.
+def value_words(dtype: torch.dtype) -> int:
+    """32-bit registers per value of a kernel's arithmetic on `dtype` inputs (its accumulator
+    dtype): 2 for fp64, else 1. The tile choosers count an fp64 element twice, so its tiles hold
+    half the elements at the same warps: at the elements of 16/32-bit tiles, fp64 ones spilled
+    12-540 B (norms, the bias-act backward, the cross-entropy forward; tools/kernel_report.py)."""
+    return stat_dtype(dtype).itemsize // 4
+
+
+def row_config(N: int, *, max_n: int, block_n_cap: int, name: str, max_block_m: int = 128, words: int = 1):
+    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for a kernel reducing rows of N elements of
+    `words` registers each (value_words).
 
     BLOCK_N = next_power_of_2(N) up to `block_n_cap` (SINGLE_BLOCK: the row is one block) and
     BLOCK_M rows per tile; longer rows loop over `block_n_cap`-column chunks, one row per tile.
@@ -78,17 +87,18 @@ def row_config(N: int, *, max_n: int, block_n_cap: int, name: str, max_block_m: 
     block_n = triton.next_power_of_2(max(N, 1))
     single = block_n <= block_n_cap
     block_n = min(block_n, block_n_cap)
-    block_m = min(max(TILE // block_n, 1), max_block_m) if single else 1
-    # ~8 elements per thread per live array at the largest tile; at least one warp, at most 16.
-    num_warps = min(max(block_m * block_n // 256, 1), 16)
+    block_m = min(max(TILE // (block_n * words), 1), max_block_m) if single else 1
+    # ~8 registers per thread per live array at the largest tile; at least one warp, at most 16.
+    num_warps = min(max(block_m * block_n * words // 256, 1), 16)
     return block_m, block_n, num_warps, single
 
 
-def elementwise_config(M: int, N: int, max_row_programs: int = MAX_ROW_PROGRAMS):
-    """Tile shape and grid for an (M, N) elementwise pass: (BLOCK_M, BLOCK_N, rows per program,
-    grid). The row programs each walk ROWS_PER_PROG rows, a multiple of BLOCK_M."""
+def elementwise_config(M: int, N: int, max_row_programs: int = MAX_ROW_PROGRAMS, words: int = 1):
+    """Tile shape and grid for an (M, N) elementwise pass of values of `words` registers each
+    (value_words): (BLOCK_M, BLOCK_N, rows per program, grid). The row programs each walk
+    ROWS_PER_PROG rows, a multiple of BLOCK_M."""
     block_n = min(triton.next_power_of_2(N), ELEMENTWISE_MAX_BLOCK_N)
-    block_m = min(triton.next_power_of_2(M), max(1, 4096 // block_n))
+    block_m = min(triton.next_power_of_2(M), max(1, 4096 // (block_n * words)))
     m_blocks = triton.cdiv(M, block_m)
     row_programs = min(m_blocks, max_row_programs)
     rows_per_prog = triton.cdiv(m_blocks, row_programs) * block_m

@@ -88,7 +88,7 @@ def dropout_backward(dy: torch.Tensor, p: float, seed) -> torch.Tensor:
 
 def compile_variants(quick: bool):
     """The dropout kernel per dtype (forward and backward are one kernel)."""
-    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     for dt in dtypes:
         x = torch.randn(64, 1000, dtype=dt)
         dropout_forward(x, 0.1, 1)

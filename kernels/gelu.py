@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._math import gelu, gelu_grad
-from ._common import MAX_ROW_PROGRAMS, acc_dtype, as_rows, elementwise_config, num_sms, stat_dtype
+from ._common import MAX_ROW_PROGRAMS, acc_dtype, as_rows, elementwise_config, num_sms, stat_dtype, value_words
 
 # Activation codes (constexpr ACT); constexpr globals so the kernels can compare against them.
 _GELU = tl.constexpr(0)
@@ -49,12 +49,21 @@ ACTIVATIONS = {"gelu": 0, "gelu_tanh": 1, "relu": 2, "silu": 3, "relu2": 4}
 _MAX_DBIAS_STRIPS = 256
 
 
-def _num_warps(block_m: int, block_n: int) -> int:
-    """16 warps for the full 4096-element tiles (8 elements per thread): with 4 the gated and bias
-    backward held up to 201 registers, 8-12 resident warps per SM on sm_90 (tools/kernel_report.py);
-    with 8 ptxas held some at 48-128 and spilled 4-12 B on sm_90 / sm_100 (its --regAllocOptLevel=2,
-    which triton 3.9 passes); with 16 none spills, <= 76 registers, >= 16 warps per SM."""
-    return 16 if block_m * block_n >= 4096 else 4
+def _num_warps(values: int) -> int:
+    """16 warps for full tiles (4096 values, 8 per thread; value_words: an fp64 element counts two):
+    with 4 the gated and bias backward held up to 201 registers, 8-12 resident warps per SM on
+    sm_90 (tools/kernel_report.py); with 8 ptxas held some at 48-128 and spilled 4-12 B on sm_90 /
+    sm_100 (its --regAllocOptLevel=2, which triton 3.9 passes); with 16 none spills, <= 76
+    registers, >= 16 warps per SM."""
+    return 16 if values >= 4096 else 4
+
+
+def _launch_config(M: int, N: int, max_rows: int, dtype: torch.dtype):
+    """(BLOCK_M, BLOCK_N, rows per program, grid, num_warps) of the bias-act kernels over (M, N)
+    computing in `dtype`'s accumulator (fp64 tiles: half the elements at the same warps)."""
+    words = value_words(dtype)
+    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows, words)
+    return block_m, block_n, rows_per_prog, grid, _num_warps(block_m * block_n * words)
 
 
 @triton.jit
@@ -195,12 +204,12 @@ def bias_act_forward(x: torch.Tensor, bias, activation: str, out_dtype=None) -> 
     # with a bias: about 2 row programs per SM, each loading its bias columns once for all its rows
     # (one program per 4-row tile read the bias 1.12x over the minimum traffic, tools/traffic.py)
     max_rows = min(MAX_ROW_PROGRAMS, 2 * num_sms(x.device)) if bias is not None else MAX_ROW_PROGRAMS
-    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows)
-    acc = acc_dtype(torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype)
+    compute = torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype
+    block_m, block_n, rows_per_prog, grid, num_warps = _launch_config(M, N, max_rows, compute)
     _bias_act_fwd_kernel[grid](
         x2, bias if bias is not None else x2, x2, y2, M, N, x2.stride(0), 0, y2.stride(0),
         rows_per_prog, ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GATED=False,
-        ACC_DTYPE=acc, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m, block_n),
+        ACC_DTYPE=acc_dtype(compute), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return y
 
@@ -218,15 +227,15 @@ def bias_act_backward(dy: torch.Tensor, x: torch.Tensor, bias, activation: str):
     dx2 = dx.view(x2.shape)  # (M, N)
     M, N = x2.shape
     max_rows = min(_MAX_DBIAS_STRIPS, num_sms(x.device)) if bias is not None else MAX_ROW_PROGRAMS
-    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, max_rows)
     compute = torch.promote_types(x.dtype, bias.dtype) if bias is not None else x.dtype
+    block_m, block_n, rows_per_prog, grid, num_warps = _launch_config(M, N, max_rows, compute)
     acc = acc_dtype(compute)
     partial = torch.empty((grid[1], N) if bias is not None else (1,), dtype=stat_dtype(compute), device=x.device)
     _bias_act_bwd_kernel[grid](
         dy2, x2, bias if bias is not None else x2, x2, dx2, dx2, partial, M, N,
         dy2.stride(0), x2.stride(0), 0, dx2.stride(0), 0, rows_per_prog,
         ACT=ACTIVATIONS[activation], HAS_BIAS=bias is not None, GATED=False, ACC_DTYPE=acc,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m, block_n),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     # fixed-order sum of the per-strip partials: deterministic, still in fp32
     db = None if bias is None else partial.sum(dim=0).to(bias.dtype)
@@ -258,11 +267,11 @@ def gated_act_forward(gate: torch.Tensor, up, activation: str) -> torch.Tensor:
     g2, u2 = _gate_up_rows(gate, up)  # (M, N) each
     y2 = y.view(g2.shape)
     M, N = g2.shape
-    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
+    block_m, block_n, rows_per_prog, grid, num_warps = _launch_config(M, N, MAX_ROW_PROGRAMS, gate.dtype)
     _bias_act_fwd_kernel[grid](
         g2, g2, u2, y2, M, N, g2.stride(0), u2.stride(0), y2.stride(0), rows_per_prog,
         ACT=ACTIVATIONS[activation], HAS_BIAS=False, GATED=True, ACC_DTYPE=acc_dtype(gate.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m, block_n),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return y
 
@@ -279,12 +288,12 @@ def gated_act_backward(dy: torch.Tensor, gate: torch.Tensor, up, activation: str
     dg2, du2 = _gate_up_rows(dgate, dup)  # contiguous outputs: views, no copy
     dy2 = as_rows(dy)
     M, N = g2.shape
-    block_m, block_n, rows_per_prog, grid = elementwise_config(M, N, MAX_ROW_PROGRAMS)
+    block_m, block_n, rows_per_prog, grid, num_warps = _launch_config(M, N, MAX_ROW_PROGRAMS, gate.dtype)
     _bias_act_bwd_kernel[grid](
         dy2, g2, g2, u2, dg2, du2, dg2, M, N,
         dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), rows_per_prog,
         ACT=ACTIVATIONS[activation], HAS_BIAS=False, GATED=True, ACC_DTYPE=acc_dtype(gate.dtype),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m, block_n),
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
     )
     return dgate, dup
 
@@ -292,7 +301,7 @@ def gated_act_backward(dy: torch.Tensor, gate: torch.Tensor, up, activation: str
 def compile_variants(quick: bool):
     """Every launch that selects different code: each activation, with and without bias, per dtype
     (tools/gpu_compile_check.py compiles them for a GPU target)."""
-    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     for dt in dtypes:
         x = torch.randn(64, 1000, dtype=dt)
         for act in ACTIVATIONS:

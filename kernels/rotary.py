@@ -164,7 +164,7 @@ def rotary_backward(dq, dk, cos, sin, position_ids: Optional[torch.Tensor] = Non
 def compile_variants(quick: bool):
     """Both layouts, full and partial rotary, with and without position ids, forward and backward,
     per dtype (tools/gpu_compile_check.py compiles them for a GPU target)."""
-    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     for dt in dtypes:
         for D, R in ((128, 128), (80, 32)) if quick else ((64, 64), (128, 128), (80, 32), (256, 64)):
             q = torch.randn(2, 8, 16, D, dtype=dt)          # (B, H, L, D)

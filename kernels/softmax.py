@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, as_rows
+from ._common import acc_dtype, as_rows, value_words
 
 SINGLE_BLOCK_MAX = 4096  # longest row held in one tile; longer rows loop over chunks
 _LOOP_BLOCK_N = 2048  # chunk size of the looped path
@@ -119,17 +119,20 @@ def _softmax_bwd_kernel(
             tl.store(dx_rows + c[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def softmax_config(M: int, N: int, single_block_max: int = None):
-    """(BLOCK_M, BLOCK_N, LOOPED, grid) for rows of length N. Rows up to `single_block_max`
-    (default SINGLE_BLOCK_MAX) elements take one tile, several rows per program when short;
-    longer rows loop over _LOOP_BLOCK_N chunks, one row per program."""
-    limit = SINGLE_BLOCK_MAX if single_block_max is None else single_block_max
+def softmax_config(M: int, N: int, single_block_max: int = None, dtype: torch.dtype = torch.float32):
+    """(BLOCK_M, BLOCK_N, LOOPED, grid) for rows of length N of `dtype`. Rows up to
+    `single_block_max` (default SINGLE_BLOCK_MAX) elements take one tile, several rows per program
+    when short; longer rows loop over _LOOP_BLOCK_N chunks, one row per program. fp64 rows, tiles and
+    chunks hold half the elements (value_words: at the others its looped forward held 241 registers
+    and its backward 164, 8-12 warps per SM on sm_90)."""
+    words = value_words(dtype)
+    limit = SINGLE_BLOCK_MAX // words if single_block_max is None else single_block_max
     if N <= limit:
         block_n = triton.next_power_of_2(N)
-        block_m = min(triton.next_power_of_2(M), max(1, _TILE // block_n))
+        block_m = min(triton.next_power_of_2(M), max(1, _TILE // (block_n * words)))
         looped = False
     else:
-        block_n = min(_LOOP_BLOCK_N, triton.next_power_of_2(max(limit, 1)))
+        block_n = min(_LOOP_BLOCK_N // words, triton.next_power_of_2(max(limit, 1)))
         block_m = 1
         looped = True
     return block_m, block_n, looped, (triton.cdiv(M, block_m),)
@@ -143,7 +146,7 @@ def softmax_forward(x: torch.Tensor, single_block_max: int = None) -> torch.Tens
     x2 = as_rows(x)  # (M, N)
     y2 = y.view(x2.shape)  # (M, N)
     M, N = x2.shape
-    block_m, block_n, looped, grid = softmax_config(M, N, single_block_max)
+    block_m, block_n, looped, grid = softmax_config(M, N, single_block_max, x.dtype)
     _softmax_fwd_kernel[grid](
         x2, y2, M, N, x2.stride(0), y2.stride(0),
         ACC_DTYPE=acc_dtype(x.dtype), LOOPED=looped, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -161,7 +164,7 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, single_block_max: int = 
     dy2, y2 = as_rows(dy), as_rows(y)  # (M, N)
     dx2 = dx.view(y2.shape)  # (M, N)
     M, N = y2.shape
-    block_m, block_n, looped, grid = softmax_config(M, N, single_block_max)
+    block_m, block_n, looped, grid = softmax_config(M, N, single_block_max, y.dtype)
     _softmax_bwd_kernel[grid](
         dy2, y2, dx2, M, N, dy2.stride(0), y2.stride(0), dx2.stride(0),
         ACC_DTYPE=acc_dtype(y.dtype), LOOPED=looped, BLOCK_M=block_m, BLOCK_N=block_n,
@@ -170,9 +173,10 @@ def softmax_backward(dy: torch.Tensor, y: torch.Tensor, single_block_max: int = 
 
 
 def compile_variants(quick: bool):
-    """One-block and looped rows, forward and backward, per dtype."""
-    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    """One-block rows (short, and the widest: one row per tile) and looped rows, forward and
+    backward, per dtype."""
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     for dt in dtypes:
-        for n in (1000, 9000):
+        for n in (1000, 9000) if quick else (1000, SINGLE_BLOCK_MAX, 9000):
             y = softmax_forward(torch.randn(8, n, dtype=dt))
             softmax_backward(torch.randn(8, n, dtype=dt), y)

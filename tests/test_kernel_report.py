@@ -141,16 +141,27 @@ def test_launch_choices_that_removed_spills():
     import torch
 
     import fasttx.kernels.attention.config as AC
-    from fasttx.kernels import gelu
+    from fasttx.kernels import gelu, softmax
     from fasttx.kernels.cross_entropy import launch as ce
+    from fasttx.kernels.layer_norm import launch as ln
     from fasttx.kernels.moe import config as moe
 
     assert AC._dot_precision(torch.float32) == "tf32x3"  # "ieee": scalar FMA dots, 0.3-36 KB spilled
     assert AC._dot_precision(torch.bfloat16) == "tf32"  # ignored for 16-bit operands
     assert moe._k_and_warps(torch.float32) == dict(BLOCK_K=16, num_warps=8)  # 64 x 4: 25 KB
     assert moe._k_and_warps(torch.bfloat16) == dict(BLOCK_K=moe.BLOCK_K, num_warps=moe._NUM_WARPS)
-    assert gelu._num_warps(4, 1024) == 16  # 8: 4-12 B at 48-128 registers
+    assert gelu._num_warps(4 * 1024) == 16  # 8: 4-12 B at 48-128 registers
     assert ce._block_c(32000) == (4096, 32)  # 16: 4 B at 64 registers
+    # fp64 values take two registers (value_words): its tiles hold half the elements at the same
+    # warps; at the 16/32-bit tiles they spilled 12-540 B or ran 8-12 warps per SM
+    f64 = torch.float64
+    block_m, block_n, _, _, warps = gelu._launch_config(64, 1024, 65535, f64)
+    assert (block_m, block_n, warps) == (2, 1024, 16)
+    assert ce._block_c(32000, f64) == (2048, 32)
+    assert softmax.softmax_config(8, 4096, dtype=f64)[1:3] == (1024, True)  # looped past 2048
+    assert softmax.softmax_config(8, 2048, dtype=f64)[:3] == (1, 2048, False)
+    assert ln.calc_settings(2048, f64)[1:] == (2048, 16, True)
+    assert ln.calc_settings(2049, f64)[3] is False  # fp64 rows past MAX_BLOCK_N_FP64 are chunked
 
 
 def test_attention_fallback_takes_the_register_share():

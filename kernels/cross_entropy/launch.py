@@ -2,20 +2,23 @@
 import torch
 import triton
 
-from .._common import acc_dtype, as_rows
+from .._common import acc_dtype, as_rows, value_words
 from .backward import _cross_entropy_bwd_kernel
 from .forward import _cross_entropy_fwd_kernel
 
 MAX_BLOCK_C = 4096  # class-dim chunk of the row kernel
 
 
-def _block_c(C: int):
-    """Class-dim chunk and warps: 32 warps for 4096-wide chunks (4 elements per thread): with 8 the
-    forward held up to 185 registers (the in-place gradient variant), 8 resident warps per SM on
-    sm_90; with 16 ptxas held two variants at 64 and spilled 4 B (--regAllocOptLevel=2, which triton
-    3.9 passes); with 32 none spills on sm_90 / sm_100 (tools/kernel_report.py)."""
-    block = min(triton.next_power_of_2(max(C, 1)), MAX_BLOCK_C)
-    return block, (32 if block >= 4096 else 8 if block >= 2048 else 4)
+def _block_c(C: int, dtype: torch.dtype = torch.float32):
+    """Class-dim chunk and warps for logits of `dtype`: 32 warps for 4096-wide chunks (4 elements per
+    thread): with 8 the forward held up to 185 registers (the in-place gradient variant), 8 resident
+    warps per SM on sm_90; with 16 ptxas held two variants at 64 and spilled 4 B
+    (--regAllocOptLevel=2, which triton 3.9 passes); with 32 none spills on sm_90 / sm_100
+    (tools/kernel_report.py). fp64 chunks hold half the columns at the same warps (value_words)."""
+    words = value_words(dtype)
+    block = min(triton.next_power_of_2(max(C, 1)), MAX_BLOCK_C // words)
+    values = block * words
+    return block, (32 if values >= 4096 else 8 if values >= 2048 else 4)
 
 
 def _targets(target: torch.Tensor, C: int):
@@ -64,7 +67,7 @@ def cross_entropy_forward(logits, target, weight=None, ignore_index=-100, label_
         stride_g2 = 0 if g2.numel() == 1 else g2.stride(0)
     else:
         g2, stride_g2 = torch.zeros(1, dtype=torch.float32, device=x.device), 0
-    block_c, num_warps = _block_c(C)
+    block_c, num_warps = _block_c(C, x.dtype)
     _cross_entropy_fwd_kernel[(M,)](
         x, x.stride(0), t, t.stride(0) if prob else 1, weight if weight is not None else x,
         loss, lse, g, stride_g, dlogits, dlogits.stride(0) if write else 0,
@@ -91,7 +94,7 @@ def cross_entropy_backward(grad, logits, target, weight, lse, ignore_index=-100,
         wsum = _wsum(weight, C) if smooth and not prob else 0.0
     g = grad.reshape(-1) if grad.numel() == M else grad.reshape(1)
     stride_g = 0 if g.numel() == 1 else g.stride(0)
-    block_c, num_warps = _block_c(C)
+    block_c, num_warps = _block_c(C, x.dtype)
     _cross_entropy_bwd_kernel[(M,)](
         x, x.stride(0), t, t.stride(0) if prob else 1, weight if weight is not None else x,
         lse, g, stride_g, dx, dx.stride(0), C, ignore_index, float(label_smoothing), wsum,
@@ -107,7 +110,7 @@ def compile_variants(quick: bool):
     short to looped class dims. `quick`: bf16 only, one looped class dim, weights and smoothing
     together (12 kernels instead of 144); plus, per dtype, the log-prob forward with ENTROPY and a
     logit scale, with and without the in-place gradient."""
-    dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    dtypes = [torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
     options = [(False, 0.0), (True, 0.1)] if quick else [(False, 0.0), (True, 0.0), (False, 0.1), (True, 0.1)]
     for dt in dtypes:
         for C in ([50257] if quick else [7, 1000, 50257]):

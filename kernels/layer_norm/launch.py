@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._common import as_rows, num_sms, register_share, row_config, seed_tensor, stat_dtype
+from .._common import as_rows, num_sms, register_share, row_config, seed_tensor, stat_dtype, value_words
 from .._dtypes import LOW, RMS_NORM_CASTS
 from .backward import _layer_norm_bwd_kernel
 from .forward import _layer_norm_fwd_kernel
@@ -23,8 +23,9 @@ MAX_HIDDEN = 65536
 # already near the limit without spilling. Rows longer than this loop over (CHUNK_M, CHUNK_N) tiles
 # instead (SINGLE_BLOCK=False): two passes over the program's rows (the input read twice, less
 # the forward's held columns, the output written once), but no register spills and no size
-# ceiling from the register file.
-MAX_BLOCK_N = 8192
+# ceiling from the register file. fp64 values take two registers: its single block holds at most
+# MAX_BLOCK_N_FP64 columns (at 4096 its forward with a bias spilled 12 B, at 8192 up to 540 B).
+MAX_BLOCK_N, MAX_BLOCK_N_FP64 = 8192, 2048
 
 
 # Long rows (N > MAX_BLOCK_N) are walked in (CHUNK_M, CHUNK_N) tiles: several rows per tile, so
@@ -63,12 +64,20 @@ def _fwd_hold(dtype: torch.dtype, p: float) -> int:
 FWD_PROGRAMS_PER_SM = 2
 
 
-def calc_settings(N: int):
-    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for rows of N elements: one block up to
-    MAX_BLOCK_N columns (the shared row_config), else (CHUNK_M, CHUNK_N) tiles; raises ValueError
-    past MAX_HIDDEN (ops/layer_norm.py's `unsupported` falls back before that)."""
-    block_m, block_n, num_warps, single = row_config(N, max_n=MAX_HIDDEN, block_n_cap=MAX_BLOCK_N,
-                                                     name="layer_norm")
+def calc_settings(N: int, dtype: torch.dtype = torch.float32):
+    """(BLOCK_M, BLOCK_N, num_warps, SINGLE_BLOCK) for rows of N elements of `dtype`: one block up to
+    MAX_BLOCK_N columns (fp64: MAX_BLOCK_N_FP64; the shared row_config, fp64 tiles at half the
+    elements), else (CHUNK_M, CHUNK_N) tiles; raises ValueError past MAX_HIDDEN (ops/layer_norm.py's
+    `unsupported` falls back before that).
+
+    Rows under 32 elements run fewer warps per program (row_config's BLOCK_M is at most 128: N = 7
+    runs (128, 8) tiles on 4 warps, fp64 on 8) and their fused variants hold 132-147 registers (a
+    thread's elements lie in different rows, each with its own offsets into up to six tensors):
+    8-12 resident warps per SM, or one 4-warp program in the backward; rows that short move few bytes."""
+    words = value_words(dtype)
+    block_m, block_n, num_warps, single = row_config(
+        N, max_n=MAX_HIDDEN, block_n_cap=MAX_BLOCK_N if words == 1 else MAX_BLOCK_N_FP64, name="layer_norm",
+        words=words)
     if single:
         return block_m, block_n, num_warps, single
     return CHUNK_M, CHUNK_N, 16, False
@@ -91,7 +100,7 @@ CASTS = RMS_NORM_CASTS  # RMSNorm casting orders (module docstring)
 def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtype, h_dtype,
              rms=False, cast="torch"):
     """Allocate y (out_dtype), h (h_dtype, if store_h) and the statistics, and launch."""
-    block_m, block_n, num_warps, single = calc_settings(N)
+    block_m, block_n, num_warps, single = calc_settings(N, h_dtype)
     if not single:
         block_m, block_n = FWD_CHUNK_M, FWD_CHUNK_N
     weight = weight.contiguous() if weight is not None else None  # kernels index W + col
@@ -123,7 +132,7 @@ def _forward(x, N, weight, bias, eps, residual, p, seed, store_h, keep, out_dtyp
             ROUND_H=rms and residual is not None and low,
             CAST_XHAT=cast == "llama" and low, XHAT_DTYPE=_TL_DTYPE[h_dtype],
             WEIGHT_PLUS_ONE=cast == "gemma",
-            SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n, HOLD=0 if single else _fwd_hold(x.dtype, p),
+            SINGLE_BLOCK=single, BLOCK_M=block_m, BLOCK_N=block_n, HOLD=0 if single else _fwd_hold(h_dtype, p),
             num_warps=num_warps, maxnreg=None if single else register_share(num_warps),
         )
     return y, h, mean, rstd
@@ -187,16 +196,13 @@ def rms_norm_forward(
 
 def _backward(dy, h, N, weight, bias, mean, rstd, dh_out, p, seed, store_dh, dx_dtype,
               rms=False, cast="torch"):
-    block_m, block_n, num_warps, single = calc_settings(N)
+    block_m, block_n, num_warps, single = calc_settings(N, h.dtype)
     weight = weight.contiguous() if weight is not None else None
     dx = torch.empty(h.shape, dtype=dx_dtype or h.dtype, device=h.device)
     dh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if store_dh else None
     rows = h.numel() // N if N > 0 else 0
     # One program per SM, each owning rows_per_program rows and writing its whole row of the
-    # partial buffers (so they need no zeroing). Rows under 32 elements have fewer warps per program
-    # (row_config's BLOCK_M is at most 128: N = 7 runs (128, 8) tiles on 4 warps), so fewer per SM;
-    # their fused one-block variants hold 134-147 registers (a thread's elements lie in different
-    # rows, each with its own offsets into six tensors): rows that short move few bytes.
+    # partial buffers (so they need no zeroing).
     rows_per_program = _rows_per_program(rows, block_m, num_sms(h.device)) if rows else 0
     programs = triton.cdiv(rows, rows_per_program) if rows else 0
     dw_part = torch.empty(programs, N, dtype=rstd.dtype, device=h.device) if weight is not None else None
@@ -275,7 +281,7 @@ def rms_norm_backward(
 def compile_variants(quick: bool):
     """One-block and chunked rows, affine on/off, the fused residual+dropout, and RMSNorm (with and
     without the residual, each casting order), per dtype."""
-    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32]
+    dtypes = [torch.float16, torch.bfloat16] if quick else [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
     def r(*shape, dtype):
         return torch.randn(*shape, dtype=dtype)
