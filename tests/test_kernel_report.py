@@ -130,6 +130,17 @@ def test_attention_pruning_keeps_configs_within_the_register_budget(dtype, monke
     assert (64, 64, 8, 2) not in _kept(K._prune, K._FWD_GPU, **dict(fp16, BLOCK_D=64))
     # d = 256: 64x64 spilled 8-180 B with flags or the fp32 output store; 64x32, 8 warps (4 cannot hold it)
     assert _kept(K._prune, K._FWD_GPU, **dict(fp16, BLOCK_D=256)) == [(64, 32, 8, 2)]
+    # head dim 40 (rows not a multiple of 16 elements): 4-warp tiles pipeline at most 2 stages (128x32 with 4
+    # stages spilled 408-716 B, 16x128 with 3 stages 4-100 B); the aligned d = 48 keeps them
+    d40 = dict(fp16, BLOCK_D=64, E=40, EV=40, stride_qm=40, stride_kn=40, stride_vn=40)
+    for lb in (1024, 16):
+        kept40 = _kept(K._prune, K._FWD_GPU, **dict(d40, L_BUCKET=lb))
+        assert kept40 and all(w == 8 or st <= 2 for _, _, w, st in kept40), kept40
+    assert (128, 32, 4, 4) in _kept(K._prune, K._FWD_GPU, **dict(d40, E=48, EV=48, stride_qm=48, stride_kn=48,
+                                                                  stride_vn=48))
+    assert _kept(K._prune, K._FWD_GPU, **d40)[0] == (128, 64, 8, 3)  # the fixed choice stays
+    # d = 16: 64x64 on 4 warps held at 80 registers on sm_100 and spilled 8-28 B
+    assert not {(64, 64, 4, 3), (64, 64, 4, 2)} & set(_kept(K._prune, K._FWD_GPU, **dict(fp16, BLOCK_D=16)))
     window = dict(fp16, BLOCK_D=64, WINDOW=True, IS_CAUSAL=True, DK=q)  # spilled 24 B on sm_90 at budget 80
     assert (64, 64, 8, 2) not in _kept(K._prune_bwd, K._BWD_GPU, **window)
     assert (64, 64, 8, 2) in _kept(K._prune_bwd, K._BWD_GPU, **dict(window, WINDOW=False))

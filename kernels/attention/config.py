@@ -268,6 +268,12 @@ def _prune(configs, named_args, **kwargs):
     # and 64x64 with packed GQA and a kv cache spilled 20-28 B at d = 128). d = 256 with flags: even 64x32
     # spilled (4 B with dropout, window, softcap and ALiBi; 16 B packed): 16-row tiles or the fallback.
     flagged = any(args.get(f) for f in _BWD_FLAGS + ("SOFTCAP", "ALIBI", "SINK", "PACK_GQA"))
+    # Row strides or head dims not a multiple of 16 elements (head dim 40, 72, ...): triton then knows
+    # no alignment of the Q/K/V rows and loads them element by element, each pipeline stage holding
+    # its own addresses: at d = 40 (16-bit) the 4-warp 128x32 with 4 stages spilled 408-716 B and
+    # 16x128 with 3 stages 4-100 B on sm_90 / sm_100 (d = 48, aligned, the same tiles: 168 registers),
+    # so 4-warp tiles pipeline at most 2 stages there.
+    unaligned = any(args.get(a, 0) % 16 for a in ("stride_qm", "stride_kn", "stride_vn", "E", "EV"))
     mask_bytes = _mask_bytes(args)
     kept = []
     for c in configs:
@@ -279,6 +285,10 @@ def _prune(configs, named_args, **kwargs):
         if wide >= 512 and (bm * bn > 64 * 32 or (flagged and bm > 16)):  # d=256 16-bit, d>=128 fp32
             continue
         if flagged and bm * bn > (16 if args.get("PACK_GQA") else 32) * 32 * c.num_warps:
+            continue
+        if unaligned and c.num_warps == 4 and st > 2:
+            continue
+        if d == 16 and (bm, bn, c.num_warps) == (64, 64, 4):  # sm_100: held at 80 registers, 8-28 B spilled
             continue
         if not _fits_registers("fwd", c, d, budget, fp32):
             continue
