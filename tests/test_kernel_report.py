@@ -139,6 +139,9 @@ def test_attention_pruning_keeps_configs_within_the_register_budget(dtype, monke
     assert (128, 32, 4, 4) in _kept(K._prune, K._FWD_GPU, **dict(d40, E=48, EV=48, stride_qm=48, stride_kn=48,
                                                                   stride_vn=48))
     assert _kept(K._prune, K._FWD_GPU, **d40)[0] == (128, 64, 8, 3)  # the fixed choice stays
+    # and two thirds of the register budgets (128x128 with a mask, dK/dV 32x64 and 64x64 spilled 16-316 B)
+    assert [K.config._budget(k, d40) for k in ("fwd", "dkdv", "dkdv+dq", "dq")] == [64, 48, 48, 53]
+    assert (128, 128, 8, 3) not in _kept(K._prune, K._FWD_GPU, **d40)
     # d = 16: 64x64 on 4 warps held at 80 registers on sm_100 and spilled 8-28 B
     assert not {(64, 64, 4, 3), (64, 64, 4, 2)} & set(_kept(K._prune, K._FWD_GPU, **dict(fp16, BLOCK_D=16)))
     window = dict(fp16, BLOCK_D=64, WINDOW=True, IS_CAUSAL=True, DK=q)  # spilled 24 B on sm_90 at budget 80

@@ -211,13 +211,25 @@ def _tile_values(kernel, bm, bn, d, warps) -> float:
     return values / (32 * warps)
 
 
+def _unaligned(args) -> bool:
+    """Row strides or head dims that are not a multiple of 16 elements (head dim 40, 72, ...): triton
+    then knows no alignment of the Q/K/V rows and loads them element by element, each pipeline stage
+    holding its own addresses. At d = 40 (16-bit) on sm_90 / sm_100 the forward's 4-warp 128x32 with 4
+    stages spilled 408-716 B and 16x128 with 3 stages 4-100 B (the aligned d = 48, same tiles: 168
+    registers), 128x128 with a mask 16 B, the dK/dV kernel's 32x64 and 64x64 8-warp tiles 24-316 B:
+    there the budgets are two thirds and 4-warp forward tiles pipeline at most 2 stages."""
+    return any(args.get(a, 0) % 16 for a in ("stride_qm", "stride_kn", "stride_vn", "E", "EV"))
+
+
 def _budget(kernel, args) -> int:
     """The register budget of `kernel` for this launch: per input dtype (_REG_TILE_BUDGET_FP32) and
-    flags (_BWD_FLAGS; fp32: half of it)."""
+    flags (_BWD_FLAGS; fp32: half of it); two thirds of it for unaligned rows (_unaligned)."""
     fp32 = args["Q"].element_size() == 4
     if kernel != "fwd" and any(args.get(f) for f in _BWD_FLAGS):
-        return _REG_TILE_BUDGET_BWD_FLAGS // 2 if fp32 else _REG_TILE_BUDGET_BWD_FLAGS
-    return (_REG_TILE_BUDGET_FP32 if fp32 else _REG_TILE_BUDGET)[kernel]
+        budget = _REG_TILE_BUDGET_BWD_FLAGS // 2 if fp32 else _REG_TILE_BUDGET_BWD_FLAGS
+    else:
+        budget = (_REG_TILE_BUDGET_FP32 if fp32 else _REG_TILE_BUDGET)[kernel]
+    return budget * 2 // 3 if _unaligned(args) else budget
 
 
 def _fits_registers(kernel, c, d, budget, fp32) -> bool:
@@ -268,12 +280,7 @@ def _prune(configs, named_args, **kwargs):
     # and 64x64 with packed GQA and a kv cache spilled 20-28 B at d = 128). d = 256 with flags: even 64x32
     # spilled (4 B with dropout, window, softcap and ALiBi; 16 B packed): 16-row tiles or the fallback.
     flagged = any(args.get(f) for f in _BWD_FLAGS + ("SOFTCAP", "ALIBI", "SINK", "PACK_GQA"))
-    # Row strides or head dims not a multiple of 16 elements (head dim 40, 72, ...): triton then knows
-    # no alignment of the Q/K/V rows and loads them element by element, each pipeline stage holding
-    # its own addresses: at d = 40 (16-bit) the 4-warp 128x32 with 4 stages spilled 408-716 B and
-    # 16x128 with 3 stages 4-100 B on sm_90 / sm_100 (d = 48, aligned, the same tiles: 168 registers),
-    # so 4-warp tiles pipeline at most 2 stages there.
-    unaligned = any(args.get(a, 0) % 16 for a in ("stride_qm", "stride_kn", "stride_vn", "E", "EV"))
+    unaligned = _unaligned(args)
     mask_bytes = _mask_bytes(args)
     kept = []
     for c in configs:

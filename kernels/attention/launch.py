@@ -286,10 +286,13 @@ def attention_backward(do, q, k, v, mask, out, lse, opts: Optional[AttnOptions] 
         dv.zero_()
     Bq, Lq = q.shape[0], q.shape[2]
     delta = torch.empty((Bq, H, Lq), dtype=torch.float32, device=q.device)
+    # delta over the output's head dim Ev, at most 16 values per thread per array: with 4 warps on 64x64
+    # tiles and more, the fp32 output at d = 40 held 152 registers (12 warps per SM; tools/kernel_report.py)
     pre_m = 64 if args["BLOCK_DV"] <= 128 else 32
-    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m) * Bq * H,)](  # delta over the output's head dim Ev
+    pre_warps = max(4, pre_m * args["BLOCK_DV"] // (32 * 16))
+    _attn_bwd_preprocess[(triton.cdiv(Lq, pre_m) * Bq * H,)](
         out, do, delta, do.stride(0), do.stride(1), do.stride(2), H, Lq, EV,
-        BLOCK_M=pre_m, BLOCK_D=args["BLOCK_DV"])
+        BLOCK_M=pre_m, BLOCK_D=args["BLOCK_DV"], num_warps=pre_warps)
     do_strides = _strides("do", do)
     if args["VARLEN_Q"]:
         do_strides["stride_dob"] = 0
