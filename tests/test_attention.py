@@ -502,15 +502,19 @@ def test_value_head_dim_above_kernel_limit_falls_back_once(device):
     torch.testing.assert_close(o1, R.scaled_dot_product_attention(q, k, v, upcast=torch.float64).float())
 
 
-def test_fp32_above_head_dim_64_is_a_gpu_limit():
-    # fp32 tiles above d = 64 spill in every config on sm_90 / sm_100 (kernels/attention/config.py)
+def test_fp32_head_dims_but_48_and_64_are_a_gpu_limit():
+    # fp32 tiles spill on sm_90 / sm_100 above d = 64 in every config, at d = 16 and at the unaligned
+    # d = 40 (kernels/attention/config.py); d = 48 and 64 compiled clean
     from types import SimpleNamespace
 
     K = _kernels()
     t = lambda d, dtype=fp32, cuda=True: SimpleNamespace(is_cuda=cuda, dtype=dtype, shape=(1, 2, 3, d))  # noqa: E731
-    assert "head dim 128 > 64" in K.gpu_limit(t(128), t(128))
-    assert "head dim 96 > 64" in K.gpu_limit(t(64), t(96))  # Ev counts too
-    assert K.gpu_limit(t(64), t(64)) is None and K.gpu_limit(t(128, fp16), t(128, fp16)) is None
+    assert "head dims 128 / 128" in K.gpu_limit(t(128), t(128))
+    assert "head dims 64 / 96" in K.gpu_limit(t(64), t(96))  # Ev counts too
+    for d in (16, 32, 40):
+        assert "only at head dims 48 and 64" in K.gpu_limit(t(d), t(d))
+    assert K.gpu_limit(t(64), t(64)) is None and K.gpu_limit(t(48), t(64)) is None
+    assert K.gpu_limit(t(40, fp16), t(40, fp16)) is None and K.gpu_limit(t(128, fp16), t(128, fp16)) is None
     assert K.gpu_limit(t(128, cuda=False), t(128, cuda=False)) is None  # the interpreter has no registers
 
 

@@ -34,7 +34,7 @@ Dropout: Philox keep-mask kernels._math.dropout_keep(seed, 0, idx, p) with idx t
 int64 index b*H*L*S + h*L*S + i*S + j of the (B, H, L, S) probability matrix; the backward
 regenerates it from the same seed; it is never stored. `dropout_mask` materialises it for tests.
 """
-from .config import (_BWD_GPU, _FWD_GPU, _SPLIT_ALIGN, AUTOTUNE, FP32_MAX_HEAD_DIM, _configs, _prune,  # noqa: F401
+from .config import (_BWD_GPU, _FWD_GPU, _SPLIT_ALIGN, AUTOTUNE, FP32_HEAD_DIMS, _configs, _prune,  # noqa: F401
                      _prune_bwd, gpu_limit)
 from .forward import _attn_decode_combine  # noqa: F401
 from .launch import (  # noqa: F401

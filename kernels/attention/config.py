@@ -174,19 +174,22 @@ _REG_TILE_BUDGET = {"fwd": 96, "dkdv": 72, "dkdv+dq": 72, "dq": 80}
 # spilled 8-28 B on sm_100 and the dQ kernel's 32x64 (48) 220 B on sm_90; at 32 (forward) and 40
 # none did. With flags the backward falls back to its smallest tile (16x32, 4 warps).
 _REG_TILE_BUDGET_FP32 = {"fwd": 32, "dkdv": 40, "dkdv+dq": 40, "dq": 40}
-# Above head dim 64 no fp32 config compiled without spilling on sm_90 or sm_100 (every tile from 16x32
-# to 128x32, 4 and 8 warps, forward and backward: 8 B - 41 KB at d = 128 and 256), so the kernels do
-# not take those calls on a GPU (gpu_limit): torch's attention runs them, its fp32 kernel a 3xTF32
-# one too. The interpreter has no registers and runs them.
-FP32_MAX_HEAD_DIM = 64
+# fp32 runs the kernels on a GPU only at the head dims whose fp32 tiles compiled without spilling on
+# sm_90 and sm_100: multiples of 16 in (32, 64] (BLOCK_D = 64, aligned rows). Above 64 every config
+# spilled (every tile from 16x32 to 128x32, 4 and 8 warps, forward and backward: 8 B - 41 KB at d = 128
+# and 256); at d = 16 the 16-row decode tiles and the dQ kernel 12-724 B; at d = 40 (rows not a multiple
+# of 16 elements) even the 16x32 fallback 4-72 B; d = 32 was not compiled. Other head dims run torch's
+# attention (gpu_limit), its fp32 kernel a 3xTF32 one too. The interpreter has no registers and runs them.
+FP32_HEAD_DIMS = (48, 64)
 
 
 def gpu_limit(q, v) -> "str | None":
     """Why the attention kernels do not take a call with query q and value v on a GPU (the callers run
     torch's attention instead and say so once), or None."""
-    if q.is_cuda and q.dtype == torch.float32 and max(q.shape[-1], v.shape[-1]) > FP32_MAX_HEAD_DIM:
-        return (f"float32 with head dim {max(q.shape[-1], v.shape[-1])} > {FP32_MAX_HEAD_DIM}: no kernel config "
-                "holds its fp32 tiles in registers (they spill on sm_90 and sm_100)")
+    dims = (q.shape[-1], v.shape[-1])
+    if q.is_cuda and q.dtype == torch.float32 and any(d not in FP32_HEAD_DIMS for d in dims):
+        return (f"float32 with head dims {dims[0]} / {dims[1]}: the kernels hold fp32 tiles in registers without "
+                f"spilling (sm_90, sm_100) only at head dims {' and '.join(map(str, FP32_HEAD_DIMS))}")
     return None
 # The backward with dropout, a window or varlen sequences holds their state too: at 64-80 causal+window
 # dK/dV (64x64 8 warps at d=64, 32x64 8 warps at d=128 with varlen) spilled 8-24 B and dQ with
